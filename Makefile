@@ -1,0 +1,31 @@
+# `make run` and `make test` create .venv on first use and install the project into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test venv fixture bench lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: venv
+	$(BIN)/erq serve
+
+test: venv
+	$(BIN)/python -m pytest
+
+fixture: venv
+	$(BIN)/python tests/fixtures/make_fixture.py
+
+bench: venv
+	$(BIN)/python bench/speed.py
+	$(BIN)/python bench/accuracy.py
+
+clean:
+	rm -rf $(VENV) var

@@ -1,0 +1,44 @@
+"""The `erq` command: a thin dispatcher.
+
+`quantize` and `evaluate` go to the engine (erq_core); `serve`, `api`, `worker` and `admin`
+go to the service side. Each side parses its own arguments.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional
+
+COMMANDS = {
+    "quantize": ("erq_core.cli", "quantize_main", "quantize a model (the paper's test_quant.py)"),
+    "evaluate": ("erq_core.cli", "evaluate_main", "evaluate a saved quantized model"),
+    "serve": ("service.cli", "serve_main", "run API and an embedded worker on this machine"),
+    "api": ("service.cli", "api_main", "run the REST API alone"),
+    "worker": ("worker.cli", "worker_main", "run a Celery worker alone"),
+    "admin": ("service.cli", "admin_main", "manage API keys"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: erq COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "Run 'erq COMMAND --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"erq: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, function_name, _ = COMMANDS[command]
+    function = getattr(importlib.import_module(module_name), function_name)
+    return int(function(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
