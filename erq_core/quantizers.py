@@ -1,0 +1,287 @@
+"""The three quantizers of the RepQ-ViT base: uniform activations, log-sqrt2 post-softmax, and
+per-output-channel weights (optionally two-part, with their own scales for outlier columns).
+
+Asymmetric uniform: q = clamp(round(x / s) + z, 0, 2^b - 1), x_hat = (q - z) * s.
+Clipping ranges are searched over a few percentiles, keeping the least squared error.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+WEIGHT_PERCENTILES = (0.97, 0.98, 0.99, 0.995, 0.9995, 0.9997, 0.9999, 0.99995, 0.99999, 1.0)
+ACTIVATION_PERCENTILES = (0.999, 0.9999, 0.99999)
+_MIN_SCALE = 1e-8
+
+
+def _extreme_values(x: Tensor, k: int, largest: bool) -> Tensor:
+    """x.topk(k, dim=-1, sorted=True) for a 1-D x, fast on millions of entries.
+
+    A strided sample gives a threshold that about 4k entries pass; the exact top-k is then taken
+    among those few. When the sample misjudges (fewer than k pass), it falls back to a full top-k.
+    """
+    n = x.shape[-1]
+    if x.dim() == 1 and n > 64 * k and n > 1_000_000:
+        sample = x[:: max(1, n // 200_000)]
+        rank = min(sample.numel() - 1, max(0, round(4 * k * sample.numel() / n)))
+        threshold = sample.topk(rank + 1, largest=largest).values[-1]
+        kept = x[x >= threshold] if largest else x[x <= threshold]
+        if kept.numel() >= k:
+            return kept.topk(k, largest=largest, sorted=True).values
+    return x.topk(k, dim=-1, largest=largest, sorted=True).values
+
+
+def percentile_bounds(x: Tensor, percentiles: Sequence[float], dim: int) -> tuple[Tensor, Tensor]:
+    """Upper (p) and lower (1 - p) percentiles of x along `dim`, one row per p.
+
+    Reads them off one top-k of each end instead of sorting, which matters for activations with
+    millions of entries (torch.quantile also refuses inputs above 16M elements).
+    Returns two tensors of shape (len(percentiles), *x.shape without dim).
+    """
+    x = x.movedim(dim, -1)
+    if x.dim() == 2 and x.shape[0] == 1:
+        x = x.reshape(-1)
+    n = x.shape[-1]
+    upper_idx = [round(p * (n - 1)) for p in percentiles]  # ascending positions
+    lower_idx = [round((1 - p) * (n - 1)) for p in percentiles]
+    k = max(max(n - 1 - i for i in upper_idx), max(lower_idx)) + 1
+    top = _extreme_values(x, k, largest=True)
+    bottom = _extreme_values(x, k, largest=False)
+    uppers = torch.stack([top[..., n - 1 - i] for i in upper_idx])
+    lowers = torch.stack([bottom[..., i] for i in lower_idx])
+    if uppers.dim() == 1:
+        uppers, lowers = uppers[:, None], lowers[:, None]
+    return uppers, lowers
+
+
+def range_to_scale(upper: Tensor, lower: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Scale and (integer) zero point that map [lower, upper] onto the codes 0..2^b-1."""
+    scale = ((upper - lower) / (2**bits - 1)).clamp(min=_MIN_SCALE)
+    zero_point = torch.round(-lower / scale)
+    return scale, zero_point
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
+    """x quantized and dequantized: (clamp(round(x / s) + z, 0, 2^b - 1) - z) * s."""
+    top = 2**bits - 1
+    if scale.numel() == 1 and x.dtype == torch.float32 and 0 <= float(zero_point) <= top:
+        # torch's fused kernel: one pass instead of six (it multiplies by 1/s instead of dividing)
+        return torch.fake_quantize_per_tensor_affine(x, scale.float().reshape(()), zero_point.int().reshape(()), 0, top)
+    codes = torch.clamp(torch.round(x / scale) + zero_point, 0, top)
+    return (codes - zero_point) * scale
+
+
+SEARCH_SAMPLE = 1 << 20
+
+
+def search_sample(rows: Tensor) -> Tensor:
+    """At most ~1M entries (whole rows, evenly strided) on which to compare candidate ranges.
+
+    The percentiles themselves are exact; only the squared error that picks among the few
+    candidates is estimated, which is what keeps calibration of large activations fast.
+    """
+    if rows.numel() <= SEARCH_SAMPLE:
+        return rows
+    step = -(-rows.numel() // SEARCH_SAMPLE)  # ceil
+    return rows[::step]
+
+
+def best_uniform_range(
+    x: Tensor, uppers: Tensor, lowers: Tensor, bits: int, channel_dim: int
+) -> tuple[Tensor, Tensor]:
+    """Among candidate ranges (one row per candidate, one column per channel), the scale and
+    zero point with the least squared quantization error, chosen per channel."""
+    shape = [1, 1]
+    shape[channel_dim] = -1
+    best_err = best_scale = best_zero = None
+    for upper, lower in zip(uppers, lowers):
+        scale, zero = range_to_scale(upper, lower, bits)
+        err = (fake_quantize(x, scale.reshape(shape), zero.reshape(shape), bits) - x).pow(2).sum(dim=1 - channel_dim)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+class UniformQuantizer(nn.Module):
+    """Activation quantizer: per tensor, or per channel along the last dimension.
+
+    While `enabled` and not yet calibrated, the first input calibrates it (the percentile search).
+    """
+
+    def __init__(self, bits: int, channels: Optional[int] = None):
+        super().__init__()
+        self.bits = bits
+        shape = (channels,) if channels else (1,)
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape))
+        self.register_buffer("calibrated", torch.tensor(False))
+        self.enabled = False
+
+    @property
+    def per_channel(self) -> bool:
+        return self.scale.numel() > 1
+
+    def set_per_tensor(self, scale: Tensor, zero_point: Tensor) -> None:
+        self.scale = scale.reshape(1).clone()
+        self.zero_point = zero_point.reshape(1).clone()
+        self.calibrated.fill_(True)
+
+    @torch.no_grad()
+    def calibrate(self, x: Tensor) -> None:
+        x = x.detach().float()
+        flat = x.reshape(-1, x.shape[-1]) if self.per_channel else x.reshape(-1, 1)  # (tokens, channels)
+        uppers, lowers = percentile_bounds(flat, ACTIVATION_PERCENTILES, dim=0)
+        scale, zero = best_uniform_range(search_sample(flat), uppers, lowers, self.bits, channel_dim=1)
+        self.scale = scale.reshape(self.scale.shape).to(self.scale)
+        self.zero_point = zero.reshape(self.zero_point.shape).to(self.zero_point)
+        self.calibrated.fill_(True)
+
+    def quantize(self, x: Tensor) -> Tensor:
+        """Fake-quantize x whatever `enabled` says (used to build Xq for statistics)."""
+        return fake_quantize(x, self.scale, self.zero_point, self.bits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        if not bool(self.calibrated):
+            self.calibrate(x)
+        return self.quantize(x)
+
+
+def log_sqrt2_quantize(x: Tensor, scale: Tensor, bits: int, log2_x: Optional[Tensor] = None) -> Tensor:
+    """RepQ-ViT's post-softmax quantizer: powers of sqrt(2) below the scale; deep codes become 0.
+
+    code q = clamp(round(-2 log2(x / s)), 0, 2^b - 1), value 2^(-ceil(q/2)) (1 + (q mod 2)(sqrt2 - 1)) s.
+    """
+    levels = 2**bits
+    if log2_x is None:
+        log2_x = torch.log2(x)
+    codes = torch.round(-2 * (log2_x - torch.log2(scale)))
+    underflow = codes >= levels
+    codes = codes.clamp(0, levels - 1)
+    # 2^(-ceil(q/2)) (1 + (q mod 2)(sqrt2 - 1)) equals 2^(-q/2) for every integer q >= 0
+    return (torch.exp2(-0.5 * codes) * scale).masked_fill_(underflow, 0.0)
+
+
+class LogSqrt2Quantizer(nn.Module):
+    """Post-softmax (attention probability) quantizer with one searched scale per tensor."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = bits
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("calibrated", torch.tensor(False))
+        self.enabled = False
+
+    @torch.no_grad()
+    def calibrate(self, x: Tensor) -> None:
+        flat = x.detach().float().reshape(-1)
+        uppers = percentile_bounds(flat, ACTIVATION_PERCENTILES, dim=0)[0].reshape(-1).clamp(min=_MIN_SCALE)
+        flat = search_sample(flat.reshape(-1, 1)).reshape(-1)
+        log2_flat = torch.log2(flat)
+        errors = [(log_sqrt2_quantize(flat, u, self.bits, log2_flat) - flat).pow(2).sum() for u in uppers]
+        self.scale = uppers[int(torch.stack(errors).argmin())].reshape(1).to(self.scale)
+        self.calibrated.fill_(True)
+
+    def quantize(self, x: Tensor) -> Tensor:
+        return log_sqrt2_quantize(x, self.scale, self.bits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        if not bool(self.calibrated):
+            self.calibrate(x)
+        return self.quantize(x)
+
+
+def outlier_columns(weight: Tensor, count: int) -> Tensor:
+    """The `count` input columns that most often hold a row's extreme values.
+
+    A value is extreme when it lies above its row's 99th percentile of positive entries or below
+    the 1st percentile of its negative entries (the TPAMI two-part weight split).
+    """
+    w = weight.detach().float()
+    pos = torch.where(w > 0, w, torch.nan)
+    neg = torch.where(w < 0, w, torch.nan)
+    hi = torch.nanquantile(pos, 0.99, dim=1, keepdim=True)
+    lo = torch.nanquantile(neg, 0.01, dim=1, keepdim=True)
+    extreme = (w > hi.nan_to_num(float("inf"))) | (w < lo.nan_to_num(float("-inf")))
+    return extreme.sum(dim=0).topk(count, sorted=False).indices.sort().values
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel uniform weight quantizer over a 2-D (d_out, d_in) view of the weight.
+
+    With `groups == 2`, every input column belongs to group 0 (ordinary) or 1 (outlier), and each
+    row has one scale and zero point per group.
+    """
+
+    def __init__(self, bits: int, out_features: int, in_features: int, groups: int = 1):
+        super().__init__()
+        self.bits = bits
+        self.register_buffer("scale", torch.ones(out_features, groups))
+        self.register_buffer("zero_point", torch.zeros(out_features, groups))
+        self.register_buffer("column_group", torch.zeros(in_features, dtype=torch.long))
+        self.register_buffer("calibrated", torch.tensor(False))
+
+    @property
+    def groups(self) -> int:
+        return self.scale.shape[1]
+
+    def column_scale(self) -> tuple[Tensor, Tensor]:
+        """Scale and zero point expanded to (d_out, d_in): each column's own group."""
+        return self.scale[:, self.column_group], self.zero_point[:, self.column_group]
+
+    @torch.no_grad()
+    def calibrate(self, weight: Tensor) -> None:
+        w = weight.detach().reshape(weight.shape[0], -1).float()
+        if self.groups == 2:
+            column_group = torch.zeros(w.shape[1], dtype=torch.long, device=w.device)
+            column_group[outlier_columns(w, max(1, w.shape[0] // 20))] = 1
+            self.column_group = column_group
+        for group in range(self.groups):
+            cols = (self.column_group == group).nonzero().squeeze(1)
+            scale, zero = self._search_range(w[:, cols])
+            self.scale[:, group] = scale
+            self.zero_point[:, group] = zero
+        self.calibrated.fill_(True)
+
+    def _search_range(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        uppers, lowers = percentile_bounds(w, WEIGHT_PERCENTILES, dim=1)  # (P, d_out)
+        return best_uniform_range(w, uppers, lowers, self.bits, channel_dim=0)
+
+    def codes(self, weight: Tensor) -> Tensor:
+        """Integer codes (as int64) of a (d_out, d_in) weight."""
+        scale, zero = self.column_scale()
+        w = weight.reshape(weight.shape[0], -1)
+        return torch.clamp(torch.round(w / scale) + zero, 0, 2**self.bits - 1).long()
+
+    def dequantize(self, codes: Tensor) -> Tensor:
+        scale, zero = self.column_scale()
+        return (codes.to(scale.dtype) - zero) * scale
+
+    def forward(self, weight: Tensor) -> Tensor:
+        w2d = weight.reshape(weight.shape[0], -1)
+        scale, zero = self.column_scale()
+        return fake_quantize(w2d, scale.to(w2d.dtype), zero.to(w2d.dtype), self.bits).reshape(weight.shape)
+
+    def rounding_errors(self, w2d: Tensor, columns: slice) -> tuple[Tensor, Tensor, Tensor]:
+        """For columns of a (d_out, d_in) weight: errors of nearest, floor and ceil rounding."""
+        scale, zero = self.column_scale()
+        scale = scale[:, columns].to(w2d.dtype)
+        zero = zero[:, columns].to(w2d.dtype)
+        w = w2d[:, columns]
+        top = 2**self.bits - 1
+        scaled = w / scale
+        nearest = (torch.clamp(torch.round(scaled) + zero, 0, top) - zero) * scale - w
+        floor = (torch.clamp(torch.floor(scaled) + zero, 0, top) - zero) * scale - w
+        ceil = (torch.clamp(torch.ceil(scaled) + zero, 0, top) - zero) * scale - w
+        return nearest, floor, ceil
