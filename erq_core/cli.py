@@ -1,0 +1,134 @@
+"""`erq quantize` and `erq evaluate`: the paper's test_quant.py as a command.
+
+    erq quantize --model deit_small --dataset /imagenet --w-bits 4 --a-bits 4 --coe 10000 \
+                 --calib-size 32 --out runs/deit_small_w4a4
+
+Errors a user can fix print one line and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import NoReturn, Optional
+
+from erq_core.config import METHODS, ErqConfig
+from erq_core.errors import ErqError
+
+USAGE_ERROR = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and still exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _device_arg(value: str) -> str:
+    if value not in ("cpu", "cuda") and not value.startswith("cuda:"):
+        raise argparse.ArgumentTypeError(f"device must be cpu or cuda, got {value!r}")
+    return value
+
+
+def quantize_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="erq quantize", description="Quantize a timm ViT / DeiT / Swin with ERQ.")
+    p.add_argument("--model", required=True,
+                   help="alias (deit_small, vit_base, swin_tiny, ...), timm name, hf-hub:ORG/NAME or local-dir:/path")
+    p.add_argument("--dataset", required=True, help="ImageFolder root with train/ (calibration) and val/")
+    p.add_argument("--w-bits", "--w_bits", "--w_bit", "--w-bit", dest="w_bits", type=int, default=4)
+    p.add_argument("--a-bits", "--a_bits", "--a_bit", "--a-bit", dest="a_bits", type=int, default=4)
+    p.add_argument("--coe", type=float, default=10000.0, help="ridge lambda knob (default 10000)")
+    p.add_argument("--calib-size", "--calib-batchsize", "--calib_batchsize", "--calib_size", dest="calib_size",
+                   type=int, default=32, help="number of calibration images (default 32)")
+    p.add_argument("--method", choices=METHODS, default="erq", help="erq (default), repq (RepQ-ViT) or rtn")
+    p.add_argument("--no-aqer", dest="aqer", action="store_false", help="skip Aqer (ablation)")
+    p.add_argument("--no-wqer", dest="wqer", action="store_false", help="skip Wqer (ablation)")
+    p.add_argument("--device", type=_device_arg, default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help="local .safetensors state dict instead of downloading")
+    p.add_argument("--random-init", action="store_true", help="no weights: benchmarks and smoke tests")
+    p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip evaluation")
+    p.add_argument("--val-limit", "--val_limit", dest="val_limit", type=int, default=None,
+                   help="evaluate on a fixed random subset of N validation images")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    return p
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="erq evaluate", description="Evaluate a saved quantized model folder.")
+    p.add_argument("folder", help="output folder of erq quantize")
+    p.add_argument("--dataset", required=True, help="ImageFolder root with val/")
+    p.add_argument("--val-limit", "--val_limit", dest="val_limit", type=int, default=None)
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32)
+    p.add_argument("--device", type=_device_arg, default=None)
+    return p
+
+
+def _setup_logging(quiet: bool) -> None:
+    logger = logging.getLogger("erq")
+    if not quiet and not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("erq: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def _fail(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def _check_device(device: Optional[str]) -> None:
+    import torch
+
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ErqError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+
+
+def quantize_main(argv: list[str]) -> int:
+    args = quantize_parser().parse_args(argv)
+    options = vars(args).copy()
+    out, device, quiet = options.pop("out"), options.pop("device"), options.pop("quiet")
+    try:
+        config = ErqConfig(**options).validate()
+        _setup_logging(quiet)
+        from erq_core.progress import TqdmProgress
+        from erq_core.runner import run
+
+        _check_device(device)
+        bars = TqdmProgress(enabled=None if not quiet else False)
+        try:
+            metrics = run(config, out, device=device, progress=bars)
+        finally:
+            bars.close()
+    except ErqError as exc:
+        return _fail("erq quantize", str(exc))
+    summary = {k: metrics[k] for k in ("fp", "quantized", "n_val")}
+    summary["seconds"] = metrics["seconds"]["total"]
+    summary["out"] = str(out)
+    print(json.dumps(summary))
+    return 0
+
+
+def evaluate_main(argv: list[str]) -> int:
+    args = evaluate_parser().parse_args(argv)
+    try:
+        _setup_logging(False)
+        from erq_core.progress import TqdmProgress
+        from erq_core.runner import evaluate_quantized
+
+        _check_device(args.device)
+        bars = TqdmProgress()
+        try:
+            result = evaluate_quantized(args.folder, args.dataset, val_limit=args.val_limit,
+                                        batch_size=args.batch_size, device=args.device, progress=bars)
+        finally:
+            bars.close()
+    except ErqError as exc:
+        return _fail("erq evaluate", str(exc))
+    print(json.dumps(result))
+    return 0

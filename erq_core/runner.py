@@ -1,0 +1,110 @@
+"""One whole run, as the CLI and the worker do it: load, quantize, evaluate, save.
+
+`run(config, out_dir)` writes quantized.safetensors, config.json and metrics.json into out_dir
+and returns the metrics. Running it twice with the same config and folder gives the same files.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from erq_core.config import ErqConfig
+from erq_core.data import build_transform, calibration_loader, check_dataset, validation_loader
+from erq_core.evaluate import accuracy
+from erq_core.export import METRICS_FILE, read_config, save_quantized, load_quantized, write_json
+from erq_core.models import load_model
+from erq_core.pipeline import Progress, quantize
+
+log = logging.getLogger("erq")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _loader_workers(device: str) -> int:
+    # On a GPU, decoding must keep up with the model; on CPU the model is the bottleneck.
+    return 4 if device.startswith("cuda") else 0
+
+
+def peak_memory_bytes(device: str) -> dict[str, int]:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peaks = {"peak_memory_bytes": rss if sys.platform == "darwin" else rss * 1024}
+    if device.startswith("cuda"):
+        peaks["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+    return peaks
+
+
+def run(config: ErqConfig, out_dir: str | Path, *, device: Optional[str] = None,
+        progress: Optional[Progress] = None) -> dict:
+    """Quantize (and evaluate) as `config` says; write the result folder; return the metrics."""
+    config.validate()
+    device = device or default_device()
+    progress = progress or (lambda stage, done, total: None)
+    seconds: dict[str, float] = {}
+    torch.manual_seed(config.seed)
+    check_dataset(config.dataset)
+
+    start = time.perf_counter()
+    progress("load_model", 0, 1)
+    loaded = load_model(config, device)
+    progress("load_model", 1, 1)
+    seconds["load_model"] = round(time.perf_counter() - start, 3)
+    log.info("model %s (%s) on %s", config.model, loaded.source["architecture"], device)
+
+    transform = build_transform(loaded.pretrained_cfg)
+    workers = _loader_workers(device)
+    calibration = calibration_loader(config.dataset, transform, config.calib_size, config.batch_size,
+                                     config.seed, workers)
+    validation = (validation_loader(config.dataset, transform, config.batch_size, config.val_limit, workers)
+                  if config.evaluate else None)
+
+    fp = {"top1": None, "top5": None}
+    n_val = None
+    if validation is not None:
+        start = time.perf_counter()
+        result = accuracy(loaded.model, validation, device, progress, "evaluate_fp")
+        fp, n_val = {"top1": result["top1"], "top5": result["top5"]}, result["n"]
+        seconds["evaluate_fp"] = round(time.perf_counter() - start, 3)
+        log.info("full precision: top-1 %.2f%%, top-5 %.2f%% on %d images", fp["top1"], fp["top5"], n_val)
+
+    quantized = quantize(loaded.model, calibration, config, progress)
+    seconds.update(quantized.seconds)
+
+    quant = {"top1": None, "top5": None}
+    if validation is not None:
+        start = time.perf_counter()
+        result = accuracy(quantized.model, validation, device, progress, "evaluate")
+        quant = {"top1": result["top1"], "top5": result["top5"]}
+        seconds["evaluate"] = round(time.perf_counter() - start, 3)
+        log.info("W%d/A%d %s: top-1 %.2f%%, top-5 %.2f%%", config.w_bits, config.a_bits, config.method,
+                 quant["top1"], quant["top5"])
+
+    start = time.perf_counter()
+    progress("save", 0, 1)
+    metrics = {"fp": fp, "quantized": quant, "n_val": n_val, "seconds": seconds, **peak_memory_bytes(device),
+               "device": device, "layers": quantized.layers}
+    save_quantized(quantized, out_dir, loaded.source, loaded.pretrained_cfg)
+    seconds["save"] = round(time.perf_counter() - start, 3)
+    metrics["seconds"]["total"] = round(sum(v for k, v in seconds.items() if k != "total"), 3)
+    write_json(Path(out_dir) / METRICS_FILE, metrics)
+    progress("save", 1, 1)
+    return metrics
+
+
+def evaluate_quantized(folder: str | Path, dataset: str | Path, *, val_limit: Optional[int] = None,
+                       batch_size: int = 32, device: Optional[str] = None,
+                       progress: Optional[Progress] = None) -> dict:
+    """Top-1 / top-5 of a saved quantized model on ROOT/val (the same val_limit subset as `run`)."""
+    device = device or default_device()
+    config = read_config(folder)
+    model = load_quantized(folder, device)
+    transform = build_transform(config["pretrained_cfg"])
+    loader = validation_loader(dataset, transform, batch_size, val_limit, _loader_workers(device))
+    return accuracy(model, loader, device, progress, "evaluate")
