@@ -1,0 +1,81 @@
+"""Quantized checkpoints: packed codes, save / load round trip, refusing what is not a checkpoint."""
+import json
+import pickle
+
+import pytest
+import torch
+
+from erq_core import CheckpointError, load_quantized
+from erq_core.export import pack_codes, unpack_codes
+from erq_core.models import load_checkpoint
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_packed_codes_round_trip_and_take_bits_per_code(bits):
+    codes = torch.randint(0, 2**bits, (1000,), generator=torch.Generator().manual_seed(bits))
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-1000 * bits // 8)
+    assert torch.equal(unpack_codes(packed, bits, 1000), codes)
+
+
+def test_save_load_round_trip_gives_identical_logits(erq_w4a4_run, fixture_dataset):
+    from erq_core.data import build_transform, validation_loader
+
+    folder, metrics = erq_w4a4_run
+    config = json.loads((folder / "config.json").read_text())
+    assert config["erq_config"]["w_bits"] == 4 and config["versions"]["torch"]
+    model_a, model_b = load_quantized(folder, "cpu"), load_quantized(folder, "cpu")
+    images, _ = next(iter(validation_loader(fixture_dataset, build_transform(config["pretrained_cfg"]), 64)))
+    with torch.no_grad():
+        assert torch.equal(model_a(images), model_b(images))
+    # the weights are 4-bit codes: every weight layer has at most 16 values per (row, group)
+    layer = dict(model_a.named_modules())["blocks.0.attn.qkv"]
+    row = layer.weight[0][layer.weight_quantizer.column_group == 0]
+    assert row.unique().numel() <= 16
+
+
+def test_loaded_model_matches_the_in_memory_quantized_model(tmp_path, fixture_model_spec, fixture_dataset):
+    from erq_core import ErqConfig, quantize, save_quantized
+    from erq_core.data import build_transform, calibration_loader, validation_loader
+    from erq_core.models import load_model
+
+    config = ErqConfig(model=fixture_model_spec, dataset=str(fixture_dataset), w_bits=3, a_bits=4, calib_size=32)
+    loaded = load_model(config)
+    transform = build_transform(loaded.pretrained_cfg)
+    quantized = quantize(loaded.model, calibration_loader(fixture_dataset, transform, 32, 16, 0), config)
+    save_quantized(quantized, tmp_path, loaded.source, loaded.pretrained_cfg)
+    images, _ = next(iter(validation_loader(fixture_dataset, transform, 64)))
+    with torch.no_grad():
+        expected = quantized.model(images)
+        got = load_quantized(tmp_path, "cpu")(images)
+    assert (got - expected).abs().max() < 1e-4
+    assert (tmp_path / "quantized.safetensors").stat().st_size < 0.25 * 4 * sum(
+        p.numel() for p in loaded.model.parameters())  # ~3-bit codes, not float weights
+
+
+def test_truncated_checkpoint_is_refused(erq_w4a4_run, tmp_path):
+    folder, _ = erq_w4a4_run
+    for name in ("config.json", "metrics.json"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    data = (folder / "quantized.safetensors").read_bytes()
+    (tmp_path / "quantized.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a valid safetensors"):
+        load_quantized(tmp_path, "cpu")
+
+
+def test_pickled_checkpoints_are_never_unpickled(tmp_path):
+    marker = tmp_path / "unpickled"
+
+    class Trap:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "weights.pth"
+    path.write_bytes(pickle.dumps({"weight": Trap()}))
+    with pytest.raises(CheckpointError, match="pickled checkpoints are refused"):
+        load_checkpoint(torch.nn.Linear(2, 2), path)
+    disguised = tmp_path / "weights.safetensors"
+    disguised.write_bytes(path.read_bytes())
+    with pytest.raises(CheckpointError, match="not a valid safetensors"):
+        load_checkpoint(torch.nn.Linear(2, 2), disguised)
+    assert not marker.exists()
