@@ -48,9 +48,8 @@ def refine_rounding(D: Tensor, D_floor: Tensor, D_ceil: Tensor, C: Tensor, round
     diag = torch.diagonal(C)
     done = 0
     for done in range(1, rounds + 1):
-        candidates = (torch.sign(D) == torch.sign(G)) & (D != 0)
-        score = torch.where(candidates, G.abs(), torch.full_like(G, -1.0))
-        col = score.argmax(dim=1)
+        candidates = D * G > 0  # same sign, both non-zero
+        col = torch.where(candidates, G.abs(), -1.0).argmax(dim=1)
         has_candidate = candidates[rows, col]
         d, g = D[rows, col], G[rows, col]
         target = d - g
