@@ -21,11 +21,7 @@ VAL_SUBSET_SEED = 0  # a val_limit subset is the same for every run, so results 
 
 def list_split(root: str | Path, split: str) -> tuple[list[str], list[tuple[str, int]]]:
     """Class names and (image path, class index) of ROOT/split, checked."""
-    folder = Path(root) / split
-    if not Path(root).is_dir():
-        raise DatasetError(f"dataset {str(root)!r} is not a folder (expected an ImageFolder root with train/ and val/)")
-    if not folder.is_dir():
-        raise DatasetError(f"dataset {str(root)!r} has no {split!r} folder (expected {folder}/<class>/<image>)")
+    folder = _split_folder(root, split)
     classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
     if not classes:
         raise DatasetError(f"{folder} has no class folders (expected {folder}/<class>/<image>)")
@@ -39,6 +35,15 @@ def list_split(root: str | Path, split: str) -> tuple[list[str], list[tuple[str,
                 raise DatasetError(f"{path} is not an image file (allowed: {', '.join(IMAGE_EXTENSIONS)})")
             samples.append((path, index))
     return classes, samples
+
+
+def _split_folder(root: str | Path, split: str) -> Path:
+    folder = Path(root) / split
+    if not Path(root).is_dir():
+        raise DatasetError(f"dataset {str(root)!r} is not a folder (expected an ImageFolder root with train/ and val/)")
+    if not folder.is_dir():
+        raise DatasetError(f"dataset {str(root)!r} has no {split!r} folder (expected {folder}/<class>/<image>)")
+    return folder
 
 
 class ImageFiles(Dataset):
@@ -96,5 +101,7 @@ def validation_loader(root: str | Path, transform: Callable, batch_size: int, va
 
 def check_dataset(root: str | Path) -> None:
     """Both splits present and well formed (before any model is loaded)."""
+    _split_folder(root, "train")
+    _split_folder(root, "val")
     list_split(root, "train")
     list_split(root, "val")
