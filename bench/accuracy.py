@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 from erq_core import ErqConfig, run  # noqa: E402
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL  # noqa: E402
 
-BITS = [(4, 4), (3, 4), (6, 6)]
+BITS = [(4, 4), (3, 4), (6, 6), (2, 4), (4, 3)]  # the paper's three, then two harsher settings
 METHODS = ["rtn", "repq", "erq"]
 
 

@@ -45,3 +45,15 @@ def test_same_config_and_folder_give_the_same_result(tmp_path):
     run(config, tmp_path, device="cpu")
     assert (tmp_path / "quantized.safetensors").read_bytes() == first
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_erq_recovers_most_of_what_rtn_loses_at_w2a4(tmp_path):
+    results = {}
+    for method in ("rtn", "erq"):
+        config = ErqConfig(model=FIXTURE_MODEL, dataset=str(FIXTURE_DATASET), w_bits=2, a_bits=4, method=method,
+                           val_limit=FIXTURE_VAL_LIMIT)
+        results[method] = run(config, tmp_path / method, device="cpu")
+    fp = results["erq"]["fp"]["top1"]
+    rtn, erq = results["rtn"]["quantized"]["top1"], results["erq"]["quantized"]["top1"]
+    assert erq > rtn + 5
+    assert fp - erq < 0.5 * (fp - rtn)
