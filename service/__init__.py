@@ -1,0 +1,1 @@
+"""The REST front end (FastAPI). Speaks HTTP only; never imports torch or the engine."""

@@ -1,0 +1,142 @@
+"""The one Celery task: run a job's ERQ pipeline, report progress, store the artifacts."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+
+from storage import jobs
+from storage.artifacts import ArtifactStore
+from storage.db import session_scope
+from storage.settings import Settings, get_settings
+from worker.celery_app import RUN_JOB_TASK, enqueue, make_celery
+
+app = make_celery()
+log = logging.getLogger("erq")
+WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
+
+# Share of the whole job each engine stage stands for, in order (for the 0..1 progress).
+STAGE_WEIGHTS = {"load_model": 0.05, "evaluate_fp": 0.15, "calibrate_activations": 0.05,
+                 "collect_statistics": 0.2, "aqer": 0.05, "calibrate_weights": 0.05, "wqer": 0.2,
+                 "evaluate": 0.2, "save": 0.05}
+PROGRESS_WRITE_SECONDS = 0.5
+
+
+class JobCancelled(Exception):
+    """The client cancelled the job while it ran."""
+
+
+class JobTimedOut(Exception):
+    """The job ran longer than ERQ_MAX_JOB_SECONDS."""
+
+
+@app.task(name=RUN_JOB_TASK)
+def run_job(job_id: str) -> None:
+    execute_job(job_id, get_settings())
+
+
+class ProgressReporter:
+    """The engine's progress callback: writes stage and progress (throttled), stops on cancel or timeout."""
+
+    def __init__(self, job_id: str, settings: Settings):
+        self.job_id, self.settings = job_id, settings
+        self.started = time.monotonic()
+        self.last_write, self.last_stage = 0.0, None
+
+    def fraction(self, stage: str, done: int, total: int) -> float:
+        before = 0.0
+        for name, weight in STAGE_WEIGHTS.items():
+            if name == stage:
+                return min(1.0, before + weight * (done / total if total else 0.0))
+            before += weight
+        return before
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.started > self.settings.max_job_seconds:
+            raise JobTimedOut(f"the job ran longer than ERQ_MAX_JOB_SECONDS={self.settings.max_job_seconds}")
+        if stage == self.last_stage and now - self.last_write < PROGRESS_WRITE_SECONDS:
+            return
+        self.last_write, self.last_stage = now, stage
+        with session_scope(self.settings.database_url) as session:
+            cancelled = jobs.report_progress(session, self.job_id, stage, self.fraction(stage, done, total))
+        if cancelled:
+            raise JobCancelled()
+
+
+class Heartbeat(threading.Thread):
+    """Renews the job's lease while the pipeline runs (even inside a long stage)."""
+
+    def __init__(self, job_id: str, settings: Settings):
+        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
+        self.job_id, self.settings = job_id, settings
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        interval = max(1.0, self.settings.lease_seconds / 4)
+        while not self.stopped.wait(interval):
+            try:
+                with session_scope(self.settings.database_url) as session:
+                    jobs.heartbeat(session, self.job_id, WORKER_NAME)
+            except Exception:  # a database hiccup must not kill the job; the next beat retries
+                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+
+
+def execute_job(job_id: str, settings: Settings) -> None:
+    with session_scope(settings.database_url) as session:
+        job = jobs.claim(session, job_id, WORKER_NAME)
+        params = dict(job.params) if job else None
+    if params is None:
+        return  # cancelled, finished, or already taken by another worker: nothing to do
+    out = ArtifactStore(settings.artifact_dir).job_dir(job_id)
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "job.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    heartbeat = Heartbeat(job_id, settings)
+    heartbeat.start()
+    try:
+        status, error, metrics = _run_pipeline(job_id, params, out, settings)
+    finally:
+        heartbeat.stopped.set()
+        log.removeHandler(handler)
+        handler.close()
+    with session_scope(settings.database_url) as session:
+        jobs.finish(session, job_id, status, error, metrics, artifact_dir=out)
+
+
+def _run_pipeline(job_id: str, params: dict, out, settings: Settings) -> tuple[str, str | None, dict | None]:
+    import erq_core
+
+    log.info("job %s on %s: %s", job_id, WORKER_NAME, params)
+    try:
+        config = erq_core.ErqConfig.from_dict(params)
+        metrics = erq_core.run(config, out, progress=ProgressReporter(job_id, settings))
+    except JobCancelled:
+        log.info("job %s cancelled", job_id)
+        return "cancelled", "cancelled by the client", None
+    except (JobTimedOut, erq_core.ErqError) as exc:
+        log.error("job %s failed: %s", job_id, exc)
+        return "failed", str(exc), None
+    except OSError as exc:  # e.g. the artifact volume is full or read-only
+        log.error("job %s failed: %s", job_id, exc)
+        return "failed", f"storage error: {exc}", None
+    except Exception as exc:
+        log.error("job %s failed with an internal error:\n%s", job_id, traceback.format_exc())
+        return "failed", f"internal error: {type(exc).__name__}: {exc}", None
+    log.info("job %s succeeded: top-1 %s", job_id, metrics["quantized"]["top1"])
+    return "succeeded", None, metrics
+
+
+def sweep_leases(settings: Settings) -> list[str]:
+    """Re-queue (or fail) running jobs whose worker stopped sending heartbeats."""
+    with session_scope(settings.database_url) as session:
+        requeued = jobs.expire_leases(session, settings.lease_seconds, settings.max_attempts)
+    for job_id in requeued:
+        log.warning("job %s lost its worker; re-queued", job_id)
+        enqueue(app, job_id)
+    return requeued
