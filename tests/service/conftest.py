@@ -1,0 +1,116 @@
+"""Service test fixtures: real databases (SQLite file, PostgreSQL on 127.0.0.1), real brokers."""
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from storage.settings import Settings
+from tests.fixture_paths import FIXTURES
+
+POSTGRES_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+def _unavailable(what: str, reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required in CI but unreachable: {reason}")
+    pytest.skip(f"{what} unreachable: {reason}")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    from sqlalchemy import create_engine, text
+
+    try:
+        with create_engine(POSTGRES_ADMIN, connect_args={"connect_timeout": 3}).connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as exc:
+        _unavailable("PostgreSQL on 127.0.0.1:5432", str(exc).splitlines()[0])
+    return POSTGRES_ADMIN
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    from storage.db import engine_for
+
+    name = f"erq_test_{secrets.token_hex(4)}"
+    admin = create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = postgres_server.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    engine_for(url).dispose()
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> str:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
+    except Exception as exc:
+        _unavailable("Redis on 127.0.0.1:6379", str(exc))
+    return REDIS_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'erq.sqlite'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def data_root(tmp_path) -> Path:
+    root = tmp_path / "data"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def settings(tmp_path, database_url, data_root) -> Settings:
+    from storage.migrate import upgrade
+    from storage.settings import prepare_local_folders
+
+    settings = Settings(var_dir=tmp_path / "var", database_url=database_url,
+                        broker_url=f"sqla+sqlite:///{tmp_path / 'var' / 'broker.sqlite'}",
+                        artifact_dir=tmp_path / "var" / "artifacts", data_roots=f"{FIXTURES}:{data_root}",
+                        max_active_jobs_per_key=3)
+    prepare_local_folders(settings)
+    upgrade(settings.database_url)
+    return settings
+
+
+def make_key(settings: Settings, name: str) -> str:
+    from storage.db import session_scope
+    from storage.keys import create_key
+
+    with session_scope(settings.database_url) as session:
+        return create_key(session, name)
+
+
+def service_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
+    """Environment for a real `erq` process: its own var folder, the fixtures as data root."""
+    env = {**os.environ, "ERQ_VAR_DIR": str(tmp_path / "var"),
+           "ERQ_DATABASE_URL": f"sqlite:///{tmp_path / 'var' / 'erq.sqlite'}",
+           "ERQ_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'var' / 'broker.sqlite'}",
+           "ERQ_ARTIFACT_DIR": str(tmp_path / "var" / "artifacts"), "ERQ_DATA_ROOTS": str(FIXTURES)}
+    env.update(overrides)
+    return env
+
+
+def run_erq(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    import sys
+
+    erq = str(Path(sys.executable).parent / "erq")
+    return subprocess.run([erq, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)

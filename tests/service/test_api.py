@@ -1,0 +1,196 @@
+"""The REST API through a real HTTP client against the app, on SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
+from tests.service.conftest import make_key
+
+JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "val_limit": 50}
+
+
+@pytest.fixture
+def client(settings):
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture
+def alice(settings) -> dict:
+    return {"Authorization": f"Bearer {make_key(settings, 'alice')}"}
+
+
+@pytest.fixture
+def bob(settings) -> dict:
+    return {"Authorization": f"Bearer {make_key(settings, 'bob')}"}
+
+
+def submit(client, headers, **changes):
+    return client.post("/v1/jobs", json={**JOB, **changes}, headers=headers)
+
+
+def test_every_v1_route_needs_a_key(client):
+    for method, path in [("post", "/v1/jobs"), ("get", "/v1/jobs"), ("get", "/v1/jobs/x"), ("get", "/v1/models"),
+                         ("post", "/v1/jobs/x/cancel"), ("get", "/v1/jobs/x/log"),
+                         ("get", "/v1/jobs/x/artifacts/config.json")]:
+        if path == "/v1/models":
+            continue
+        answer = getattr(client, method)(path)
+        assert answer.status_code == 401, path
+        assert "API key" in answer.json()["detail"]
+    assert client.get("/v1/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+def test_submit_follow_and_list(client, alice):
+    answer = submit(client, alice, w_bits=3)
+    assert answer.status_code == 202
+    job = answer.json()
+    assert job["status"] == "queued" and job["progress"] == 0 and job["params"]["w_bits"] == 3
+    assert job["params"]["coe"] == 10000 and job["params"]["calib_size"] == 32 and job["params"]["method"] == "erq"
+    assert answer.headers["Location"].endswith(f"/v1/jobs/{job['id']}")
+    fetched = client.get(answer.headers["Location"], headers=alice).json()
+    assert fetched["id"] == job["id"] and fetched["artifacts"] == [] and fetched["created_at"].endswith(("Z", "+00:00"))
+
+
+def test_another_keys_job_is_not_found(client, alice, bob):
+    job_id = submit(client, alice).json()["id"]
+    assert client.get(f"/v1/jobs/{job_id}", headers=bob).status_code == 404
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=bob).status_code == 404
+    assert client.get(f"/v1/jobs/{job_id}/log", headers=bob).status_code == 404
+    assert client.get("/v1/jobs", headers=bob).json()["jobs"] == []
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"dataset": "/etc"}, "outside the allowed data roots"),
+    ({"dataset": f"{FIXTURE_DATASET}/../../../../etc"}, "outside the allowed data roots"),
+    ({"dataset": "tests/fixtures/fmnist16"}, "must be an absolute path"),
+    ({"dataset": "/tmp/\x00evil"}, "NUL"),
+    ({"model": "local-dir:/etc"}, "outside the allowed data roots"),
+    ({"checkpoint": "/etc/passwd"}, "outside the allowed data roots"),
+    ({"model": "resnet50"}, "unknown model"),
+    ({"w_bits": 9}, "less than or equal to 8"),
+    ({"a_bits": 1}, "greater than or equal to 2"),
+    ({"method": "gptq"}, "'erq', 'repq' or 'rtn'"),
+    ({"colour": "blue"}, "Extra inputs are not permitted"),
+    ({"calib_size": "many"}, "valid integer"),
+])
+def test_bad_jobs_are_refused_with_a_message(client, alice, changes, message):
+    answer = submit(client, alice, **changes)
+    assert answer.status_code == 422
+    assert message in str(answer.json()["detail"])
+    assert client.get("/v1/jobs", headers=alice).json()["jobs"] == []  # nothing was queued
+
+
+def test_links_out_of_the_roots_are_refused(client, alice, data_root, tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "train").mkdir(parents=True)
+    (outside / "val").mkdir()
+    (data_root / "escape").symlink_to(outside)
+    answer = submit(client, alice, dataset=str(data_root / "escape"))
+    assert answer.status_code == 422 and "outside the allowed data roots" in answer.json()["detail"]
+
+
+def test_dataset_without_val_is_refused(client, alice, data_root):
+    (data_root / "half" / "train" / "a").mkdir(parents=True)
+    answer = submit(client, alice, dataset=str(data_root / "half"))
+    assert answer.status_code == 422 and "has no 'val' folder" in answer.json()["detail"]
+
+
+def test_idempotency_key_returns_the_same_job(client, alice):
+    first = client.post("/v1/jobs", json=JOB, headers={**alice, "Idempotency-Key": "abc"})
+    again = client.post("/v1/jobs", json=JOB, headers={**alice, "Idempotency-Key": "abc"})
+    other = client.post("/v1/jobs", json=JOB, headers={**alice, "Idempotency-Key": "def"})
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"] != other.json()["id"]
+    assert len(client.get("/v1/jobs", headers=alice).json()["jobs"]) == 2
+
+
+def test_listing_is_newest_first_and_paginated(client, alice, settings):
+    from storage.db import session_scope
+    from storage.models import Job
+
+    ids = [submit(client, alice).json()["id"] for _ in range(3)]
+    with session_scope(settings.database_url) as session:  # make room under the active-jobs limit
+        for job_id in ids:
+            session.get(Job, job_id).status = "succeeded"
+    ids += [submit(client, alice).json()["id"] for _ in range(2)]
+    page = client.get("/v1/jobs?limit=2", headers=alice).json()
+    assert [j["id"] for j in page["jobs"]] == ids[::-1][:2]
+    seen = [j["id"] for j in page["jobs"]]
+    while page["next_cursor"]:
+        page = client.get(f"/v1/jobs?limit=2&cursor={page['next_cursor']}", headers=alice).json()
+        seen += [j["id"] for j in page["jobs"]]
+    assert seen == ids[::-1]
+    queued = client.get("/v1/jobs?status=queued", headers=alice).json()["jobs"]
+    assert [j["id"] for j in queued] == ids[::-1][:2]
+    assert client.get("/v1/jobs?status=weird", headers=alice).status_code == 422
+    assert client.get("/v1/jobs?cursor=garbage", headers=alice).status_code == 422
+
+
+def test_cancel_a_queued_job(client, alice):
+    job_id = submit(client, alice).json()["id"]
+    answer = client.post(f"/v1/jobs/{job_id}/cancel", headers=alice)
+    assert answer.status_code == 200 and answer.json()["status"] == "cancelled"
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=alice).status_code == 409
+
+
+def test_active_jobs_per_key_are_limited(client, alice, bob):
+    for _ in range(3):
+        assert submit(client, alice).status_code == 202
+    refused = submit(client, alice)
+    assert refused.status_code == 429 and "ERQ_MAX_ACTIVE_JOBS_PER_KEY" in refused.json()["detail"]
+    assert submit(client, bob).status_code == 202
+
+
+def test_no_artifact_before_the_job_finishes(client, alice):
+    job_id = submit(client, alice).json()["id"]
+    for name in ("quantized.safetensors", "../../etc/passwd", "job.log"):
+        assert client.get(f"/v1/jobs/{job_id}/artifacts/{name}", headers=alice).status_code == 404
+    assert client.get(f"/v1/jobs/{job_id}/log", headers=alice).text == ""
+
+
+def test_models_health_readiness_and_metrics(client, alice):
+    models = client.get("/v1/models", headers=alice).json()
+    assert {"alias": "deit_small", "timm_name": "deit_small_patch16_224"} in models and len(models) == 8
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["database"] == ready.json()["broker"] == "ok"
+    submit(client, alice)
+    text = client.get("/metrics").text
+    assert 'erq_jobs{status="queued"} 1.0' in text
+    assert "erq_queue_depth 1.0" in text and "erq_job_duration_seconds_bucket" in text
+
+
+def test_openapi_documents_the_routes(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/artifacts/{name}",
+            "/v1/jobs/{job_id}/log", "/v1/models", "/healthz", "/readyz", "/metrics"} <= set(paths)
+    assert client.get("/docs").status_code == 200
+
+
+def test_unreachable_database_answers_503(tmp_path, alice, settings):
+    from storage.settings import Settings
+
+    broken = Settings(**{**settings.model_dump(), "database_url": "postgresql+psycopg://nobody@127.0.0.1:1/none"})
+    with TestClient(create_app(broken)) as client:
+        assert client.get("/readyz").status_code == 503
+        answer = client.post("/v1/jobs", json=JOB, headers=alice)
+        assert answer.status_code == 503 and answer.headers["Retry-After"]
+
+
+def test_migrations_go_down_and_up_again(settings):
+    from sqlalchemy import inspect
+
+    from storage.db import engine_for
+    from storage.migrate import downgrade, upgrade
+
+    downgrade(settings.database_url)
+    engine_for(settings.database_url).dispose()
+    assert set(inspect(engine_for(settings.database_url)).get_table_names()) <= {"alembic_version"}
+    upgrade(settings.database_url)
+    engine_for(settings.database_url).dispose()
+    assert {"jobs", "api_keys", "artifacts"} <= set(inspect(engine_for(settings.database_url)).get_table_names())
