@@ -1,0 +1,96 @@
+"""End to end with real processes: `erq serve` (embedded SQLite + broker), and `erq api` plus a
+Celery worker on Redis and PostgreSQL. Submit the fixture job, download, load, compare."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+
+import httpx
+import pytest
+
+from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
+from tests.service.conftest import run_erq, service_env
+from tests.service.processes import erq_process, free_port, wait_for_http, wait_for_job
+
+VAL_LIMIT = 200
+FIXTURE_JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "w_bits": 4,
+               "a_bits": 4, "calib_size": 32, "val_limit": VAL_LIMIT}
+
+
+def check_fixture_job(client: httpx.Client, tmp_path) -> dict:
+    """Submit, poll to succeeded, download with ETag and Range, load, and compare the top-1."""
+    import erq_core
+
+    answer = client.post("/v1/jobs", json=FIXTURE_JOB)
+    assert answer.status_code == 202, answer.text
+    job_id = answer.json()["id"]
+    seen_progress = set()
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        seen_progress.add(job["progress"])
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.2)
+    assert job["status"] == "succeeded", job
+    assert len(seen_progress) >= 3 and max(seen_progress) == 1.0  # progress moved while it ran
+    artifacts = {a["name"]: a for a in job["artifacts"]}
+    assert set(artifacts) == {"quantized.safetensors", "config.json", "metrics.json", "job.log"}
+
+    folder = tmp_path / "downloaded"
+    folder.mkdir()
+    for name in ("quantized.safetensors", "config.json"):
+        response = client.get(artifacts[name]["url"])
+        assert response.status_code == 200
+        assert response.headers["ETag"].strip('"') == hashlib.sha256(response.content).hexdigest()
+        assert response.headers["ETag"].strip('"') == artifacts[name]["sha256"]
+        assert f'filename="{name}"' in response.headers["Content-Disposition"]
+        (folder / name).write_bytes(response.content)
+    partial = client.get(artifacts["quantized.safetensors"]["url"], headers={"Range": "bytes=100-299"})
+    assert partial.status_code == 206 and partial.content == (folder / "quantized.safetensors").read_bytes()[100:300]
+
+    result = erq_core.evaluate_quantized(folder, FIXTURE_DATASET, val_limit=VAL_LIMIT, device="cpu")
+    assert result["top1"] == job["metrics"]["quantized"]["top1"]
+    assert result["n"] == job["metrics"]["n_val"] == VAL_LIMIT
+    assert "succeeded" in client.get(f"/v1/jobs/{job_id}/log").text
+    return job
+
+
+def test_embedded_default_end_to_end(tmp_path):
+    port = free_port()
+    env = service_env(tmp_path)
+    log = tmp_path / "serve.log"
+    with erq_process(["serve", "--port", str(port)], env, tmp_path, log) as serve:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", serve, log)
+        key = (tmp_path / "var" / "api-key").read_text().strip()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
+                          timeout=30) as client:
+            assert client.get("/readyz").json()["status"] == "ready"
+            check_fixture_job(client, tmp_path)
+        serve.send_signal(__import__("signal").SIGINT)  # one Ctrl-C stops API and worker
+        assert serve.wait(30) == 0
+    assert "Shutting down" in log.read_text()
+
+
+def test_redis_and_postgresql_end_to_end(tmp_path, redis_server, postgres_url):
+    import redis
+
+    redis.Redis.from_url(redis_server).flushdb()
+    env = service_env(tmp_path, ERQ_DATABASE_URL=postgres_url, ERQ_BROKER_URL=redis_server)
+    created = run_erq(["admin", "create-key", "ci"], env, tmp_path)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip().splitlines()[-1]
+    port = free_port()
+    with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
+            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
+                          timeout=30) as client:
+            assert client.get("/readyz").json() == {"status": "ready", "database": "ok", "broker": "ok"}
+            job = check_fixture_job(client, tmp_path)
+            assert job["attempts"] == 1
+            metrics = client.get("/metrics").text
+            assert 'erq_jobs{status="succeeded"} 1.0' in metrics
+    revoked = run_erq(["admin", "revoke-key", "ci"], env, tmp_path)
+    assert revoked.returncode == 0
