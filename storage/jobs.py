@@ -15,7 +15,7 @@ from typing import Any, Optional
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from storage.artifacts import PUBLISHED, sha256_of
+from storage.artifacts import LOG_NAME, PUBLISHED, sha256_of
 from storage.models import ACTIVE_STATUSES, Artifact, Job, utcnow
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -101,7 +101,8 @@ def finish(session: Session, job_id: str, status: str, error: Optional[str] = No
     if job is None or job.status in TERMINAL:
         return
     if artifact_dir is not None:
-        for name in PUBLISHED:
+        # A job that did not succeed publishes only its log: files of an unfinished run are not results.
+        for name in PUBLISHED if status == "succeeded" else (LOG_NAME,):
             path = artifact_dir / name
             if path.is_file():
                 session.add(Artifact(job_id=job_id, name=name, size=path.stat().st_size, sha256=sha256_of(path)))

@@ -1,0 +1,83 @@
+"""Cancelling a running job, and a worker killed mid-job."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+
+import httpx
+
+from storage import jobs
+from storage.db import session_scope
+from storage.models import Job
+from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
+from tests.service.conftest import make_key, service_env
+from tests.service.processes import erq_process, free_port, wait_for_http, wait_for_job
+
+SLOW_JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "calib_size": 320}
+QUICK_JOB = {**SLOW_JOB, "calib_size": 32, "val_limit": 50}
+
+
+def _client(port: int, key: str) -> httpx.Client:
+    return httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def _wait_running_past_start(client: httpx.Client, job_id: str) -> dict:
+    job = wait_for_job(client, job_id, ("running",), 120)
+    while job["stage"] in (None, "starting", "load_model"):
+        job = client.get(f"/v1/jobs/{job_id}").json()
+    return job
+
+
+def test_cancel_a_running_job_then_the_worker_takes_the_next(tmp_path, settings):
+    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url)
+    key = make_key(settings, "alice")
+    port = free_port()
+    with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
+            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+        with _client(port, key) as client:
+            slow = client.post("/v1/jobs", json=SLOW_JOB).json()["id"]
+            _wait_running_past_start(client, slow)
+            assert client.post(f"/v1/jobs/{slow}/cancel").status_code == 200
+            cancelled = wait_for_job(client, slow, ("cancelled", "succeeded", "failed"), 30)
+            assert cancelled["status"] == "cancelled" and cancelled["error"] == "cancelled by the client"
+            assert [a["name"] for a in cancelled["artifacts"]] == ["job.log"]  # the log only, no results
+            quick = client.post("/v1/jobs", json=QUICK_JOB).json()["id"]
+            assert wait_for_job(client, quick, ("succeeded", "failed"), 120)["status"] == "succeeded"
+
+
+def test_a_worker_killed_mid_job_leaves_the_job_rerun(tmp_path, settings):
+    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
+                      ERQ_LEASE_SECONDS="4", ERQ_MAX_ATTEMPTS="2")
+    key = make_key(settings, "alice")
+    port = free_port()
+    with erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+        with _client(port, key) as client:
+            job_id = client.post("/v1/jobs", json=SLOW_JOB).json()["id"]
+            with erq_process(["worker"], env, tmp_path, tmp_path / "worker1.log") as first:
+                _wait_running_past_start(client, job_id)
+                os.killpg(first.pid, signal.SIGKILL)
+                first.wait()
+            assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"  # until the lease expires
+            with erq_process(["worker"], env, tmp_path, tmp_path / "worker2.log"):
+                job = wait_for_job(client, job_id, ("succeeded", "failed"), 240)
+    assert job["status"] == "succeeded" and job["attempts"] == 2, job
+
+
+def test_an_expired_lease_on_the_last_attempt_fails_the_job_with_a_reason(settings):
+    key = make_key(settings, "alice")
+    with session_scope(settings.database_url) as session:
+        from storage.keys import find_key
+
+        job = jobs.create_job(session, find_key(session, key).id, dict(QUICK_JOB), None)
+        job_id = job.id
+        assert jobs.claim(session, job_id, "host:1") is not None
+        session.get(Job, job_id).heartbeat_at = jobs.utcnow() - dt.timedelta(seconds=60)
+    with session_scope(settings.database_url) as session:
+        assert jobs.expire_leases(session, lease_seconds=30, max_attempts=1) == []
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, job_id)
+        assert job.status == "failed" and "host:1 stopped answering" in job.error
+        assert jobs.claim(session, job_id, "host:2") is None  # a late redelivery does not run it again
