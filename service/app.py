@@ -7,6 +7,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
+from service.guards import BodySizeLimit, FailedAuthThrottle
 from service.routes import jobs, system
 from storage.settings import Settings, get_settings
 from worker.celery_app import make_celery
@@ -19,6 +20,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                               "Every /v1 route needs `Authorization: Bearer KEY`.")
     app.state.settings = settings
     app.state.celery = make_celery(settings)
+    app.state.auth_throttle = FailedAuthThrottle()
+    app.add_middleware(BodySizeLimit)
     app.include_router(jobs.router)
     app.include_router(system.router)
 

@@ -55,7 +55,8 @@ def ensure_local_key(settings: Settings) -> None:
     key_file.parent.mkdir(parents=True, exist_ok=True)
     key_file.write_text(raw + "\n")
     key_file.chmod(0o600)
-    print(f"erq: created API key {LOCAL_KEY_NAME!r}; it is in {key_file} (shown once):\n{raw}", flush=True)
+    # The key itself is never printed: server output tends to end up in logs.
+    print(f"erq: created API key {LOCAL_KEY_NAME!r}; read it from {key_file}", flush=True)
 
 
 def serve_main(argv: list[str]) -> int:

@@ -194,3 +194,36 @@ def test_migrations_go_down_and_up_again(settings):
     upgrade(settings.database_url)
     engine_for(settings.database_url).dispose()
     assert {"jobs", "api_keys", "artifacts"} <= set(inspect(engine_for(settings.database_url)).get_table_names())
+
+
+def test_bodies_over_64_kib_are_refused(client, alice):
+    answer = client.post("/v1/jobs", content=b'{"model": "' + b"x" * 70_000 + b'"}',
+                         headers={**alice, "Content-Type": "application/json"})
+    assert answer.status_code == 413 and "64 KiB" in answer.json()["detail"]
+
+
+@pytest.mark.parametrize("changes", [{"calib_size": 10**9}, {"val_limit": 10**12}, {"w_bits": "four"},
+                                     {"coe": -1}, {"model": 5}, {"dataset": None}])
+def test_wrong_types_and_huge_values_are_4xx(client, alice, changes):
+    answer = submit(client, alice, **changes)
+    assert answer.status_code == 422 and answer.json()["detail"]
+
+
+def test_repeated_failed_authentication_is_slowed(client, alice):
+    for _ in range(10):
+        assert client.get("/v1/jobs", headers={"Authorization": "Bearer guess"}).status_code == 401
+    blocked = client.get("/v1/jobs", headers={"Authorization": "Bearer guess"})
+    assert blocked.status_code == 429 and blocked.headers["Retry-After"]
+    assert client.get("/v1/jobs", headers=alice).status_code == 429  # the same client, for a while
+
+
+def test_keys_are_stored_hashed(settings, alice):
+    from sqlalchemy import select
+
+    from storage.db import session_scope
+    from storage.models import ApiKey
+
+    raw = alice["Authorization"].split()[1]
+    with session_scope(settings.database_url) as session:
+        stored = session.scalar(select(ApiKey.key_hash).where(ApiKey.name == "alice"))
+    assert raw not in stored and len(stored) == 64
