@@ -7,6 +7,9 @@ import socket
 import threading
 import time
 import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 from storage import jobs
 from storage.artifacts import ArtifactStore
@@ -92,21 +95,32 @@ def execute_job(job_id: str, settings: Settings) -> None:
     if params is None:
         return  # cancelled, finished, or already taken by another worker: nothing to do
     out = ArtifactStore(settings.artifact_dir).job_dir(job_id)
+    heartbeat = Heartbeat(job_id, settings)
+    heartbeat.start()
+    try:
+        with _job_log(out):
+            status, error, metrics = _run_pipeline(job_id, params, out, settings)
+    except OSError as exc:  # the artifact volume is full, read-only or gone
+        status, error, metrics = "failed", f"cannot write the job's files in {out}: {exc}", None
+    finally:
+        heartbeat.stopped.set()
+    with session_scope(settings.database_url) as session:
+        jobs.finish(session, job_id, status, error, metrics, artifact_dir=out)
+
+
+@contextmanager
+def _job_log(out: Path) -> Iterator[None]:
+    """Engine and worker log lines of this job go to out/job.log as well."""
     out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out / "job.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    heartbeat = Heartbeat(job_id, settings)
-    heartbeat.start()
     try:
-        status, error, metrics = _run_pipeline(job_id, params, out, settings)
+        yield
     finally:
-        heartbeat.stopped.set()
         log.removeHandler(handler)
         handler.close()
-    with session_scope(settings.database_url) as session:
-        jobs.finish(session, job_id, status, error, metrics, artifact_dir=out)
 
 
 def _run_pipeline(job_id: str, params: dict, out, settings: Settings) -> tuple[str, str | None, dict | None]:

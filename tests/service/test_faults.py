@@ -4,8 +4,10 @@ from __future__ import annotations
 import datetime as dt
 import os
 import signal
+import subprocess
 
 import httpx
+import pytest
 
 from storage import jobs
 from storage.db import session_scope
@@ -81,3 +83,32 @@ def test_an_expired_lease_on_the_last_attempt_fails_the_job_with_a_reason(settin
         job = session.get(Job, job_id)
         assert job.status == "failed" and "host:1 stopped answering" in job.error
         assert jobs.claim(session, job_id, "host:2") is None  # a late redelivery does not run it again
+
+
+@pytest.fixture
+def full_volume(tmp_path):
+    """A 256 KiB tmpfs: too small for the fixture's quantized checkpoint."""
+    mount_point = tmp_path / "full"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_artifact_volume_fails_the_job_with_a_reason_and_lists_nothing_partial(settings, full_volume):
+    from worker.tasks import execute_job
+
+    settings = settings.model_copy(update={"artifact_dir": full_volume})
+    key = make_key(settings, "alice")
+    with session_scope(settings.database_url) as session:
+        from storage.keys import find_key
+
+        job_id = jobs.create_job(session, find_key(session, key).id, {**QUICK_JOB, "evaluate": False}, None).id
+    execute_job(job_id, settings)
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, job_id)
+        assert job.status == "failed" and "No space left on device" in job.error
+        assert [a.name for a in job.artifacts] == ["job.log"]
+    assert not [p.name for p in (full_volume / job_id).iterdir() if p.name.endswith(".tmp")]
