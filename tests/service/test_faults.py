@@ -112,3 +112,28 @@ def test_a_full_artifact_volume_fails_the_job_with_a_reason_and_lists_nothing_pa
         assert job.status == "failed" and "No space left on device" in job.error
         assert [a.name for a in job.artifacts] == ["job.log"]
     assert not [p.name for p in (full_volume / job_id).iterdir() if p.name.endswith(".tmp")]
+
+
+def test_dataset_trouble_found_while_running_fails_the_job_naming_the_file(settings, data_root):
+    import shutil
+
+    from tests.fixture_paths import FIXTURE_DATASET
+    from worker.tasks import execute_job
+
+    dataset = data_root / "broken"
+    shutil.copytree(FIXTURE_DATASET, dataset)
+    corrupt = next((dataset / "val").glob("*/*.png"))
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    key = make_key(settings, "alice")
+    with session_scope(settings.database_url) as session:
+        from storage.keys import find_key
+
+        key_id = find_key(session, key).id
+        broken = jobs.create_job(session, key_id, {**QUICK_JOB, "dataset": str(dataset), "val_limit": None}, None).id
+        healthy = jobs.create_job(session, key_id, dict(QUICK_JOB), None).id
+    execute_job(broken, settings)
+    execute_job(healthy, settings)  # the same worker goes on with the next job
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, broken)
+        assert job.status == "failed" and str(corrupt) in job.error and "cannot read image" in job.error
+        assert session.get(Job, healthy).status == "succeeded"
