@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from celery.signals import worker_shutting_down
+
 from storage import jobs
 from storage.artifacts import ArtifactStore
 from storage.db import session_scope
@@ -19,7 +21,21 @@ from worker.celery_app import RUN_JOB_TASK, enqueue, make_celery
 
 app = make_celery()
 log = logging.getLogger("erq")
-WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
+# Past ERQ_MAX_JOB_SECONDS plus this grace, a job that did not stop at a progress call is failed and
+# its worker process exits (its supervisor restarts it): the hard time limit of the solo pool.
+HARD_LIMIT_GRACE_SECONDS = 60
+EXIT_HARD_TIME_LIMIT = 75
+shutting_down = threading.Event()
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"  # read at each job: prefork children have their own pid
+
+
+@worker_shutting_down.connect
+def _on_worker_shutting_down(**_) -> None:
+    """Ctrl-C / SIGTERM: the running job goes back to the queue now instead of waiting out its lease."""
+    shutting_down.set()
 
 # Share of the whole job each engine stage stands for, in order (for the 0..1 progress).
 STAGE_WEIGHTS = {"load_model": 0.05, "evaluate_fp": 0.15, "calibrate_activations": 0.05,
@@ -36,6 +52,10 @@ class JobTimedOut(Exception):
     """The job ran longer than ERQ_MAX_JOB_SECONDS."""
 
 
+class WorkerShuttingDown(Exception):
+    """The worker was asked to stop while the job ran; the job is re-queued for another run."""
+
+
 @app.task(name=RUN_JOB_TASK)
 def run_job(job_id: str) -> None:
     execute_job(job_id, get_settings())
@@ -47,7 +67,7 @@ class ProgressReporter:
     def __init__(self, job_id: str, settings: Settings):
         self.job_id, self.settings = job_id, settings
         self.started = time.monotonic()
-        self.last_write, self.last_stage = 0.0, None
+        self.last_write = 0.0
 
     def fraction(self, stage: str, done: int, total: int) -> float:
         before = 0.0
@@ -58,12 +78,14 @@ class ProgressReporter:
         return before
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        if shutting_down.is_set():
+            raise WorkerShuttingDown()
         now = time.monotonic()
         if now - self.started > self.settings.max_job_seconds:
             raise JobTimedOut(f"the job ran longer than ERQ_MAX_JOB_SECONDS={self.settings.max_job_seconds}")
-        if stage == self.last_stage and now - self.last_write < PROGRESS_WRITE_SECONDS:
+        if now - self.last_write < PROGRESS_WRITE_SECONDS:  # stages change per layer: throttle on time alone
             return
-        self.last_write, self.last_stage = now, stage
+        self.last_write = now
         with session_scope(self.settings.database_url) as session:
             cancelled = jobs.report_progress(session, self.job_id, stage, self.fraction(stage, done, total))
         if cancelled:
@@ -71,39 +93,65 @@ class ProgressReporter:
 
 
 class Heartbeat(threading.Thread):
-    """Renews the job's lease while the pipeline runs (even inside a long stage)."""
+    """Renews the job's lease while the pipeline runs (even inside a long stage), and enforces the
+    hard time limit: a job still running well past ERQ_MAX_JOB_SECONDS is failed and its process exits."""
 
-    def __init__(self, job_id: str, settings: Settings):
+    def __init__(self, job_id: str, settings: Settings, out: Path):
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
-        self.job_id, self.settings = job_id, settings
+        self.job_id, self.settings, self.out = job_id, settings, out
+        self.worker = worker_name()
+        self.deadline = time.monotonic() + settings.max_job_seconds + HARD_LIMIT_GRACE_SECONDS
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        interval = max(1.0, self.settings.lease_seconds / 4)
+        interval = max(1.0, min(self.settings.lease_seconds / 4, HARD_LIMIT_GRACE_SECONDS / 2))
         while not self.stopped.wait(interval):
+            if time.monotonic() > self.deadline:
+                self.fail_and_exit()
             try:
                 with session_scope(self.settings.database_url) as session:
-                    jobs.heartbeat(session, self.job_id, WORKER_NAME)
+                    jobs.heartbeat(session, self.job_id, self.worker)
             except Exception:  # a database hiccup must not kill the job; the next beat retries
                 log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
 
+    def fail_and_exit(self) -> None:
+        reason = (f"the job ran longer than ERQ_MAX_JOB_SECONDS={self.settings.max_job_seconds} and did not stop; "
+                  "its worker process was ended")
+        log.error("job %s: %s", self.job_id, reason)
+        try:
+            with session_scope(self.settings.database_url) as session:
+                jobs.finish(session, self.job_id, "failed", reason, artifact_dir=self.out)
+        finally:
+            logging.shutdown()
+            os._exit(EXIT_HARD_TIME_LIMIT)
+
 
 def execute_job(job_id: str, settings: Settings) -> None:
+    worker = worker_name()
     with session_scope(settings.database_url) as session:
-        job = jobs.claim(session, job_id, WORKER_NAME)
+        job = jobs.claim(session, job_id, worker)
         params = dict(job.params) if job else None
     if params is None:
         return  # cancelled, finished, or already taken by another worker: nothing to do
     out = ArtifactStore(settings.artifact_dir).job_dir(job_id)
-    heartbeat = Heartbeat(job_id, settings)
+    heartbeat = Heartbeat(job_id, settings, out)
     heartbeat.start()
     try:
         with _job_log(out):
             status, error, metrics = _run_pipeline(job_id, params, out, settings)
     except OSError as exc:  # the artifact volume is full, read-only or gone
         status, error, metrics = "failed", f"cannot write the job's files in {out}: {exc}", None
+    except Exception as exc:  # never leave the job running until its lease expires
+        log.exception("job %s: the worker failed around the pipeline", job_id)
+        status, error, metrics = "failed", f"internal error in the worker: {type(exc).__name__}: {exc}", None
     finally:
         heartbeat.stopped.set()
+    if status == "queued":  # the worker is shutting down: hand the job to the next worker now
+        with session_scope(settings.database_url) as session:
+            released = jobs.release(session, job_id, worker)
+        if released:
+            enqueue(app, job_id)  # this task's message is acked on return; the new one runs the job
+        return
     with session_scope(settings.database_url) as session:
         jobs.finish(session, job_id, status, error, metrics, artifact_dir=out)
 
@@ -126,10 +174,13 @@ def _job_log(out: Path) -> Iterator[None]:
 def _run_pipeline(job_id: str, params: dict, out, settings: Settings) -> tuple[str, str | None, dict | None]:
     import erq_core
 
-    log.info("job %s on %s: %s", job_id, WORKER_NAME, params)
+    log.info("job %s on %s: %s", job_id, worker_name(), params)
     try:
         config = erq_core.ErqConfig.from_dict(params)
-        metrics = erq_core.run(config, out, progress=ProgressReporter(job_id, settings))
+        metrics = erq_core.run(config, out, progress=ProgressReporter(job_id, settings), device=_device())
+    except WorkerShuttingDown:
+        log.info("job %s interrupted: its worker is shutting down; re-queued", job_id)
+        return "queued", None, None
     except JobCancelled:
         log.info("job %s cancelled", job_id)
         return "cancelled", "cancelled by the client", None
@@ -146,11 +197,15 @@ def _run_pipeline(job_id: str, params: dict, out, settings: Settings) -> tuple[s
     return "succeeded", None, metrics
 
 
-def sweep_leases(settings: Settings) -> list[str]:
-    """Re-queue (or fail) running jobs whose worker stopped sending heartbeats."""
-    with session_scope(settings.database_url) as session:
-        requeued = jobs.expire_leases(session, settings.lease_seconds, settings.max_attempts)
-    for job_id in requeued:
-        log.warning("job %s lost its worker; re-queued", job_id)
-        enqueue(app, job_id)
-    return requeued
+def _device() -> str | None:
+    """The GPU of this pool process (`erq worker --concurrency N` on N GPUs: child i uses GPU i);
+    None (CUDA when there is one, else the CPU) for the solo pool."""
+    import billiard.process
+    import torch
+
+    index = getattr(billiard.process.current_process(), "index", None)
+    if index is None or not torch.cuda.is_available():
+        return None
+    gpu = index % torch.cuda.device_count()
+    torch.cuda.set_device(gpu)
+    return f"cuda:{gpu}"
