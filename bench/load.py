@@ -1,0 +1,231 @@
+"""Load on a real service: many concurrent submissions of short fixture jobs, then polling.
+
+    .venv/bin/python bench/load.py --mode embedded --jobs 500 --clients 20 --workers 2
+    .venv/bin/python bench/load.py --mode redis    --jobs 500 --clients 20 --workers 2
+    .venv/bin/python bench/load.py --mode embedded --jobs 20 --pollers 200   # polling cost
+
+Starts `erq api` and N `erq worker` processes on 127.0.0.1 (SQLite + embedded broker, or
+PostgreSQL + Redis), submits from concurrent clients, waits for every accepted job to end, and
+prints accepted / rejected by reason / completed / failed / lost, p50 and p99 latency of POST and
+GET, 5xx answers and jobs per minute. With --pollers, that many clients poll GET /v1/jobs/{id}
+once a second while the jobs run, and the mean job run time is compared with a run without them.
+Results go to bench/results/load-<mode>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR, FIXTURES  # noqa: E402
+
+ERQ = str(Path(sys.executable).parent / "erq")
+JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "evaluate": False,
+       "calib_size": 32}
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class Service:
+    """erq api + workers in a scratch folder."""
+
+    def __init__(self, mode: str, workers: int):
+        self.dir = Path(tempfile.mkdtemp(prefix=f"erq-load-{mode}-"))
+        self.port = 18000 + secrets.randbelow(1000)
+        self.env = {**os.environ, "ERQ_VAR_DIR": str(self.dir / "var"), "ERQ_ARTIFACT_DIR": str(self.dir / "art"),
+                    "ERQ_DATA_ROOTS": str(FIXTURES), "ERQ_MAX_ACTIVE_JOBS_PER_KEY": "100000",
+                    "ERQ_LEASE_SECONDS": "30"}
+        if mode == "redis":
+            self.db = f"erq_load_{secrets.token_hex(3)}"
+            subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "postgres", self.db], check=True)
+            self.env.update(ERQ_DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.db}",
+                            ERQ_BROKER_URL="redis://127.0.0.1:6379/14")
+            subprocess.run(["redis-cli", "-n", "14", "flushdb"], check=True, capture_output=True)
+        else:
+            self.db = None
+            self.env.update(ERQ_DATABASE_URL=f"sqlite:///{self.dir / 'var' / 'erq.sqlite'}",
+                            ERQ_BROKER_URL=f"sqla+sqlite:///{self.dir / 'var' / 'broker.sqlite'}")
+        out = subprocess.run([ERQ, "admin", "create-key", "load"], env=self.env, cwd=self.dir, check=True,
+                             capture_output=True, text=True)
+        self.key = out.stdout.strip().splitlines()[-1]
+        self.processes = [self._start(["api", "--port", str(self.port)], "api")]
+        self.processes += [self._start(["worker"], f"worker{i}") for i in range(workers)]
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise SystemExit("the API did not start")
+
+    def _start(self, args: list[str], name: str) -> subprocess.Popen:
+        log = open(self.dir / f"{name}.log", "wb")
+        return subprocess.Popen([ERQ, *args], env=self.env, cwd=self.dir, stdout=log, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if os.environ.get("ERQ_LOAD_KEEP"):
+            print(f"kept {self.dir}")
+            return
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if self.db:
+            subprocess.run(["dropdb", "-h", "127.0.0.1", "-U", "postgres", "--force", self.db], check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def submit_all(client: httpx.AsyncClient, jobs: int, clients: int, stats: dict) -> list[str]:
+    pending = asyncio.Queue()
+    for i in range(jobs):
+        pending.put_nowait(i)
+    accepted: list[str] = []
+
+    async def one_client() -> None:
+        while not pending.empty():
+            pending.get_nowait()
+            start = time.perf_counter()
+            try:
+                answer = await client.post("/v1/jobs", json=JOB)
+            except httpx.HTTPError as exc:
+                stats["rejected"][f"transport: {type(exc).__name__}"] += 1
+                continue
+            stats["post_latency"].append(time.perf_counter() - start)
+            if answer.status_code == 202:
+                accepted.append(answer.json()["id"])
+            else:
+                stats["rejected"][f"{answer.status_code}: {answer.json().get('detail', '')[:60]}"] += 1
+                stats["5xx"] += answer.status_code >= 500
+
+    await asyncio.gather(*(one_client() for _ in range(clients)))
+    return accepted
+
+
+async def wait_all(client: httpx.AsyncClient, accepted: list[str], stats: dict, timeout: float) -> dict[str, dict]:
+    """Page through the job list every two seconds until every accepted job has ended."""
+    wanted, final = set(accepted), {}
+    deadline = time.monotonic() + timeout
+    while len(final) < len(wanted) and time.monotonic() < deadline:
+        cursor = None
+        while True:
+            start = time.perf_counter()
+            answer = await client.get("/v1/jobs", params={"limit": 100, **({"cursor": cursor} if cursor else {})})
+            stats["get_latency"].append(time.perf_counter() - start)
+            stats["5xx"] += answer.status_code >= 500
+            if answer.status_code != 200:
+                break
+            page = answer.json()
+            final.update({j["id"]: j for j in page["jobs"] if j["id"] in wanted and j["status"] in TERMINAL})
+            cursor = page["next_cursor"]
+            if not cursor:
+                break
+        await asyncio.sleep(2)
+    return final
+
+
+async def poll_forever(client: httpx.AsyncClient, job_ids: list[str], stop: asyncio.Event, stats: dict) -> None:
+    index = 0
+    while not stop.is_set():
+        start = time.perf_counter()
+        answer = await client.get(f"/v1/jobs/{job_ids[index % len(job_ids)]}")
+        stats["poll_latency"].append(time.perf_counter() - start)
+        stats["5xx"] += answer.status_code >= 500
+        index += 1
+        await asyncio.sleep(max(0.0, 1.0 - (time.perf_counter() - start)))
+
+
+def run_seconds(job: dict) -> float:
+    from datetime import datetime
+
+    return (datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])).total_seconds()
+
+
+async def scenario(service: Service, jobs: int, clients: int, pollers: int, timeout: float) -> dict:
+    stats = {"post_latency": [], "get_latency": [], "poll_latency": [], "rejected": Counter(), "5xx": 0}
+    limits = httpx.Limits(max_connections=max(clients, pollers) + 10)
+    async with httpx.AsyncClient(base_url=service.url, headers={"Authorization": f"Bearer {service.key}"},
+                                 timeout=60, limits=limits) as client:
+        start = time.monotonic()
+        accepted = await submit_all(client, jobs, clients, stats)
+        stop = asyncio.Event()
+        poll_tasks = [asyncio.create_task(poll_forever(client, accepted, stop, stats)) for _ in range(pollers)] \
+            if accepted and pollers else []
+        final = await wait_all(client, accepted, stats, timeout)
+        stop.set()
+        await asyncio.gather(*poll_tasks)
+        elapsed = time.monotonic() - start
+    statuses = Counter(job["status"] for job in final.values())
+    runs = [run_seconds(j) for j in final.values() if j["status"] == "succeeded"]
+    return {
+        "submitted": jobs, "clients": clients, "pollers": pollers, "accepted": len(accepted),
+        "rejected": dict(stats["rejected"]), "completed": statuses.get("succeeded", 0),
+        "failed": statuses.get("failed", 0),
+        "failure_reasons": dict(Counter((j["error"] or "")[:120] for j in final.values() if j["status"] == "failed")),
+        "lost": len(accepted) - len(final), "http_5xx": stats["5xx"],
+        "post_p50_ms": round(1000 * percentile(stats["post_latency"], 0.5), 1),
+        "post_p99_ms": round(1000 * percentile(stats["post_latency"], 0.99), 1),
+        "get_p50_ms": round(1000 * percentile(stats["get_latency"] + stats["poll_latency"], 0.5), 1),
+        "get_p99_ms": round(1000 * percentile(stats["get_latency"] + stats["poll_latency"], 0.99), 1),
+        "jobs_per_minute": round(60 * statuses.get("succeeded", 0) / elapsed, 1),
+        "mean_job_run_seconds": round(statistics.mean(runs), 2) if runs else None,
+        "elapsed_seconds": round(elapsed, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=["embedded", "redis"], default="embedded")
+    parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--pollers", type=int, default=0, help="also measure job run time under this many pollers")
+    parser.add_argument("--timeout", type=float, default=3600)
+    args = parser.parse_args()
+    results = {"mode": args.mode, "workers": args.workers}
+    service = Service(args.mode, args.workers)
+    try:
+        results["load"] = asyncio.run(scenario(service, args.jobs, args.clients, 0, args.timeout))
+        print(json.dumps(results["load"]), flush=True)
+        if args.pollers:
+            polled = asyncio.run(scenario(service, args.jobs, args.clients, args.pollers, args.timeout))
+            results["polled"] = polled
+            base, loaded = results["load"]["mean_job_run_seconds"], polled["mean_job_run_seconds"]
+            results["job_slowdown_under_polling"] = round(loaded / base - 1, 3) if base and loaded else None
+            print(json.dumps(polled), flush=True)
+            print(f"job run time {base} s without pollers, {loaded} s with {args.pollers}: "
+                  f"{100 * results['job_slowdown_under_polling']:+.1f}%")
+    finally:
+        service.stop()
+    suffix = f"-pollers{args.pollers}" if args.pollers else ""
+    out = ROOT / "bench" / "results" / f"load-{args.mode}{suffix}.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
