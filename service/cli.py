@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from storage.db import session_scope
@@ -15,6 +15,7 @@ from storage.settings import Settings, get_settings, prepare_local_folders
 
 LOCAL_KEY_NAME = "local"
 WORKER_STOP_SECONDS = 10
+WORKER_RESTART_SECONDS = 2
 
 
 def _prepare(settings: Settings) -> None:
@@ -64,28 +65,51 @@ def serve_main(argv: list[str]) -> int:
     settings = get_settings()
     _prepare(settings)
     ensure_local_key(settings)
-    worker = None
-    if settings.embedded_broker:
-        # Its own session, so that Ctrl-C reaches only this process, which then stops the worker.
-        worker = subprocess.Popen([sys.executable, "-m", "erq_cli", "worker"], start_new_session=True)
+    worker = EmbeddedWorker() if settings.embedded_broker else None
+    if worker is not None:
+        worker.start()
     try:
         _run_api(settings, args.host, args.port)
     finally:
         if worker is not None:
-            _stop(worker)
+            worker.stop()
     return 0
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """Warm shutdown (the current job gets WORKER_STOP_SECONDS), then kill; a killed job is re-queued."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(WORKER_STOP_SECONDS)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+class EmbeddedWorker(threading.Thread):
+    """The worker beside `erq serve`'s API: restarted if it dies, stopped with the API."""
+
+    def __init__(self):
+        super().__init__(daemon=True, name="embedded-worker")
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.process: subprocess.Popen | None = None
+
+    def run(self) -> None:
+        while True:
+            with self.lock:
+                if self.stopping.is_set():
+                    return
+                # Its own session, so that Ctrl-C reaches only `erq serve`, which then stops the worker.
+                self.process = subprocess.Popen([sys.executable, "-m", "erq_cli", "worker"], start_new_session=True)
+            code = self.process.wait()
+            if self.stopping.wait(WORKER_RESTART_SECONDS):
+                return
+            print(f"erq serve: the worker exited with code {code}; starting a new one", file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        """Warm shutdown: the running job goes back to the queue; kill after WORKER_STOP_SECONDS."""
+        with self.lock:
+            self.stopping.set()
+            process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(WORKER_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def admin_main(argv: list[str]) -> int:

@@ -46,6 +46,9 @@ class JobOut(BaseModel):
     metrics: Optional[dict[str, Any]]
     error: Optional[str]
     attempts: int
+    heartbeat_at: Optional[dt.datetime] = Field(
+        description="last sign of life of the worker running the job; a running job silent for "
+                    "ERQ_LEASE_SECONDS is re-queued or failed")
     created_at: dt.datetime
     started_at: Optional[dt.datetime]
     finished_at: Optional[dt.datetime]

@@ -1,8 +1,9 @@
 """Engine and sessions for the configured database (SQLite by default, PostgreSQL in production)."""
 from __future__ import annotations
 
+import os
+import threading
 from contextlib import contextmanager
-from functools import lru_cache
 from typing import Iterator
 
 from sqlalchemy import create_engine, event, text
@@ -10,8 +11,30 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 
-@lru_cache(maxsize=8)
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
 def engine_for(url: str) -> Engine:
+    """One engine (connection pool) per URL and process."""
+    with _engines_lock:
+        if url not in _engines:
+            _engines[url] = _create_engine(url)
+        return _engines[url]
+
+
+def _forget_pools_after_fork() -> None:
+    """A forked child (prefork worker pool) must not reuse its parent's open connections."""
+    global _engines_lock
+    _engines_lock = threading.Lock()  # another thread of the parent may have held it at the fork
+    for engine in _engines.values():
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_pools_after_fork)
+
+
+def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 

@@ -120,7 +120,8 @@ def expire_leases(session: Session, lease_seconds: int, max_attempts: int) -> li
     """Running jobs whose worker went silent: re-queue them (returned) or fail them."""
     cutoff = utcnow() - dt.timedelta(seconds=lease_seconds)
     requeued = []
-    for job in session.scalars(select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff)):
+    lost = select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff).with_for_update(skip_locked=True)
+    for job in session.scalars(lost):  # concurrent sweepers (workers, API) each take different rows
         if job.attempts < max_attempts:
             job.status, job.stage, job.progress, job.worker = "queued", "requeued after worker loss", 0.0, None
             requeued.append(job.id)
@@ -128,6 +129,16 @@ def expire_leases(session: Session, lease_seconds: int, max_attempts: int) -> li
             _finish(job, "failed", f"worker {job.worker} stopped answering during attempt {job.attempts} "
                                    f"of {max_attempts} (no heartbeat for {lease_seconds} s)")
     return requeued
+
+
+def release(session: Session, job_id: str, worker: str) -> bool:
+    """running -> queued when its worker shuts down on purpose; that run does not count as an attempt."""
+    released = session.execute(
+        update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == "running")
+        .values(status="queued", stage="requeued: its worker shut down", progress=0.0, worker=None,
+                attempts=Job.attempts - 1)
+    ).rowcount
+    return bool(released)
 
 
 def counts_by_status(session: Session) -> dict[str, int]:

@@ -1,8 +1,12 @@
 """The Celery application. Light: the API imports it to enqueue by task name, without torch."""
 from __future__ import annotations
 
+import logging
+
 from celery import Celery
 
+from storage import jobs
+from storage.db import session_scope
 from storage.settings import Settings, get_settings
 
 RUN_JOB_TASK = "erq.run_job"
@@ -39,3 +43,22 @@ def _transport_options(settings: Settings) -> dict:
 def enqueue(app: Celery, job_id: str) -> None:
     app.send_task(RUN_JOB_TASK, args=[job_id], retry=True,
                   retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
+
+
+def requeue_lost_jobs(app: Celery, settings: Settings) -> list[str]:
+    """Re-queue (or fail) running jobs whose worker stopped sending heartbeats.
+
+    Run by a sweeper thread in every worker and, throttled, by the API when a client reads jobs, so
+    a job never stays `running` after its worker is gone, even while no worker is up.
+    """
+    with session_scope(settings.database_url) as session:
+        requeued = jobs.expire_leases(session, settings.lease_seconds, settings.max_attempts)
+    for job_id in requeued:
+        logging.getLogger("erq").warning("job %s lost its worker; re-queued", job_id)
+        try:
+            enqueue(app, job_id)
+        except Exception as exc:  # never leave a queued job without a message behind it
+            with session_scope(settings.database_url) as session:
+                jobs.finish(session, job_id, "failed", f"its worker was lost and the job could not be re-queued: "
+                                                       f"broker unreachable ({exc})")
+    return requeued

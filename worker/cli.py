@@ -6,16 +6,16 @@ import logging
 import threading
 
 from storage.settings import get_settings
-from worker.celery_app import LEASE_SWEEP_SECONDS
+from worker.celery_app import LEASE_SWEEP_SECONDS, requeue_lost_jobs
 
 
 def _sweeper(stop: threading.Event) -> None:
-    from worker.tasks import sweep_leases
+    from worker.tasks import app
 
     settings = get_settings()
     while not stop.wait(LEASE_SWEEP_SECONDS):
         try:
-            sweep_leases(settings)
+            requeue_lost_jobs(app, settings)
         except Exception:
             logging.getLogger("erq").warning("lease sweep failed", exc_info=True)
 

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import time
 from typing import Optional
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
 from fastapi.responses import FileResponse, PlainTextResponse
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from service.auth import current_key_id
 from service.schemas import ArtifactOut, JobList, JobOut, JobRequest
@@ -15,7 +17,7 @@ from storage import jobs
 from storage.artifacts import PUBLISHED, ArtifactStore
 from storage.db import session_scope
 from storage.models import JOB_STATUSES, Job
-from worker.celery_app import enqueue
+from worker.celery_app import LEASE_SWEEP_SECONDS, enqueue, requeue_lost_jobs
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -30,7 +32,8 @@ def job_out(request: Request, job: Job) -> JobOut:
                              url=str(request.url_for("download_artifact", job_id=job.id, name=a.name)))
                  for a in job.artifacts]
     return JobOut(id=job.id, status=job.status, stage=job.stage, progress=job.progress, params=job.params,
-                  metrics=job.metrics, error=job.error, attempts=job.attempts, created_at=_utc(job.created_at),
+                  metrics=job.metrics, error=job.error, attempts=job.attempts,
+                  heartbeat_at=_utc(job.heartbeat_at), created_at=_utc(job.created_at),
                   started_at=_utc(job.started_at), finished_at=_utc(job.finished_at), artifacts=artifacts)
 
 
@@ -40,6 +43,21 @@ def _not_found(job_id: str) -> HTTPException:
 
 def _settings(request: Request):
     return request.app.state.settings
+
+
+def _expire_lost_leases(request: Request) -> None:
+    """Before answering a read, re-queue or fail jobs whose worker went silent (at most every few
+    seconds per process): a job never shows `running` for long after its worker is gone."""
+    state = request.app.state
+    if time.monotonic() - getattr(state, "last_lease_sweep", float("-inf")) < LEASE_SWEEP_SECONDS:
+        return
+    state.last_lease_sweep = time.monotonic()
+    try:
+        requeue_lost_jobs(state.celery, state.settings)
+    except OperationalError:
+        raise  # the database is down: the read cannot be answered either (503)
+    except Exception:
+        logging.getLogger("erq").warning("lease sweep failed", exc_info=True)
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
@@ -87,6 +105,7 @@ def list_jobs(request: Request, key_id: int = Depends(current_key_id),
               limit: int = Query(20, ge=1, le=100), cursor: Optional[str] = Query(None, max_length=200)) -> JobList:
     if status_ is not None and status_ not in JOB_STATUSES:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"status must be one of {', '.join(JOB_STATUSES)}")
+    _expire_lost_leases(request)
     with session_scope(_settings(request).database_url) as session:
         try:
             page, next_cursor = jobs.list_jobs(session, key_id, status_, limit, cursor)
@@ -97,6 +116,7 @@ def list_jobs(request: Request, key_id: int = Depends(current_key_id),
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: str, request: Request, key_id: int = Depends(current_key_id)) -> JobOut:
+    _expire_lost_leases(request)
     with session_scope(_settings(request).database_url) as session:
         job = jobs.job_for_key(session, job_id, key_id)
         if job is None:

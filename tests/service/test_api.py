@@ -227,3 +227,43 @@ def test_keys_are_stored_hashed(settings, alice):
     with session_scope(settings.database_url) as session:
         stored = session.scalar(select(ApiKey.key_hash).where(ApiKey.name == "alice"))
     assert raw not in stored and len(stored) == 64
+
+
+def _claim_with_a_silent_worker(settings, job_id: str) -> None:
+    import datetime as dt
+
+    from storage import jobs
+    from storage.db import session_scope
+    from storage.models import Job
+
+    with session_scope(settings.database_url) as session:
+        assert jobs.claim(session, job_id, "lost-host:1") is not None
+        session.get(Job, job_id).heartbeat_at = jobs.utcnow() - dt.timedelta(seconds=settings.lease_seconds + 60)
+
+
+def test_a_running_job_whose_worker_went_silent_is_requeued_when_read(client, alice, settings):
+    job_id = submit(client, alice).json()["id"]
+    _claim_with_a_silent_worker(settings, job_id)
+    job = client.get(f"/v1/jobs/{job_id}", headers=alice).json()  # no worker is up: the API sees the lease
+    assert job["status"] == "queued" and job["stage"] == "requeued after worker loss" and job["attempts"] == 1
+    assert _messages_on_the_broker(settings) == 2  # the submit's, and the re-queue's
+
+
+def _messages_on_the_broker(settings) -> int:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(settings.broker_url.removeprefix("sqla+"))
+    with engine.connect() as connection:
+        count = connection.execute(text("SELECT count(*) FROM kombu_message")).scalar()
+    engine.dispose()
+    return count
+
+
+def test_a_silent_worker_on_the_last_attempt_fails_the_job_when_read(alice, settings):
+    settings = settings.model_copy(update={"max_attempts": 1})
+    with TestClient(create_app(settings)) as client:
+        job_id = submit(client, alice).json()["id"]
+        _claim_with_a_silent_worker(settings, job_id)
+        running = client.get(f"/v1/jobs", headers=alice).json()["jobs"][0]
+        assert running["status"] == "failed" and "lost-host:1 stopped answering" in running["error"]
+        assert running["heartbeat_at"] is not None

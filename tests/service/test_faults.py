@@ -8,6 +8,7 @@ import subprocess
 
 import httpx
 import pytest
+import pytest
 
 from storage import jobs
 from storage.db import session_scope
@@ -18,6 +19,12 @@ from tests.service.processes import erq_process, free_port, wait_for_http, wait_
 
 SLOW_JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "calib_size": 320}
 QUICK_JOB = {**SLOW_JOB, "calib_size": 32, "val_limit": 50}
+MEDIUM_JOB = {**SLOW_JOB, "calib_size": 128, "val_limit": 200}
+
+# Each test with real processes runs on one database (the suite stays within minutes on 2 cores): the
+# job-state queries they rely on are tested on SQLite and PostgreSQL in test_api.py and end to end.
+ON_SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+ON_POSTGRESQL = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 
 
 def _client(port: int, key: str) -> httpx.Client:
@@ -31,6 +38,7 @@ def _wait_running_past_start(client: httpx.Client, job_id: str) -> dict:
     return job
 
 
+@ON_SQLITE
 def test_cancel_a_running_job_then_the_worker_takes_the_next(tmp_path, settings):
     env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url)
     key = make_key(settings, "alice")
@@ -49,6 +57,7 @@ def test_cancel_a_running_job_then_the_worker_takes_the_next(tmp_path, settings)
             assert wait_for_job(client, quick, ("succeeded", "failed"), 120)["status"] == "succeeded"
 
 
+@ON_POSTGRESQL
 def test_a_worker_killed_mid_job_leaves_the_job_rerun(tmp_path, settings):
     env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
                       ERQ_LEASE_SECONDS="4", ERQ_MAX_ATTEMPTS="2")
@@ -57,7 +66,7 @@ def test_a_worker_killed_mid_job_leaves_the_job_rerun(tmp_path, settings):
     with erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
         wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
         with _client(port, key) as client:
-            job_id = client.post("/v1/jobs", json=SLOW_JOB).json()["id"]
+            job_id = client.post("/v1/jobs", json=MEDIUM_JOB).json()["id"]
             with erq_process(["worker"], env, tmp_path, tmp_path / "worker1.log") as first:
                 _wait_running_past_start(client, job_id)
                 os.killpg(first.pid, signal.SIGKILL)
@@ -66,6 +75,46 @@ def test_a_worker_killed_mid_job_leaves_the_job_rerun(tmp_path, settings):
             with erq_process(["worker"], env, tmp_path, tmp_path / "worker2.log"):
                 job = wait_for_job(client, job_id, ("succeeded", "failed"), 240)
     assert job["status"] == "succeeded" and job["attempts"] == 2, job
+
+
+@ON_SQLITE
+def test_a_job_past_erq_max_job_seconds_fails_with_the_reason(tmp_path, settings):
+    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
+                      ERQ_MAX_JOB_SECONDS="3")
+    key = make_key(settings, "alice")
+    port = free_port()
+    with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
+            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+        with _client(port, key) as client:
+            job_id = client.post("/v1/jobs", json=SLOW_JOB).json()["id"]
+            job = wait_for_job(client, job_id, ("succeeded", "failed", "cancelled"), 120)
+            assert job["status"] == "failed" and "ERQ_MAX_JOB_SECONDS=3" in job["error"], job
+            assert "ERQ_MAX_JOB_SECONDS=3" in client.get(f"/v1/jobs/{job_id}/log").text
+
+
+def test_ctrl_c_on_serve_requeues_the_running_job_and_the_next_start_runs_it(tmp_path):
+    env = service_env(tmp_path)
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with erq_process(["serve", "--port", str(port)], env, tmp_path, log) as serve:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", serve, log)
+        key = (tmp_path / "var" / "api-key").read_text().strip()
+        with _client(port, key) as client:
+            job_id = client.post("/v1/jobs", json=SLOW_JOB).json()["id"]
+            _wait_running_past_start(client, job_id)
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(30) == 0
+    with session_scope(env["ERQ_DATABASE_URL"]) as session:  # back in the queue at once, no attempt spent
+        job = session.get(Job, job_id)
+        assert (job.status, job.attempts, job.worker) == ("queued", 0, None), job.stage
+    with erq_process(["serve", "--port", str(port)], env, tmp_path, log) as serve:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", serve, log)
+        with _client(port, key) as client:
+            job = wait_for_job(client, job_id, ("running", "succeeded", "failed"), 60)
+            assert job["status"] == "running" and job["attempts"] == 1 and job["heartbeat_at"]
+            client.post(f"/v1/jobs/{job_id}/cancel")
+            assert wait_for_job(client, job_id, ("cancelled", "succeeded", "failed"), 30)["status"] == "cancelled"
 
 
 def test_an_expired_lease_on_the_last_attempt_fails_the_job_with_a_reason(settings):
@@ -97,6 +146,7 @@ def full_volume(tmp_path):
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+@ON_SQLITE
 def test_a_full_artifact_volume_fails_the_job_with_a_reason_and_lists_nothing_partial(settings, full_volume):
     from worker.tasks import execute_job
 
@@ -114,6 +164,7 @@ def test_a_full_artifact_volume_fails_the_job_with_a_reason_and_lists_nothing_pa
     assert not [p.name for p in (full_volume / job_id).iterdir() if p.name.endswith(".tmp")]
 
 
+@ON_POSTGRESQL
 def test_dataset_trouble_found_while_running_fails_the_job_naming_the_file(settings, data_root):
     import shutil
 
