@@ -19,6 +19,7 @@ from storage.artifacts import LOG_NAME, PUBLISHED, sha256_of
 from storage.models import ACTIVE_STATUSES, Artifact, Job, utcnow
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+CANCELLED = "cancelled by the client"
 
 
 def create_job(session: Session, key_id: int, params: dict[str, Any], idempotency_key: Optional[str]) -> Job:
@@ -64,11 +65,13 @@ def list_jobs(session: Session, key_id: int, status: Optional[str], limit: int,
     return rows[:limit], (encode_cursor(rows[limit - 1]) if len(rows) > limit else None)
 
 
-def request_cancel(session: Session, job: Job) -> None:
-    if job.status == "queued":
-        _finish(job, "cancelled", None)
-    elif job.status == "running":
-        job.cancel_requested = True
+def request_cancel(session: Session, job_id: str) -> None:
+    """A queued job is cancelled now and never starts; a running one stops at its next progress step.
+    Conditional updates, so that a worker claiming the job at the same moment cannot be overruled."""
+    session.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES))
+                    .values(cancel_requested=True))
+    session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
+                    .values(status="cancelled", finished_at=utcnow()))
 
 
 def claim(session: Session, job_id: str, worker: str) -> Optional[Job]:
@@ -79,6 +82,9 @@ def claim(session: Session, job_id: str, worker: str) -> Optional[Job]:
         .values(status="running", worker=worker, heartbeat_at=now, started_at=now, attempts=Job.attempts + 1,
                 stage="starting", progress=0.0, error=None)
     ).rowcount
+    if not claimed:  # a cancel that crossed a re-queue: the job ends here instead of waiting forever
+        session.execute(update(Job).where(Job.id == job_id, Job.status == "queued", Job.cancel_requested.is_(True))
+                        .values(status="cancelled", error=CANCELLED, finished_at=now))
     session.flush()
     return session.get(Job, job_id, populate_existing=True) if claimed else None
 
@@ -122,7 +128,9 @@ def expire_leases(session: Session, lease_seconds: int, max_attempts: int) -> li
     requeued = []
     lost = select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff).with_for_update(skip_locked=True)
     for job in session.scalars(lost):  # concurrent sweepers (workers, API) each take different rows
-        if job.attempts < max_attempts:
+        if job.cancel_requested:
+            _finish(job, "cancelled", CANCELLED)
+        elif job.attempts < max_attempts:
             job.status, job.stage, job.progress, job.worker = "queued", "requeued after worker loss", 0.0, None
             requeued.append(job.id)
         else:
@@ -134,10 +142,14 @@ def expire_leases(session: Session, lease_seconds: int, max_attempts: int) -> li
 def release(session: Session, job_id: str, worker: str) -> bool:
     """running -> queued when its worker shuts down on purpose; that run does not count as an attempt."""
     released = session.execute(
-        update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == "running")
+        update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == "running",
+                          Job.cancel_requested.is_(False))
         .values(status="queued", stage="requeued: its worker shut down", progress=0.0, worker=None,
                 attempts=Job.attempts - 1)
     ).rowcount
+    if not released:  # cancelled meanwhile
+        session.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == "running")
+                        .values(status="cancelled", error=CANCELLED, finished_at=utcnow()))
     return bool(released)
 
 

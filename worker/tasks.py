@@ -183,7 +183,7 @@ def _run_pipeline(job_id: str, params: dict, out, settings: Settings) -> tuple[s
         return "queued", None, None
     except JobCancelled:
         log.info("job %s cancelled", job_id)
-        return "cancelled", "cancelled by the client", None
+        return "cancelled", jobs.CANCELLED, None
     except (JobTimedOut, erq_core.ErqError) as exc:
         log.error("job %s failed: %s", job_id, exc)
         return "failed", str(exc), None

@@ -132,7 +132,8 @@ def cancel_job(job_id: str, request: Request, key_id: int = Depends(current_key_
             raise _not_found(job_id)
         if job.status in jobs.TERMINAL:
             raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already {job.status}")
-        jobs.request_cancel(session, job)
+        jobs.request_cancel(session, job.id)
+        session.refresh(job)
         return job_out(request, job)
 
 
