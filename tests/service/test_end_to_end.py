@@ -50,6 +50,8 @@ def check_fixture_job(client: httpx.Client, tmp_path) -> dict:
     partial = client.get(artifacts["quantized.safetensors"]["url"], headers={"Range": "bytes=100-299"})
     assert partial.status_code == 206 and partial.content == (folder / "quantized.safetensors").read_bytes()[100:300]
 
+    model = erq_core.load_quantized(folder)  # a runnable model rebuilt from the downloaded files alone
+    assert not model.training
     result = erq_core.evaluate_quantized(folder, FIXTURE_DATASET, val_limit=VAL_LIMIT, device="cpu")
     assert result["top1"] == job["metrics"]["quantized"]["top1"]
     assert result["n"] == job["metrics"]["n_val"] == VAL_LIMIT
