@@ -94,17 +94,22 @@ def heartbeat(session: Session, job_id: str, worker: str) -> None:
                     .values(heartbeat_at=utcnow()))
 
 
-def report_progress(session: Session, job_id: str, stage: str, progress: float) -> bool:
-    """Record progress; returns True when a cancel was requested."""
-    session.execute(update(Job).where(Job.id == job_id, Job.status == "running")
-                    .values(stage=stage, progress=progress, heartbeat_at=utcnow()))
-    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+def report_progress(session: Session, job_id: str, worker: str, stage: str, progress: float) -> Optional[str]:
+    """Record the progress of `worker`'s run; returns why the run must stop ('cancelled', 'lost') or None.
+
+    'lost': the job is not this worker's any more (its lease expired and the job was re-queued)."""
+    owned = session.execute(update(Job).where(Job.id == job_id, Job.status == "running", Job.worker == worker)
+                            .values(stage=stage, progress=progress, heartbeat_at=utcnow())).rowcount
+    if not owned:
+        return "lost"
+    return "cancelled" if session.scalar(select(Job.cancel_requested).where(Job.id == job_id)) else None
 
 
 def finish(session: Session, job_id: str, status: str, error: Optional[str] = None,
-           metrics: Optional[dict] = None, artifact_dir: Optional[Path] = None) -> None:
+           metrics: Optional[dict] = None, artifact_dir: Optional[Path] = None, worker: Optional[str] = None) -> None:
+    """End a job (unless it already ended); with `worker`, only while the job is that worker's run."""
     job = session.get(Job, job_id, populate_existing=True)
-    if job is None or job.status in TERMINAL:
+    if job is None or job.status in TERMINAL or (worker is not None and job.worker != worker):
         return
     if artifact_dir is not None:
         # A job that did not succeed publishes only its log: files of an unfinished run are not results.

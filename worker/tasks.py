@@ -52,6 +52,10 @@ class JobTimedOut(Exception):
     """The job ran longer than ERQ_MAX_JOB_SECONDS."""
 
 
+class LeaseLost(Exception):
+    """The job was re-queued while this worker ran it (its heartbeat was late): another run owns it."""
+
+
 class WorkerShuttingDown(Exception):
     """The worker was asked to stop while the job ran; the job is re-queued for another run."""
 
@@ -64,8 +68,8 @@ def run_job(job_id: str) -> None:
 class ProgressReporter:
     """The engine's progress callback: writes stage and progress (throttled), stops on cancel or timeout."""
 
-    def __init__(self, job_id: str, settings: Settings):
-        self.job_id, self.settings = job_id, settings
+    def __init__(self, job_id: str, settings: Settings, worker: str):
+        self.job_id, self.settings, self.worker = job_id, settings, worker
         self.started = time.monotonic()
         self.last_write = 0.0
 
@@ -87,9 +91,11 @@ class ProgressReporter:
             return
         self.last_write = now
         with session_scope(self.settings.database_url) as session:
-            cancelled = jobs.report_progress(session, self.job_id, stage, self.fraction(stage, done, total))
-        if cancelled:
+            stop = jobs.report_progress(session, self.job_id, self.worker, stage, self.fraction(stage, done, total))
+        if stop == "cancelled":
             raise JobCancelled()
+        if stop == "lost":
+            raise LeaseLost()
 
 
 class Heartbeat(threading.Thread):
@@ -120,7 +126,7 @@ class Heartbeat(threading.Thread):
         log.error("job %s: %s", self.job_id, reason)
         try:
             with session_scope(self.settings.database_url) as session:
-                jobs.finish(session, self.job_id, "failed", reason, artifact_dir=self.out)
+                jobs.finish(session, self.job_id, "failed", reason, artifact_dir=self.out, worker=self.worker)
         finally:
             logging.shutdown()
             os._exit(EXIT_HARD_TIME_LIMIT)
@@ -138,7 +144,7 @@ def execute_job(job_id: str, settings: Settings) -> None:
     heartbeat.start()
     try:
         with _job_log(out):
-            status, error, metrics = _run_pipeline(job_id, params, out, settings)
+            status, error, metrics = _run_pipeline(job_id, params, out, settings, worker)
     except OSError as exc:  # the artifact volume is full, read-only or gone
         status, error, metrics = "failed", f"cannot write the job's files in {out}: {exc}", None
     except Exception as exc:  # never leave the job running until its lease expires
@@ -146,6 +152,8 @@ def execute_job(job_id: str, settings: Settings) -> None:
         status, error, metrics = "failed", f"internal error in the worker: {type(exc).__name__}: {exc}", None
     finally:
         heartbeat.stopped.set()
+    if status == "lost":
+        return  # the job is another run's now: that run records the outcome
     if status == "queued":  # the worker is shutting down: hand the job to the next worker now
         with session_scope(settings.database_url) as session:
             released = jobs.release(session, job_id, worker)
@@ -153,7 +161,7 @@ def execute_job(job_id: str, settings: Settings) -> None:
             enqueue(app, job_id)  # this task's message is acked on return; the new one runs the job
         return
     with session_scope(settings.database_url) as session:
-        jobs.finish(session, job_id, status, error, metrics, artifact_dir=out)
+        jobs.finish(session, job_id, status, error, metrics, artifact_dir=out, worker=worker)
 
 
 @contextmanager
@@ -171,13 +179,18 @@ def _job_log(out: Path) -> Iterator[None]:
         handler.close()
 
 
-def _run_pipeline(job_id: str, params: dict, out, settings: Settings) -> tuple[str, str | None, dict | None]:
+def _run_pipeline(job_id: str, params: dict, out, settings: Settings,
+                  worker: str) -> tuple[str, str | None, dict | None]:
     import erq_core
 
     log.info("job %s on %s: %s", job_id, worker_name(), params)
     try:
         config = erq_core.ErqConfig.from_dict(params)
-        metrics = erq_core.run(config, out, progress=ProgressReporter(job_id, settings), device=_device())
+        metrics = erq_core.run(config, out, progress=ProgressReporter(job_id, settings, worker),
+                               device=_device())
+    except LeaseLost:
+        log.warning("job %s was re-queued while this worker ran it (late heartbeat); stopping this run", job_id)
+        return "lost", None, None
     except WorkerShuttingDown:
         log.info("job %s interrupted: its worker is shutting down; re-queued", job_id)
         return "queued", None, None

@@ -78,3 +78,25 @@ def test_cancelling_a_queued_job_means_no_worker_can_claim_it(settings):
         assert jobs.claim(session, job_id, "w1") is None
     job = state(settings, job_id)
     assert job.status == "cancelled" and job.attempts == 0 and job.started_at is None
+
+
+def test_a_worker_whose_lease_expired_can_neither_report_nor_finish_the_new_run(settings):
+    job_id = new_job(settings)
+    with session_scope(settings.database_url) as session:
+        jobs.claim(session, job_id, "slow-w1")
+        assert jobs.report_progress(session, job_id, "slow-w1", "aqer", 0.4) is None
+        session.get(Job, job_id).heartbeat_at = jobs.utcnow() - dt.timedelta(hours=1)
+    with session_scope(settings.database_url) as session:
+        assert jobs.expire_leases(session, lease_seconds=60, max_attempts=3) == [job_id]
+    with session_scope(settings.database_url) as session:
+        assert jobs.report_progress(session, job_id, "slow-w1", "wqer", 0.6) == "lost"  # while queued
+        jobs.claim(session, job_id, "w2")
+        assert jobs.report_progress(session, job_id, "slow-w1", "wqer", 0.7) == "lost"  # and once w2 runs it
+        jobs.finish(session, job_id, "succeeded", metrics={"from": "slow-w1"}, worker="slow-w1")
+    job = state(settings, job_id)
+    assert (job.status, job.worker, job.stage, job.metrics) == ("running", "w2", "starting", None)
+    with session_scope(settings.database_url) as session:
+        jobs.request_cancel(session, job_id)
+        assert jobs.report_progress(session, job_id, "w2", "aqer", 0.4) == "cancelled"
+        jobs.finish(session, job_id, "cancelled", jobs.CANCELLED, worker="w2")
+    assert state(settings, job_id).status == "cancelled"
