@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from erq_core.quantizers import LogSqrt2Quantizer, UniformQuantizer, WeightQuantizer
+from erq_core.quantizers import ActivationQuantizer, LogSqrt2Quantizer, UniformQuantizer, WeightQuantizer
 
 log = logging.getLogger("erq")
 
@@ -191,7 +191,7 @@ def weight_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def activation_quantizers(model: nn.Module) -> Iterator[nn.Module]:
     for module in model.modules():
-        if isinstance(module, (UniformQuantizer, LogSqrt2Quantizer)):
+        if isinstance(module, ActivationQuantizer):
             yield module
 
 

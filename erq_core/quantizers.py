@@ -110,20 +110,40 @@ def best_uniform_range(
     return best_scale, best_zero
 
 
-class UniformQuantizer(nn.Module):
+class ActivationQuantizer(nn.Module):
+    """Fake-quantizes what passes through while `enabled`; the first input calibrates it."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = bits
+        self.register_buffer("calibrated", torch.tensor(False))
+        self.enabled = False
+
+    def calibrate(self, x: Tensor) -> None:
+        raise NotImplementedError
+
+    def quantize(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        if not bool(self.calibrated):
+            self.calibrate(x)
+        return self.quantize(x)
+
+
+class UniformQuantizer(ActivationQuantizer):
     """Activation quantizer: per tensor, or per channel along the last dimension.
 
     While `enabled` and not yet calibrated, the first input calibrates it (the percentile search).
     """
 
     def __init__(self, bits: int, channels: Optional[int] = None):
-        super().__init__()
-        self.bits = bits
+        super().__init__(bits)
         shape = (channels,) if channels else (1,)
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape))
-        self.register_buffer("calibrated", torch.tensor(False))
-        self.enabled = False
 
     @property
     def per_channel(self) -> bool:
@@ -148,12 +168,6 @@ class UniformQuantizer(nn.Module):
         """Fake-quantize x whatever `enabled` says (used to build Xq for statistics)."""
         return fake_quantize(x, self.scale, self.zero_point, self.bits)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.enabled:
-            return x
-        if not bool(self.calibrated):
-            self.calibrate(x)
-        return self.quantize(x)
 
 
 def log_sqrt2_quantize(x: Tensor, scale: Tensor, bits: int, log2_x: Optional[Tensor] = None) -> Tensor:
@@ -171,15 +185,12 @@ def log_sqrt2_quantize(x: Tensor, scale: Tensor, bits: int, log2_x: Optional[Ten
     return (torch.exp2(-0.5 * codes) * scale).masked_fill_(underflow, 0.0)
 
 
-class LogSqrt2Quantizer(nn.Module):
+class LogSqrt2Quantizer(ActivationQuantizer):
     """Post-softmax (attention probability) quantizer with one searched scale per tensor."""
 
     def __init__(self, bits: int):
-        super().__init__()
-        self.bits = bits
+        super().__init__(bits)
         self.register_buffer("scale", torch.ones(1))
-        self.register_buffer("calibrated", torch.tensor(False))
-        self.enabled = False
 
     @torch.no_grad()
     def calibrate(self, x: Tensor) -> None:
@@ -194,12 +205,6 @@ class LogSqrt2Quantizer(nn.Module):
     def quantize(self, x: Tensor) -> Tensor:
         return log_sqrt2_quantize(x, self.scale, self.bits)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.enabled:
-            return x
-        if not bool(self.calibrated):
-            self.calibrate(x)
-        return self.quantize(x)
 
 
 def outlier_columns(weight: Tensor, count: int) -> Tensor:
