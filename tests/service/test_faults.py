@@ -5,9 +5,10 @@ import datetime as dt
 import os
 import signal
 import subprocess
+from contextlib import contextmanager
+from typing import Iterator
 
 import httpx
-import pytest
 import pytest
 
 from storage import jobs
@@ -31,6 +32,20 @@ def _client(port: int, key: str) -> httpx.Client:
     return httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
 
 
+@contextmanager
+def _api_and_worker(tmp_path, settings, **env_overrides: str) -> Iterator[httpx.Client]:
+    """`erq api` and one `erq worker` on the test's database; yields a client with a fresh key."""
+    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
+                      **env_overrides)
+    key = make_key(settings, "alice")
+    port = free_port()
+    with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
+            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+        with _client(port, key) as client:
+            yield client
+
+
 def _wait_running_past_start(client: httpx.Client, job_id: str) -> dict:
     job = wait_for_job(client, job_id, ("running",), 120)
     while job["stage"] in (None, "starting", "load_model"):
@@ -40,21 +55,15 @@ def _wait_running_past_start(client: httpx.Client, job_id: str) -> dict:
 
 @ON_SQLITE
 def test_cancel_a_running_job_then_the_worker_takes_the_next(tmp_path, settings):
-    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url)
-    key = make_key(settings, "alice")
-    port = free_port()
-    with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
-            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
-        with _client(port, key) as client:
-            slow = client.post("/v1/jobs", json=SLOW_JOB).json()["id"]
-            _wait_running_past_start(client, slow)
-            assert client.post(f"/v1/jobs/{slow}/cancel").status_code == 200
-            cancelled = wait_for_job(client, slow, ("cancelled", "succeeded", "failed"), 30)
-            assert cancelled["status"] == "cancelled" and cancelled["error"] == "cancelled by the client"
-            assert [a["name"] for a in cancelled["artifacts"]] == ["job.log"]  # the log only, no results
-            quick = client.post("/v1/jobs", json=QUICK_JOB).json()["id"]
-            assert wait_for_job(client, quick, ("succeeded", "failed"), 120)["status"] == "succeeded"
+    with _api_and_worker(tmp_path, settings) as client:
+        slow = client.post("/v1/jobs", json=SLOW_JOB).json()["id"]
+        _wait_running_past_start(client, slow)
+        assert client.post(f"/v1/jobs/{slow}/cancel").status_code == 200
+        cancelled = wait_for_job(client, slow, ("cancelled", "succeeded", "failed"), 30)
+        assert cancelled["status"] == "cancelled" and cancelled["error"] == "cancelled by the client"
+        assert [a["name"] for a in cancelled["artifacts"]] == ["job.log"]  # the log only, no results
+        quick = client.post("/v1/jobs", json=QUICK_JOB).json()["id"]
+        assert wait_for_job(client, quick, ("succeeded", "failed"), 120)["status"] == "succeeded"
 
 
 @ON_POSTGRESQL
@@ -79,18 +88,11 @@ def test_a_worker_killed_mid_job_leaves_the_job_rerun(tmp_path, settings):
 
 @ON_SQLITE
 def test_a_job_past_erq_max_job_seconds_fails_with_the_reason(tmp_path, settings):
-    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
-                      ERQ_MAX_JOB_SECONDS="3")
-    key = make_key(settings, "alice")
-    port = free_port()
-    with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
-            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
-        with _client(port, key) as client:
-            job_id = client.post("/v1/jobs", json=SLOW_JOB).json()["id"]
-            job = wait_for_job(client, job_id, ("succeeded", "failed", "cancelled"), 120)
-            assert job["status"] == "failed" and "ERQ_MAX_JOB_SECONDS=3" in job["error"], job
-            assert "ERQ_MAX_JOB_SECONDS=3" in client.get(f"/v1/jobs/{job_id}/log").text
+    with _api_and_worker(tmp_path, settings, ERQ_MAX_JOB_SECONDS="3") as client:
+        job_id = client.post("/v1/jobs", json=SLOW_JOB).json()["id"]
+        job = wait_for_job(client, job_id, ("succeeded", "failed", "cancelled"), 120)
+        assert job["status"] == "failed" and "ERQ_MAX_JOB_SECONDS=3" in job["error"], job
+        assert "ERQ_MAX_JOB_SECONDS=3" in client.get(f"/v1/jobs/{job_id}/log").text
 
 
 def test_ctrl_c_on_serve_requeues_the_running_job_and_the_next_start_runs_it(tmp_path):
