@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import time
 from typing import Optional
@@ -28,9 +29,10 @@ def _utc(moment: Optional[dt.datetime]) -> Optional[dt.datetime]:
 
 
 def job_out(request: Request, job: Job) -> JobOut:
+    # Artifacts are recorded when a job ends: skipping the query for active jobs keeps polling cheap.
     artifacts = [ArtifactOut(name=a.name, size=a.size, sha256=a.sha256,
                              url=str(request.url_for("download_artifact", job_id=job.id, name=a.name)))
-                 for a in job.artifacts]
+                 for a in (job.artifacts if job.status in jobs.TERMINAL else [])]
     return JobOut(id=job.id, status=job.status, stage=job.stage, progress=job.progress, params=job.params,
                   metrics=job.metrics, error=job.error, attempts=job.attempts,
                   heartbeat_at=_utc(job.heartbeat_at), created_at=_utc(job.created_at),
@@ -114,14 +116,21 @@ def list_jobs(request: Request, key_id: int = Depends(current_key_id),
         return JobList(jobs=[job_out(request, job) for job in page], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, request: Request, key_id: int = Depends(current_key_id)) -> JobOut:
+@router.get("/{job_id}", response_model=JobOut,
+            responses={304: {"description": "the job has not changed since the ETag sent in If-None-Match"}})
+def get_job(job_id: str, request: Request, key_id: int = Depends(current_key_id),
+            if_none_match: Optional[str] = Header(None, max_length=200,
+                                                  description="the ETag of the last answer: 304 if unchanged")):
     _expire_lost_leases(request)
     with session_scope(_settings(request).database_url) as session:
         job = jobs.job_for_key(session, job_id, key_id)
         if job is None:
             raise _not_found(job_id)
-        return job_out(request, job)
+        body = job_out(request, job).model_dump_json()
+    etag = f'"{hashlib.sha256(body.encode()).hexdigest()[:32]}"'
+    if if_none_match is not None and etag in (tag.strip() for tag in if_none_match.split(",")):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
+    return Response(body, media_type="application/json", headers={"ETag": etag})
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

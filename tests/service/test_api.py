@@ -56,6 +56,19 @@ def test_submit_follow_and_list(client, alice):
     assert fetched["id"] == job["id"] and fetched["artifacts"] == [] and fetched["created_at"].endswith(("Z", "+00:00"))
 
 
+def test_polling_with_the_etag_answers_304_until_the_job_changes(client, alice):
+    location = submit(client, alice).headers["Location"]
+    first = client.get(location, headers=alice)
+    etag = first.headers["ETag"]
+    unchanged = client.get(location, headers={**alice, "If-None-Match": etag})
+    assert unchanged.status_code == 304 and unchanged.headers["ETag"] == etag and unchanged.content == b""
+    assert client.get(location, headers={**alice, "If-None-Match": '"stale", ' + etag}).status_code == 304
+    cancelled = client.post(location + "/cancel", headers=alice).json()
+    changed = client.get(location, headers={**alice, "If-None-Match": etag})
+    assert changed.status_code == 200 and changed.headers["ETag"] != etag
+    assert changed.json()["status"] == cancelled["status"] == "cancelled"
+
+
 def test_another_keys_job_is_not_found(client, alice, bob):
     job_id = submit(client, alice).json()["id"]
     assert client.get(f"/v1/jobs/{job_id}", headers=bob).status_code == 404
