@@ -9,7 +9,10 @@ PostgreSQL + Redis), submits from concurrent clients, waits for every accepted j
 prints accepted / rejected by reason / completed / failed / lost, p50 and p99 latency of POST and
 GET, 5xx answers and jobs per minute. With --pollers, that many clients poll GET /v1/jobs/{id}
 once a second while the jobs run, and the mean job run time is compared with a run without them.
-Results go to bench/results/load-<mode>.json.
+With --split-cpus the API and the load clients run on CPU 0 and the workers on the other CPUs (the
+production shape, where the API does not share the GPU workers' machine); without it everything
+shares every CPU. Each worker's torch uses its share of the workers' CPUs.
+Results go to bench/results/load-<mode>[-pollersN][-split].json.
 """
 from __future__ import annotations
 
@@ -49,7 +52,12 @@ def percentile(values: list[float], q: float) -> float:
 class Service:
     """erq api + workers in a scratch folder."""
 
-    def __init__(self, mode: str, workers: int):
+    def __init__(self, mode: str, workers: int, split_cpus: bool = False):
+        cpus = sorted(os.sched_getaffinity(0))
+        if split_cpus and len(cpus) < 2:
+            raise SystemExit("--split-cpus needs at least 2 CPUs")
+        self.api_cpus = set(cpus[:1]) if split_cpus else set(cpus)
+        self.worker_cpus = set(cpus[1:]) if split_cpus else set(cpus)
         self.dir = Path(tempfile.mkdtemp(prefix=f"erq-load-{mode}-"))
         self.port = 18000 + secrets.randbelow(1000)
         self.env = {**os.environ, "ERQ_VAR_DIR": str(self.dir / "var"), "ERQ_ARTIFACT_DIR": str(self.dir / "art"),
@@ -68,8 +76,11 @@ class Service:
         out = subprocess.run([ERQ, "admin", "create-key", "load"], env=self.env, cwd=self.dir, check=True,
                              capture_output=True, text=True)
         self.key = out.stdout.strip().splitlines()[-1]
-        self.processes = [self._start(["api", "--port", str(self.port)], "api")]
-        self.processes += [self._start(["worker"], f"worker{i}") for i in range(workers)]
+        threads = str(max(1, len(self.worker_cpus) // workers))
+        self.processes = [self._start(["api", "--port", str(self.port)], "api", self.api_cpus)]
+        self.processes += [self._start(["worker"], f"worker{i}", self.worker_cpus, OMP_NUM_THREADS=threads)
+                           for i in range(workers)]
+        os.sched_setaffinity(0, self.api_cpus)  # the load clients share the API's CPUs
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -80,14 +91,12 @@ class Service:
                 time.sleep(0.3)
         raise SystemExit("the API did not start")
 
-    def _start(self, args: list[str], name: str) -> subprocess.Popen:
+    def _start(self, args: list[str], name: str, cpus: set[int], **env: str) -> subprocess.Popen:
         log = open(self.dir / f"{name}.log", "wb")
-        return subprocess.Popen([ERQ, *args], env=self.env, cwd=self.dir, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen([ERQ, *args], env={**self.env, **env}, cwd=self.dir, stdout=log,
+                                stderr=subprocess.STDOUT, preexec_fn=lambda: os.sched_setaffinity(0, cpus))
 
     def stop(self) -> None:
-        if os.environ.get("ERQ_LOAD_KEEP"):
-            print(f"kept {self.dir}")
-            return
         for process in self.processes:
             process.terminate()
         for process in self.processes:
@@ -95,6 +104,9 @@ class Service:
                 process.wait(20)
             except subprocess.TimeoutExpired:
                 process.kill()
+        if os.environ.get("ERQ_LOAD_KEEP"):
+            print(f"kept {self.dir}" + (f" and database {self.db}" if self.db else ""))
+            return
         if self.db:
             subprocess.run(["dropdb", "-h", "127.0.0.1", "-U", "postgres", "--force", self.db], check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -134,7 +146,11 @@ async def wait_all(client: httpx.AsyncClient, accepted: list[str], stats: dict, 
         cursor = None
         while True:
             start = time.perf_counter()
-            answer = await client.get("/v1/jobs", params={"limit": 100, **({"cursor": cursor} if cursor else {})})
+            try:
+                answer = await client.get("/v1/jobs", params={"limit": 100, **({"cursor": cursor} if cursor else {})})
+            except httpx.TransportError as exc:
+                stats["get_transport_errors"][type(exc).__name__] += 1
+                break
             stats["get_latency"].append(time.perf_counter() - start)
             stats["5xx"] += answer.status_code >= 500
             if answer.status_code != 200:
@@ -149,13 +165,18 @@ async def wait_all(client: httpx.AsyncClient, accepted: list[str], stats: dict, 
 
 
 async def poll_forever(client: httpx.AsyncClient, job_ids: list[str], stop: asyncio.Event, stats: dict) -> None:
-    index = 0
+    index = secrets.randbelow(len(job_ids))
+    await asyncio.sleep(secrets.randbelow(1000) / 1000)  # spread the pollers over the second
     while not stop.is_set():
         start = time.perf_counter()
-        answer = await client.get(f"/v1/jobs/{job_ids[index % len(job_ids)]}")
+        index += 1
+        try:
+            answer = await client.get(f"/v1/jobs/{job_ids[index % len(job_ids)]}")
+        except httpx.TransportError as exc:  # e.g. the server closed an idle keep-alive connection
+            stats["get_transport_errors"][type(exc).__name__] += 1
+            continue
         stats["poll_latency"].append(time.perf_counter() - start)
         stats["5xx"] += answer.status_code >= 500
-        index += 1
         await asyncio.sleep(max(0.0, 1.0 - (time.perf_counter() - start)))
 
 
@@ -166,7 +187,8 @@ def run_seconds(job: dict) -> float:
 
 
 async def scenario(service: Service, jobs: int, clients: int, pollers: int, timeout: float) -> dict:
-    stats = {"post_latency": [], "get_latency": [], "poll_latency": [], "rejected": Counter(), "5xx": 0}
+    stats = {"post_latency": [], "get_latency": [], "poll_latency": [], "rejected": Counter(), "5xx": 0,
+             "get_transport_errors": Counter()}
     limits = httpx.Limits(max_connections=max(clients, pollers) + 10)
     async with httpx.AsyncClient(base_url=service.url, headers={"Authorization": f"Bearer {service.key}"},
                                  timeout=60, limits=limits) as client:
@@ -175,7 +197,9 @@ async def scenario(service: Service, jobs: int, clients: int, pollers: int, time
         stop = asyncio.Event()
         poll_tasks = [asyncio.create_task(poll_forever(client, accepted, stop, stats)) for _ in range(pollers)] \
             if accepted and pollers else []
+        polling_start = time.monotonic()
         final = await wait_all(client, accepted, stats, timeout)
+        polling_seconds = time.monotonic() - polling_start
         stop.set()
         await asyncio.gather(*poll_tasks)
         elapsed = time.monotonic() - start
@@ -187,12 +211,15 @@ async def scenario(service: Service, jobs: int, clients: int, pollers: int, time
         "failed": statuses.get("failed", 0),
         "failure_reasons": dict(Counter((j["error"] or "")[:120] for j in final.values() if j["status"] == "failed")),
         "lost": len(accepted) - len(final), "http_5xx": stats["5xx"],
+        "get_transport_errors": dict(stats["get_transport_errors"]),
         "post_p50_ms": round(1000 * percentile(stats["post_latency"], 0.5), 1),
         "post_p99_ms": round(1000 * percentile(stats["post_latency"], 0.99), 1),
         "get_p50_ms": round(1000 * percentile(stats["get_latency"] + stats["poll_latency"], 0.5), 1),
         "get_p99_ms": round(1000 * percentile(stats["get_latency"] + stats["poll_latency"], 0.99), 1),
         "jobs_per_minute": round(60 * statuses.get("succeeded", 0) / elapsed, 1),
-        "mean_job_run_seconds": round(statistics.mean(runs), 2) if runs else None,
+        "mean_job_run_seconds": round(statistics.mean(runs), 3) if runs else None,
+        "median_job_run_seconds": round(statistics.median(runs), 3) if runs else None,
+        "polls_per_second": round(len(stats["poll_latency"]) / polling_seconds, 1),
         "elapsed_seconds": round(elapsed, 1),
     }
 
@@ -205,10 +232,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--pollers", type=int, default=0, help="also measure job run time under this many pollers")
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--split-cpus", action="store_true",
+                        help="API and clients on CPU 0, workers on the rest (default: all share every CPU)")
     args = parser.parse_args()
-    results = {"mode": args.mode, "workers": args.workers}
-    service = Service(args.mode, args.workers)
+    results = {"mode": args.mode, "workers": args.workers, "cpus": len(os.sched_getaffinity(0)),
+               "split_cpus": args.split_cpus}
+    service = Service(args.mode, args.workers, args.split_cpus)
     try:
+        asyncio.run(scenario(service, args.workers, args.workers, 0, args.timeout))  # warm-up: imports, caches
         results["load"] = asyncio.run(scenario(service, args.jobs, args.clients, 0, args.timeout))
         print(json.dumps(results["load"]), flush=True)
         if args.pollers:
@@ -221,7 +252,7 @@ def main() -> None:
                   f"{100 * results['job_slowdown_under_polling']:+.1f}%")
     finally:
         service.stop()
-    suffix = f"-pollers{args.pollers}" if args.pollers else ""
+    suffix = (f"-pollers{args.pollers}" if args.pollers else "") + ("-split" if args.split_cpus else "")
     out = ROOT / "bench" / "results" / f"load-{args.mode}{suffix}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
