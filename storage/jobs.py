@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from storage.artifacts import LOG_NAME, PUBLISHED, sha256_of
@@ -28,6 +28,12 @@ def create_job(session: Session, key_id: int, params: dict[str, Any], idempotenc
     session.add(job)
     session.flush()
     return job
+
+
+def discard_unqueued(session: Session, job_id: str) -> None:
+    """Delete a job whose queue message could not be sent: its client was answered 503, so the job
+    was never accepted and a retry with the same Idempotency-Key must create it afresh."""
+    session.execute(delete(Job).where(Job.id == job_id, Job.status == "queued"))
 
 
 def job_for_key(session: Session, job_id: str, key_id: int) -> Optional[Job]:

@@ -87,9 +87,10 @@ def submit_job(body: JobRequest, request: Request, response: Response, key_id: i
             return _accepted(request, response, jobs.job_by_idempotency(session, key_id, idempotency_key))
     try:
         enqueue(request.app.state.celery, job_id)
-    except Exception as exc:
+    except Exception:
+        logging.getLogger("erq").warning("job %s not accepted: the broker is unreachable", job_id, exc_info=True)
         with session_scope(settings.database_url) as session:
-            jobs.finish(session, job_id, "failed", f"could not queue the job: broker unreachable ({exc})")
+            jobs.discard_unqueued(session, job_id)
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the job queue is unreachable; retry later",
                             headers={"Retry-After": "10"}) from None
     with session_scope(settings.database_url) as session:

@@ -195,6 +195,20 @@ def test_unreachable_database_answers_503(tmp_path, alice, settings):
         assert answer.status_code == 503 and answer.headers["Retry-After"]
 
 
+def test_an_unreachable_queue_answers_503_and_keeps_no_job(tmp_path, alice, settings):
+    from storage.settings import Settings
+
+    retry = {**alice, "Idempotency-Key": "one-job"}
+    broken = Settings(**{**settings.model_dump(), "broker_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(broken)) as client:
+        answer = client.post("/v1/jobs", json=JOB, headers=retry)
+        assert answer.status_code == 503 and answer.headers["Retry-After"] and "queue" in answer.json()["detail"]
+        assert client.get("/v1/jobs", headers=alice).json()["jobs"] == []
+    with TestClient(create_app(settings)) as client:  # the queue is back: the same retry is a new, queued job
+        answer = client.post("/v1/jobs", json=JOB, headers=retry)
+        assert answer.status_code == 202 and answer.json()["status"] == "queued"
+
+
 def test_migrations_go_down_and_up_again(settings):
     from sqlalchemy import inspect
 
