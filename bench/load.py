@@ -2,7 +2,9 @@
 
     .venv/bin/python bench/load.py --mode embedded --jobs 500 --clients 20 --workers 2
     .venv/bin/python bench/load.py --mode redis    --jobs 500 --clients 20 --workers 2
-    .venv/bin/python bench/load.py --mode embedded --jobs 20 --pollers 200   # polling cost
+    .venv/bin/python bench/load.py --mode embedded --jobs 100 --pollers 200 --split-cpus  # polling cost
+    .venv/bin/python bench/load.py --mode embedded --jobs 200 --drill kill-api       # fault drills
+    .venv/bin/python bench/load.py --mode redis    --jobs 200 --drill restart-redis
 
 Starts `erq api` and N `erq worker` processes on 127.0.0.1 (SQLite + embedded broker, or
 PostgreSQL + Redis), submits from concurrent clients, waits for every accepted job to end, and
@@ -12,7 +14,11 @@ once a second while the jobs run, and the mean job run time is compared with a r
 With --split-cpus the API and the load clients run on CPU 0 and the workers on the other CPUs (the
 production shape, where the API does not share the GPU workers' machine); without it everything
 shares every CPU. Each worker's torch uses its share of the workers' CPUs.
-Results go to bench/results/load-<mode>[-pollersN][-split].json.
+With --drill, half-way through the submissions the API is SIGKILLed and started again on the same
+port (kill-api), or the Redis broker is SIGKILLed and started again, empty (restart-redis); every
+job the API answered 202 must still end, and no job may stay queued or running.
+Redis mode runs its own redis-server on a free port, so a drill never touches a shared Redis.
+Results go to bench/results/load-<mode>[-pollersN][-split][-drill].json.
 """
 from __future__ import annotations
 
@@ -63,12 +69,14 @@ class Service:
         self.env = {**os.environ, "ERQ_VAR_DIR": str(self.dir / "var"), "ERQ_ARTIFACT_DIR": str(self.dir / "art"),
                     "ERQ_DATA_ROOTS": str(FIXTURES), "ERQ_MAX_ACTIVE_JOBS_PER_KEY": "100000",
                     "ERQ_LEASE_SECONDS": "30"}
+        self.redis: subprocess.Popen | None = None
         if mode == "redis":
             self.db = f"erq_load_{secrets.token_hex(3)}"
             subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "postgres", self.db], check=True)
+            self.redis_port = self.port + 1000
+            self.start_redis()
             self.env.update(ERQ_DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.db}",
-                            ERQ_BROKER_URL="redis://127.0.0.1:6379/14")
-            subprocess.run(["redis-cli", "-n", "14", "flushdb"], check=True, capture_output=True)
+                            ERQ_BROKER_URL=f"redis://127.0.0.1:{self.redis_port}/0")
         else:
             self.db = None
             self.env.update(ERQ_DATABASE_URL=f"sqlite:///{self.dir / 'var' / 'erq.sqlite'}",
@@ -82,6 +90,9 @@ class Service:
                            for i in range(workers)]
         os.sched_setaffinity(0, self.api_cpus)  # the load clients share the API's CPUs
         self.url = f"http://127.0.0.1:{self.port}"
+        self.wait_for_api()
+
+    def wait_for_api(self) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -90,6 +101,27 @@ class Service:
             except httpx.HTTPError:
                 time.sleep(0.3)
         raise SystemExit("the API did not start")
+
+    def start_redis(self) -> None:
+        self.redis = subprocess.Popen(["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
+                                       "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        while subprocess.run(["redis-cli", "-p", str(self.redis_port), "ping"], capture_output=True).returncode:
+            time.sleep(0.1)
+
+    def kill_api(self, down_seconds: float) -> None:
+        """SIGKILL the API mid-load, then start a new one on the same port."""
+        self.processes[0].kill()
+        self.processes[0].wait()
+        time.sleep(down_seconds)
+        self.processes[0] = self._start(["api", "--port", str(self.port)], "api-restarted", self.api_cpus)
+        self.wait_for_api()
+
+    def restart_redis(self, down_seconds: float) -> None:
+        """SIGKILL Redis (no persistence: every queued message is gone), then start it again, empty."""
+        self.redis.kill()
+        self.redis.wait()
+        time.sleep(down_seconds)
+        self.start_redis()
 
     def _start(self, args: list[str], name: str, cpus: set[int], **env: str) -> subprocess.Popen:
         log = open(self.dir / f"{name}.log", "wb")
@@ -104,6 +136,8 @@ class Service:
                 process.wait(20)
             except subprocess.TimeoutExpired:
                 process.kill()
+        if self.redis is not None:
+            self.redis.kill()
         if os.environ.get("ERQ_LOAD_KEEP"):
             print(f"kept {self.dir}" + (f" and database {self.db}" if self.db else ""))
             return
@@ -112,38 +146,57 @@ class Service:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+SUBMIT_ATTEMPTS = 6
+
+
 async def submit_all(client: httpx.AsyncClient, jobs: int, clients: int, stats: dict) -> list[str]:
+    """Each client submits like a careful user: an Idempotency-Key per job, and retries with back-off
+    when the connection fails or the answer is 503, so a 202 that was lost in a crash is recovered."""
     pending = asyncio.Queue()
+    run = secrets.token_hex(4)
     for i in range(jobs):
-        pending.put_nowait(i)
+        pending.put_nowait(f"load-{run}-{i}")
     accepted: list[str] = []
+
+    async def submit(idempotency_key: str) -> None:
+        for attempt in range(SUBMIT_ATTEMPTS):
+            if attempt:
+                stats["post_retries"] += 1
+                await asyncio.sleep(min(8.0, 0.5 * 2 ** attempt))
+            start = time.perf_counter()
+            try:
+                answer = await client.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": idempotency_key})
+            except httpx.TransportError as exc:
+                reason = f"transport: {type(exc).__name__}"
+                continue
+            stats["post_latency"].append(time.perf_counter() - start)
+            stats["5xx"] += answer.status_code >= 500 and answer.status_code != 503
+            stats["http_503"] += answer.status_code == 503
+            if answer.status_code == 202:
+                accepted.append(answer.json()["id"])
+                return
+            reason = f"{answer.status_code}: {answer.json().get('detail', '')[:60]}"
+            if answer.status_code != 503:
+                break
+        stats["rejected"][reason] += 1
 
     async def one_client() -> None:
         while not pending.empty():
-            pending.get_nowait()
-            start = time.perf_counter()
-            try:
-                answer = await client.post("/v1/jobs", json=JOB)
-            except httpx.HTTPError as exc:
-                stats["rejected"][f"transport: {type(exc).__name__}"] += 1
-                continue
-            stats["post_latency"].append(time.perf_counter() - start)
-            if answer.status_code == 202:
-                accepted.append(answer.json()["id"])
-            else:
-                stats["rejected"][f"{answer.status_code}: {answer.json().get('detail', '')[:60]}"] += 1
-                stats["5xx"] += answer.status_code >= 500
+            await submit(pending.get_nowait())
+            stats["answered"] += 1
 
     await asyncio.gather(*(one_client() for _ in range(clients)))
     return accepted
 
 
 async def wait_all(client: httpx.AsyncClient, accepted: list[str], stats: dict, timeout: float) -> dict[str, dict]:
-    """Page through the job list every two seconds until every accepted job has ended."""
+    """Page through the job list every two seconds until every accepted job has ended and no job at
+    all is queued or running (a job whose 202 never reached its client must end too)."""
     wanted, final = set(accepted), {}
     deadline = time.monotonic() + timeout
-    while len(final) < len(wanted) and time.monotonic() < deadline:
-        cursor = None
+    stats["still_active"] = -1
+    while (len(final) < len(wanted) or stats["still_active"]) and time.monotonic() < deadline:
+        cursor, active = None, 0
         while True:
             start = time.perf_counter()
             try:
@@ -157,8 +210,10 @@ async def wait_all(client: httpx.AsyncClient, accepted: list[str], stats: dict, 
                 break
             page = answer.json()
             final.update({j["id"]: j for j in page["jobs"] if j["id"] in wanted and j["status"] in TERMINAL})
+            active += sum(j["status"] not in TERMINAL for j in page["jobs"])
             cursor = page["next_cursor"]
             if not cursor:
+                stats["still_active"] = active
                 break
         await asyncio.sleep(2)
     return final
@@ -186,14 +241,27 @@ def run_seconds(job: dict) -> float:
     return (datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])).total_seconds()
 
 
-async def scenario(service: Service, jobs: int, clients: int, pollers: int, timeout: float) -> dict:
+async def drill(service: Service, name: str, jobs: int, stats: dict) -> None:
+    while stats["answered"] < jobs // 2:
+        await asyncio.sleep(0.05)
+    print(f"drill {name} after {stats['answered']} submissions", flush=True)
+    fault = service.kill_api if name == "kill-api" else service.restart_redis
+    await asyncio.to_thread(fault, 3.0)
+
+
+async def scenario(service: Service, jobs: int, clients: int, pollers: int, timeout: float,
+                   drill_name: str | None = None) -> dict:
     stats = {"post_latency": [], "get_latency": [], "poll_latency": [], "rejected": Counter(), "5xx": 0,
-             "get_transport_errors": Counter()}
+             "get_transport_errors": Counter(), "answered": 0, "post_retries": 0,
+             "http_503": 0}
     limits = httpx.Limits(max_connections=max(clients, pollers) + 10)
     async with httpx.AsyncClient(base_url=service.url, headers={"Authorization": f"Bearer {service.key}"},
                                  timeout=60, limits=limits) as client:
         start = time.monotonic()
+        fault = asyncio.create_task(drill(service, drill_name, jobs, stats)) if drill_name else None
         accepted = await submit_all(client, jobs, clients, stats)
+        if fault is not None:
+            await fault
         stop = asyncio.Event()
         poll_tasks = [asyncio.create_task(poll_forever(client, accepted, stop, stats)) for _ in range(pollers)] \
             if accepted and pollers else []
@@ -210,7 +278,8 @@ async def scenario(service: Service, jobs: int, clients: int, pollers: int, time
         "rejected": dict(stats["rejected"]), "completed": statuses.get("succeeded", 0),
         "failed": statuses.get("failed", 0),
         "failure_reasons": dict(Counter((j["error"] or "")[:120] for j in final.values() if j["status"] == "failed")),
-        "lost": len(accepted) - len(final), "http_5xx": stats["5xx"],
+        "lost": len(accepted) - len(final), "still_queued_or_running": stats["still_active"],
+        "http_5xx": stats["5xx"], "http_503_retry_later": stats["http_503"], "post_retries": stats["post_retries"],
         "get_transport_errors": dict(stats["get_transport_errors"]),
         "post_p50_ms": round(1000 * percentile(stats["post_latency"], 0.5), 1),
         "post_p99_ms": round(1000 * percentile(stats["post_latency"], 0.99), 1),
@@ -232,15 +301,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--pollers", type=int, default=0, help="also measure job run time under this many pollers")
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--drill", choices=["kill-api", "restart-redis"], default=None,
+                        help="SIGKILL the API, or restart Redis empty, half-way through the submissions")
     parser.add_argument("--split-cpus", action="store_true",
                         help="API and clients on CPU 0, workers on the rest (default: all share every CPU)")
     args = parser.parse_args()
+    if args.drill == "restart-redis" and args.mode != "redis":
+        parser.error("--drill restart-redis needs --mode redis")
     results = {"mode": args.mode, "workers": args.workers, "cpus": len(os.sched_getaffinity(0)),
-               "split_cpus": args.split_cpus}
+               "split_cpus": args.split_cpus, "drill": args.drill}
     service = Service(args.mode, args.workers, args.split_cpus)
     try:
         asyncio.run(scenario(service, args.workers, args.workers, 0, args.timeout))  # warm-up: imports, caches
-        results["load"] = asyncio.run(scenario(service, args.jobs, args.clients, 0, args.timeout))
+        results["load"] = asyncio.run(scenario(service, args.jobs, args.clients, 0, args.timeout, args.drill))
         print(json.dumps(results["load"]), flush=True)
         if args.pollers:
             polled = asyncio.run(scenario(service, args.jobs, args.clients, args.pollers, args.timeout))
@@ -252,7 +325,8 @@ def main() -> None:
                   f"{100 * results['job_slowdown_under_polling']:+.1f}%")
     finally:
         service.stop()
-    suffix = (f"-pollers{args.pollers}" if args.pollers else "") + ("-split" if args.split_cpus else "")
+    suffix = ((f"-pollers{args.pollers}" if args.pollers else "") + ("-split" if args.split_cpus else "")
+              + (f"-{args.drill}" if args.drill else ""))
     out = ROOT / "bench" / "results" / f"load-{args.mode}{suffix}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
