@@ -26,7 +26,12 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_time_limit=settings.max_job_seconds + 300,
         task_soft_time_limit=settings.max_job_seconds,
         broker_transport_options=_transport_options(settings),
+        # A broker that restarts or is away for a while must not end the worker (Celery gives up
+        # after 100 tries by default) nor the job it runs: jobs and their state live in the database.
         broker_connection_retry_on_startup=True,
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )
