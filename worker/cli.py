@@ -1,4 +1,4 @@
-"""`erq worker`: a Celery worker that runs one job at a time, plus a lease sweeper."""
+"""`erq worker`: a Celery worker that runs one job at a time, plus a sweeper for lost and orphaned jobs."""
 from __future__ import annotations
 
 import argparse
@@ -6,16 +6,18 @@ import logging
 import threading
 
 from storage.settings import get_settings
-from worker.celery_app import LEASE_SWEEP_SECONDS, requeue_lost_jobs
+from worker.celery_app import LEASE_SWEEP_SECONDS, OrphanedJobs, requeue_lost_jobs
 
 
 def _sweeper(stop: threading.Event) -> None:
     from worker.tasks import app
 
     settings = get_settings()
+    orphans = OrphanedJobs(app, settings)
     while not stop.wait(LEASE_SWEEP_SECONDS):
         try:
             requeue_lost_jobs(app, settings)
+            orphans.reannounce()
         except Exception:
             logging.getLogger("erq").warning("lease sweep failed", exc_info=True)
 
