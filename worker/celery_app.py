@@ -47,7 +47,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
 def _transport_options(settings: Settings) -> dict:
     if settings.broker_url.startswith(("redis", "rediss", "sentinel")):
         # Redis hands an unacked task out again after this long: keep it above the longest job.
-        return {"visibility_timeout": settings.max_job_seconds + 600}
+        # Timeouts: a Redis that hangs (rather than refusing connections) must not block the API's
+        # POST or a worker's sweep forever.
+        return {"visibility_timeout": settings.max_job_seconds + 600, "socket_connect_timeout": 5,
+                "socket_timeout": 15}
     return {}  # the embedded SQLAlchemy transport passes its options to create_engine
 
 
@@ -68,10 +71,8 @@ def requeue_lost_jobs(app: Celery, settings: Settings) -> list[str]:
         log.warning("job %s lost its worker; re-queued", job_id)
         try:
             enqueue(app, job_id)
-        except Exception as exc:  # never leave a queued job without a message behind it
-            with session_scope(settings.database_url) as session:
-                jobs.finish(session, job_id, "failed", f"its worker was lost and the job could not be re-queued: "
-                                                       f"broker unreachable ({exc})")
+        except Exception as exc:  # the job stays queued: the orphan sweep sends it once the broker is back
+            log.warning("job %s re-queued, but its message could not be sent yet (%s)", job_id, exc)
     return requeued
 
 
