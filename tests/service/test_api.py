@@ -161,7 +161,8 @@ def test_active_jobs_per_key_are_limited(client, alice, bob):
 
 def test_no_artifact_before_the_job_finishes(client, alice):
     job_id = submit(client, alice).json()["id"]
-    for name in ("quantized.safetensors", "../../etc/passwd", "job.log"):
+    for name in ("quantized.safetensors", "../../etc/passwd", "job.log", "..%2F..%2Fetc%2Fpasswd",
+                 "%2Fetc%2Fpasswd", "sub%2Fjob.log", "job.log%00"):
         assert client.get(f"/v1/jobs/{job_id}/artifacts/{name}", headers=alice).status_code == 404
     assert client.get(f"/v1/jobs/{job_id}/log", headers=alice).text == ""
 

@@ -69,10 +69,15 @@ def test_embedded_default_end_to_end(tmp_path):
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
                           timeout=30) as client:
             assert client.get("/readyz").json()["status"] == "ready"
-            check_fixture_job(client, tmp_path)
+            job = check_fixture_job(client, tmp_path)
+            wrong = client.get("/v1/jobs", headers={"Authorization": "Bearer erq_a-wrong-guess-1234"})
+            assert wrong.status_code == 401
+            job_log = client.get(f"/v1/jobs/{job['id']}/log").text
         serve.send_signal(__import__("signal").SIGINT)  # one Ctrl-C stops API and worker
         assert serve.wait(30) == 0
     assert "Shutting down" in log.read_text()
+    for text in (log.read_text(), job_log):  # API keys, right or wrong, never reach a log
+        assert key not in text and "a-wrong-guess" not in text
 
 
 def test_redis_and_postgresql_end_to_end(tmp_path, redis_server, postgres_url):
