@@ -164,15 +164,18 @@ def release(session: Session, job_id: str, worker: str) -> bool:
     return bool(released)
 
 
+def _queued_before(created_before: dt.datetime):
+    return (Job.status == "queued") & (Job.created_at < created_before)
+
+
 def queued_before(session: Session, created_before: dt.datetime) -> int:
     """How many jobs created before `created_before` still wait for a worker."""
-    return session.scalar(select(func.count()).select_from(Job).where(
-        Job.status == "queued", Job.created_at < created_before)) or 0
+    return session.scalar(select(func.count()).select_from(Job).where(_queued_before(created_before))) or 0
 
 
 def queued_ids_before(session: Session, created_before: dt.datetime) -> list[str]:
     """The jobs created before `created_before` that still wait for a worker, oldest first."""
-    return list(session.scalars(select(Job.id).where(Job.status == "queued", Job.created_at < created_before)
+    return list(session.scalars(select(Job.id).where(_queued_before(created_before))
                                 .order_by(Job.created_at, Job.id)))
 
 

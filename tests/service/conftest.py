@@ -63,6 +63,12 @@ def redis_server() -> str:
     return REDIS_URL
 
 
+# Each test with real processes runs on one database (the suite stays within minutes on 2 cores): the
+# job-state queries they rely on are tested on SQLite and PostgreSQL in test_api.py and end to end.
+ON_SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+ON_POSTGRESQL = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request, tmp_path) -> str:
     if request.param == "sqlite":

@@ -53,6 +53,11 @@ def wait_for_http(url: str, process: subprocess.Popen, log: Path, seconds: float
     raise AssertionError(f"{url} did not answer within {seconds} s:\n{log.read_text()[-3000:]}")
 
 
+def api_client(port: int, key: str) -> httpx.Client:
+    """An HTTP client for the API on 127.0.0.1:port, authenticated with `key`."""
+    return httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
 def wait_for_job(client: httpx.Client, job_id: str, statuses: tuple[str, ...], seconds: float = 180) -> dict:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

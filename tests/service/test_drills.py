@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
-import pytest
 from sqlalchemy import select
 
 from storage import jobs
@@ -23,8 +22,8 @@ from storage.db import session_scope
 from storage.keys import find_key
 from storage.models import Job
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
-from tests.service.conftest import _unavailable, make_key, service_env
-from tests.service.processes import erq_process, free_port, wait_for_http, wait_for_job
+from tests.service.conftest import ON_POSTGRESQL, ON_SQLITE, _unavailable, make_key, service_env
+from tests.service.processes import api_client, erq_process, free_port, wait_for_http, wait_for_job
 from worker.celery_app import ORPHAN_GRACE_SECONDS, OrphanedJobs, enqueue, make_celery, ready_messages
 
 SHORT_JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "calib_size": 32,
@@ -32,14 +31,6 @@ SHORT_JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_D
 ENDED = ("succeeded", "failed", "cancelled")
 # Time for every accepted job to end: the orphan sweep's grace and two sweeps, then the jobs in turn.
 DRILL_SECONDS = 150
-
-ON_SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-ON_POSTGRESQL = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-
-
-def _client(port: int, key: str) -> httpx.Client:
-    return httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
-
 
 def _wait_all_ended(client: httpx.Client, job_ids: list[str], seconds: float) -> dict[str, dict]:
     deadline = time.monotonic() + seconds
@@ -58,7 +49,7 @@ class Submitters:
         self.threads = [threading.Thread(target=self._submit, daemon=True) for _ in range(threads)]
 
     def _submit(self) -> None:
-        with _client(self.port, self.key) as client:
+        with api_client(self.port, self.key) as client:
             for _ in range(self.per_thread):
                 try:
                     answer = client.post("/v1/jobs", json=SHORT_JOB)
@@ -112,7 +103,7 @@ def test_the_api_killed_during_load_then_restarted_every_accepted_job_ends(tmp_p
             everything = list(session.scalars(select(Job.id)))
         with erq_process(["api", "--port", str(port)], env, tmp_path, api_log) as api:
             wait_for_http(f"http://127.0.0.1:{port}/healthz", api, api_log)
-            with _client(port, key) as client:
+            with api_client(port, key) as client:
                 ended = _wait_all_ended(client, everything, DRILL_SECONDS)
         assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
     assert orphan in ended and set(load.accepted) <= set(ended)
@@ -159,7 +150,7 @@ def test_redis_restarted_during_load_loses_no_accepted_job(tmp_path, settings):
             erq_process(["worker"], env, tmp_path, tmp_path / "worker.log") as worker, \
             erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
         wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
-        with _client(port, key) as client:
+        with api_client(port, key) as client:
             before = [client.post("/v1/jobs", json=SHORT_JOB) for _ in range(4)]
             assert [answer.status_code for answer in before] == [202] * 4, [a.text for a in before]
             accepted = [answer.json()["id"] for answer in before]

@@ -15,22 +15,12 @@ from storage import jobs
 from storage.db import session_scope
 from storage.models import Job
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
-from tests.service.conftest import make_key, service_env
-from tests.service.processes import erq_process, free_port, wait_for_http, wait_for_job
+from tests.service.conftest import ON_POSTGRESQL, ON_SQLITE, make_key, service_env
+from tests.service.processes import api_client, erq_process, free_port, wait_for_http, wait_for_job
 
 SLOW_JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "calib_size": 320}
 QUICK_JOB = {**SLOW_JOB, "calib_size": 32, "val_limit": 50}
 MEDIUM_JOB = {**SLOW_JOB, "calib_size": 128, "val_limit": 200}
-
-# Each test with real processes runs on one database (the suite stays within minutes on 2 cores): the
-# job-state queries they rely on are tested on SQLite and PostgreSQL in test_api.py and end to end.
-ON_SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-ON_POSTGRESQL = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-
-
-def _client(port: int, key: str) -> httpx.Client:
-    return httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
-
 
 @contextmanager
 def _api_and_worker(tmp_path, settings, **env_overrides: str) -> Iterator[httpx.Client]:
@@ -42,7 +32,7 @@ def _api_and_worker(tmp_path, settings, **env_overrides: str) -> Iterator[httpx.
     with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
             erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
         wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
-        with _client(port, key) as client:
+        with api_client(port, key) as client:
             yield client
 
 
@@ -74,7 +64,7 @@ def test_a_worker_killed_mid_job_leaves_the_job_rerun(tmp_path, settings):
     port = free_port()
     with erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
         wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
-        with _client(port, key) as client:
+        with api_client(port, key) as client:
             job_id = client.post("/v1/jobs", json=MEDIUM_JOB).json()["id"]
             with erq_process(["worker"], env, tmp_path, tmp_path / "worker1.log") as first:
                 _wait_running_past_start(client, job_id)
@@ -102,7 +92,7 @@ def test_ctrl_c_on_serve_requeues_the_running_job_and_the_next_start_runs_it(tmp
     with erq_process(["serve", "--port", str(port)], env, tmp_path, log) as serve:
         wait_for_http(f"http://127.0.0.1:{port}/healthz", serve, log)
         key = (tmp_path / "var" / "api-key").read_text().strip()
-        with _client(port, key) as client:
+        with api_client(port, key) as client:
             job_id = client.post("/v1/jobs", json=SLOW_JOB).json()["id"]
             _wait_running_past_start(client, job_id)
         serve.send_signal(signal.SIGINT)
@@ -112,7 +102,7 @@ def test_ctrl_c_on_serve_requeues_the_running_job_and_the_next_start_runs_it(tmp
         assert (job.status, job.attempts, job.worker) == ("queued", 0, None), job.stage
     with erq_process(["serve", "--port", str(port)], env, tmp_path, log) as serve:
         wait_for_http(f"http://127.0.0.1:{port}/healthz", serve, log)
-        with _client(port, key) as client:
+        with api_client(port, key) as client:
             job = wait_for_job(client, job_id, ("running", "succeeded", "failed"), 60)
             assert job["status"] == "running" and job["attempts"] == 1 and job["heartbeat_at"]
             client.post(f"/v1/jobs/{job_id}/cancel")
