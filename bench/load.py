@@ -194,8 +194,8 @@ async def wait_all(client: httpx.AsyncClient, accepted: list[str], stats: dict, 
     all is queued or running (a job whose 202 never reached its client must end too)."""
     wanted, final = set(accepted), {}
     deadline = time.monotonic() + timeout
-    stats["still_active"] = -1
-    while (len(final) < len(wanted) or stats["still_active"]) and time.monotonic() < deadline:
+    stats["still_active"] = None  # unknown until a whole listing has been read
+    while (len(final) < len(wanted) or stats["still_active"] != 0) and time.monotonic() < deadline:
         cursor, active = None, 0
         while True:
             start = time.perf_counter()

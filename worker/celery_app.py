@@ -123,8 +123,9 @@ class OrphanedJobs:
         queued_before = utcnow() - dt.timedelta(seconds=ORPHAN_GRACE_SECONDS)
         with session_scope(self.settings.database_url) as session:
             queued = jobs.queued_before(session, queued_before)
-        confirmed = waiting < queued and self.short_last_sweep
-        self.short_last_sweep = waiting < queued and not confirmed
+        short = waiting < queued
+        confirmed = short and self.short_last_sweep
+        self.short_last_sweep = short and not confirmed  # after acting, wait for two short sweeps again
         if not confirmed:
             return []
         with session_scope(self.settings.database_url) as session:
