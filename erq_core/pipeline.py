@@ -213,7 +213,8 @@ def _quantize_layer(name: str, layer: nn.Module, stats: LayerStats, config: ErqC
     if config.uses_wqer:
         with _timed(seconds, "wqer"):
             lam = 0.1 * config.coe if is_linear else config.coe
-            weight = wqer_update(weight, H, quantizer, lam, stats.count)
+            # the paper's code refines the rounding of linear layers only, not the patch embedding
+            weight = wqer_update(weight, H, quantizer, lam, stats.count, refine=is_linear)
             _write_weight(layer, weight)
         report["wqer"] = error(_quantized_view(quantizer, weight))
     return report

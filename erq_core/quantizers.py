@@ -37,21 +37,28 @@ def _extreme_values(x: Tensor, k: int, largest: bool) -> Tensor:
 def percentile_bounds(x: Tensor, percentiles: Sequence[float], dim: int) -> tuple[Tensor, Tensor]:
     """Upper (p) and lower (1 - p) percentiles of x along `dim`, one row per p.
 
-    Reads them off one top-k of each end instead of sorting, which matters for activations with
-    millions of entries (torch.quantile also refuses inputs above 16M elements).
+    Linearly interpolated between order statistics, as torch.quantile (and the papers' code)
+    computes them, but read off one top-k of each end instead of a sort: activations have
+    millions of entries, and torch.quantile refuses inputs above 16M elements.
     Returns two tensors of shape (len(percentiles), *x.shape without dim).
     """
     x = x.movedim(dim, -1)
     if x.dim() == 2 and x.shape[0] == 1:
         x = x.reshape(-1)
     n = x.shape[-1]
-    upper_idx = [round(p * (n - 1)) for p in percentiles]  # ascending positions
-    lower_idx = [round((1 - p) * (n - 1)) for p in percentiles]
-    k = max(max(n - 1 - i for i in upper_idx), max(lower_idx)) + 1
-    top = _extreme_values(x, k, largest=True)
-    bottom = _extreme_values(x, k, largest=False)
-    uppers = torch.stack([top[..., n - 1 - i] for i in upper_idx])
-    lowers = torch.stack([bottom[..., i] for i in lower_idx])
+    upper_pos = [p * (n - 1) for p in percentiles]  # fractional positions in the ascending order
+    lower_pos = [(1 - p) * (n - 1) for p in percentiles]
+    k = min(n, max(max(n - 1 - math.floor(u) for u in upper_pos), max(math.ceil(v) for v in lower_pos)) + 1)
+    top = _extreme_values(x, k, largest=True)  # top[..., j] is the (j+1)-th largest
+    bottom = _extreme_values(x, k, largest=False)  # bottom[..., j] is the (j+1)-th smallest
+
+    def interpolate(values: Tensor, below: int, above: int, fraction: float) -> Tensor:
+        return values[..., below] + fraction * (values[..., above] - values[..., below])
+
+    uppers = torch.stack([interpolate(top, n - 1 - math.floor(u), n - 1 - min(math.floor(u) + 1, n - 1),
+                                      u - math.floor(u)) for u in upper_pos])
+    lowers = torch.stack([interpolate(bottom, math.floor(v), min(math.floor(v) + 1, n - 1), v - math.floor(v))
+                          for v in lower_pos])
     if uppers.dim() == 1:
         uppers, lowers = uppers[:, None], lowers[:, None]
     return uppers, lowers
@@ -77,21 +84,6 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Te
         return torch.fake_quantize_per_tensor_affine(x, scale.float().reshape(()), zero_point.int().reshape(()), 0, top)
     codes = torch.clamp(torch.round(x / scale) + zero_point, 0, top)
     return (codes - zero_point) * scale
-
-
-SEARCH_SAMPLE = 1 << 20
-
-
-def search_sample(rows: Tensor) -> Tensor:
-    """At most ~1M entries (whole rows, evenly strided) on which to compare candidate ranges.
-
-    The percentiles themselves are exact; only the squared error that picks among the few
-    candidates is estimated, which is what keeps calibration of large activations fast.
-    """
-    if rows.numel() <= SEARCH_SAMPLE:
-        return rows
-    step = -(-rows.numel() // SEARCH_SAMPLE)  # ceil
-    return rows[::step]
 
 
 def best_uniform_range(
@@ -164,7 +156,7 @@ class UniformQuantizer(ActivationQuantizer):
         x = x.detach().float()
         flat = x.reshape(-1, x.shape[-1]) if self.per_channel else x.reshape(-1, 1)  # (tokens, channels)
         uppers, lowers = percentile_bounds(flat, ACTIVATION_PERCENTILES, dim=0)
-        scale, zero = best_uniform_range(search_sample(flat), uppers, lowers, self.bits, channel_dim=1)
+        scale, zero = best_uniform_range(flat, uppers, lowers, self.bits, channel_dim=1)
         self.scale = scale.reshape(self.scale.shape).to(self.scale)
         self.zero_point = zero.reshape(self.zero_point.shape).to(self.zero_point)
         self.calibrated.fill_(True)
@@ -201,7 +193,6 @@ class LogSqrt2Quantizer(ActivationQuantizer):
     def calibrate(self, x: Tensor) -> None:
         flat = x.detach().float().reshape(-1)
         uppers = percentile_bounds(flat, ACTIVATION_PERCENTILES, dim=0)[0].reshape(-1).clamp(min=_MIN_SCALE)
-        flat = search_sample(flat.reshape(-1, 1)).reshape(-1)
         log2_flat = torch.log2(flat)
         errors = [(log_sqrt2_quantize(flat, u, self.bits, log2_flat) - flat).pow(2).sum() for u in uppers]
         self.scale = uppers[int(torch.stack(errors).argmin())].reshape(1).to(self.scale)

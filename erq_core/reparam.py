@@ -56,16 +56,23 @@ def find_norm_linear_pairs(model: nn.Module, example: Tensor) -> dict[str, str]:
 
 
 @torch.no_grad()
-def fold_channel_scales(norm: nn.LayerNorm, linear: QuantLinear) -> None:
+def fold_channel_scales(norm: nn.LayerNorm, linear: QuantLinear, integer_zero_point: bool = False) -> None:
     """Fold the linear layer's per-channel input quantizer into `norm` and `linear`.
 
-    r = s / mean(s), beta = m / r - t with m = -z s (channel minimum) and t = -mean(z) mean(s).
+    r = s / mean(s), beta = m / r - t with m = -z s (channel minimum) and t = -Z mean(s).
     LayerNorm: gamma /= r, bias = bias / r - beta. Linear: W[:, c] *= r_c, b += W beta.
-    The input quantizer becomes per-tensor with scale mean(s) and zero point mean(z) (rounded).
+    The input quantizer becomes per-tensor with scale mean(s) and zero point Z = mean(z).
+
+    RepQ-ViT's and ERQ's code keep Z fractional. Then the two clamped ends of the per-tensor
+    quantizer, -Z s and (2^b - 1 - Z) s, fall between the integer steps k s that the codes in
+    between give: 2^b + 1 distinct values. With `integer_zero_point` Z is rounded, and the folded
+    quantizer is exactly each channel's own b-bit quantizer.
     """
     quantizer = linear.input_quantizer
     s, z = quantizer.scale.double(), quantizer.zero_point.double()
-    mean_s, mean_z = s.mean(), torch.round(z.mean())
+    mean_s, mean_z = s.mean(), z.mean()
+    if integer_zero_point:
+        mean_z = torch.round(mean_z)
     r = s / mean_s
     beta = (-z * s) / r - (-mean_z * mean_s)
     norm.weight.copy_(norm.weight.double() / r)
@@ -77,7 +84,7 @@ def fold_channel_scales(norm: nn.LayerNorm, linear: QuantLinear) -> None:
     quantizer.set_per_tensor(mean_s.to(quantizer.scale), mean_z.to(quantizer.zero_point))
 
 
-def reparameterize(model: nn.Module, pairs: dict[str, str]) -> None:
+def reparameterize(model: nn.Module, pairs: dict[str, str], integer_zero_point: bool = False) -> None:
     modules = dict(model.named_modules())
     for linear_name, norm_name in pairs.items():
         norm, linear = modules[norm_name], modules[linear_name]
@@ -88,4 +95,4 @@ def reparameterize(model: nn.Module, pairs: dict[str, str]) -> None:
             norm.weight = nn.Parameter(torch.ones(norm.normalized_shape, **like), requires_grad=False)
         if norm.bias is None:
             norm.bias = nn.Parameter(torch.zeros(norm.normalized_shape, **like), requires_grad=False)
-        fold_channel_scales(norm, linear)
+        fold_channel_scales(norm, linear, integer_zero_point)
