@@ -7,6 +7,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from erq_core.config import MAX_BATCH_SIZE, MAX_CALIB_SIZE
+from storage.models import JobStatus
 
 
 class JobRequest(BaseModel):
@@ -39,12 +40,14 @@ class ArtifactOut(BaseModel):
 
 class JobOut(BaseModel):
     id: str
-    status: str
+    status: JobStatus
     stage: Optional[str]
     progress: float
     params: dict[str, Any]
     metrics: Optional[dict[str, Any]]
     error: Optional[str]
+    cancel_requested: bool = Field(description="the client asked to cancel; a running job stops at its next "
+                                               "progress step and ends `cancelled`")
     attempts: int
     heartbeat_at: Optional[dt.datetime] = Field(
         description="last sign of life of the worker running the job; a running job silent for "
@@ -61,5 +64,11 @@ class JobList(BaseModel):
 
 
 class ModelOut(BaseModel):
-    alias: str
-    timm_name: str
+    """One accepted value (or form) of a job's `model`."""
+
+    alias: str = Field(description="what to send as `model`: an alias, a timm name, or a form such as "
+                                   "hf-hub:ORG/NAME")
+    timm_name: Optional[str] = Field(description="the timm architecture it builds (None for a form)")
+    kind: Literal["alias", "timm", "hf-hub", "local-dir"]
+    allowed: bool = Field(description="whether this service accepts it (ERQ_ALLOWED_MODELS)")
+    note: Optional[str] = None

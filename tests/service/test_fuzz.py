@@ -14,9 +14,9 @@ from tests.fixture_paths import FIXTURES
 from tests.service.conftest import make_key
 
 _var = Path(tempfile.mkdtemp(prefix="erq-fuzz-"))
-SETTINGS = Settings(var_dir=_var, database_url=f"sqlite:///{_var / 'erq.sqlite'}",
+SETTINGS = Settings(home=_var, database_url=f"sqlite:///{_var / 'erq.sqlite'}",
                     broker_url=f"sqla+sqlite:///{_var / 'broker.sqlite'}", artifact_dir=_var / "artifacts",
-                    data_roots=str(FIXTURES), max_active_jobs_per_key=1000)
+                    data_roots=str(FIXTURES), max_active_jobs_per_owner=1000)
 prepare_local_folders(SETTINGS)
 upgrade(SETTINGS.database_url)
 KEY = make_key(SETTINGS, "fuzzer")
