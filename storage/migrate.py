@@ -15,7 +15,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, create_engine, pool, text
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # Any fixed 64-bit number; only erq's migrations take this PostgreSQL advisory lock.
 ADVISORY_LOCK_ID = 0x65_72_71_6D_69_67  # "erqmig"
 
