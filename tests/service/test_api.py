@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
-from tests.service.conftest import make_key
+from tests.service.conftest import ON_POSTGRESQL, ON_SQLITE, make_key
 
 JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "val_limit": 50}
 
@@ -335,3 +335,132 @@ def test_the_sweeper_fails_a_silent_workers_job_on_its_last_attempt(alice, setti
         failed = client.get("/v1/jobs", headers=alice).json()["jobs"][0]
         assert failed["status"] == "failed" and "lost-host:1 stopped answering" in failed["error"]
         assert failed["heartbeat_at"] is not None
+
+
+def test_an_idempotency_key_reused_with_a_different_body_is_refused(client, alice):
+    first = client.post("/v1/jobs", json=JOB, headers={**alice, "Idempotency-Key": "k1"})
+    same = client.post("/v1/jobs", json={**JOB, "w_bits": 4}, headers={**alice, "Idempotency-Key": "k1"})  # the default
+    other = client.post("/v1/jobs", json={**JOB, "w_bits": 3}, headers={**alice, "Idempotency-Key": "k1"})
+    assert first.status_code == same.status_code == 202 and first.json()["id"] == same.json()["id"]
+    assert other.status_code == 422 and "'k1' was already used for a different request" in other.json()["detail"]
+    assert len(client.get("/v1/jobs", headers=alice).json()["jobs"]) == 1
+
+
+@ON_SQLITE
+def test_a_conflicting_insert_without_an_idempotency_key_answers_409_not_500(client, alice, settings):
+    from sqlalchemy import text
+
+    from storage.db import engine_for
+
+    with engine_for(settings.database_url).begin() as connection:  # the database refuses every new job
+        connection.execute(text("CREATE TRIGGER refuse_jobs BEFORE INSERT ON jobs "
+                                "BEGIN SELECT RAISE(ABORT, 'UNIQUE constraint failed: jobs.id'); END"))
+    answer = submit(client, alice)
+    assert answer.status_code == 409 and "send the request again" in answer.json()["detail"]
+
+
+def test_a_chunked_body_over_64_kib_answers_413(client, alice):
+    def chunks():
+        yield b'{"model": "'
+        for _ in range(10):
+            yield b"x" * 8192
+        yield b'"}'
+
+    answer = client.post("/v1/jobs", content=chunks(), headers={**alice, "Content-Type": "application/json"})
+    assert answer.status_code == 413 and "64 KiB" in answer.json()["detail"]
+    small = client.post("/v1/jobs", content=iter([b'{"model": "deit_small", ', b'"dataset": "/nowhere"}']),
+                        headers={**alice, "Content-Type": "application/json"})
+    assert small.status_code == 422 and "outside the allowed data roots" in small.json()["detail"]
+
+
+def _finished_job(client, headers, settings, size: int | None = None) -> dict:
+    """A job submitted through the API and ended by the job-state code the worker uses, with files."""
+    from storage import jobs
+    from storage.artifacts import ArtifactStore
+    from storage.db import session_scope
+    from storage.models import JobStatus
+
+    job_id = submit(client, headers).json()["id"]
+    with session_scope(settings.database_url) as session:
+        attempt = jobs.claim(session, job_id, "w1").attempts
+    folder = ArtifactStore(settings.artifact_dir).fresh_run_dir(job_id, f"attempt-{attempt}")
+    (folder / "config.json").write_text('{"w_bits": 4}')
+    (folder / "job.log").write_text("done\n")
+    with open(folder / "quantized.safetensors", "wb") as handle:
+        handle.truncate(size or 1000)  # sparse: a big checkpoint takes no disk
+    (folder / "metrics.json").write_text("{}")
+    with session_scope(settings.database_url) as session:
+        assert jobs.finish(session, job_id, JobStatus.SUCCEEDED, metrics={}, run_dir=folder, worker="w1")
+    return client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+
+
+def test_artifacts_answer_head_and_if_none_match(client, alice, settings):
+    job = _finished_job(client, alice, settings)
+    config = next(a for a in job["artifacts"] if a["name"] == "config.json")
+    head = client.head(config["url"], headers=alice)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(config["size"]) and head.headers["ETag"] == f'"{config["sha256"]}"'
+    unchanged = client.get(config["url"], headers={**alice, "If-None-Match": head.headers["ETag"]})
+    assert unchanged.status_code == 304 and unchanged.content == b"" and unchanged.headers["ETag"] == head.headers["ETag"]
+    assert client.get(config["url"], headers={**alice, "If-None-Match": '"other"'}).content == b'{"w_bits": 4}'
+
+
+def test_an_artifact_whose_file_is_missing_answers_410(client, alice, settings):
+    from storage.artifacts import ArtifactStore
+
+    job = _finished_job(client, alice, settings)
+    folder = ArtifactStore(settings.artifact_dir).run_dir(job["id"], "attempt-1")
+    (folder / "metrics.json").unlink()
+    url = next(a["url"] for a in job["artifacts"] if a["name"] == "metrics.json")
+    for method in ("GET", "HEAD"):
+        answer = client.request(method, url, headers=alice)
+        assert answer.status_code == 410, (method, answer.status_code)
+    assert "no longer in the artifact store" in client.get(url, headers=alice).json()["detail"]
+
+
+@ON_POSTGRESQL
+def test_artifacts_over_2_gib_are_recorded_and_served(client, alice, settings):
+    size = 2**31 + 5
+    job = _finished_job(client, alice, settings, size=size)
+    checkpoint = next(a for a in job["artifacts"] if a["name"] == "quantized.safetensors")
+    assert checkpoint["size"] == size
+    assert client.head(checkpoint["url"], headers=alice).headers["content-length"] == str(size)
+
+
+def test_a_running_job_shows_that_a_cancel_is_pending(client, alice, settings):
+    from storage import jobs
+    from storage.db import session_scope
+
+    job_id = submit(client, alice).json()["id"]
+    with session_scope(settings.database_url) as session:
+        jobs.claim(session, job_id, "w1")
+    assert client.get(f"/v1/jobs/{job_id}", headers=alice).json()["cancel_requested"] is False
+    answer = client.post(f"/v1/jobs/{job_id}/cancel", headers=alice).json()
+    assert answer["status"] == "running" and answer["cancel_requested"] is True
+    assert client.get(f"/v1/jobs/{job_id}", headers=alice).json()["cancel_requested"] is True
+
+
+def test_hub_models_are_refused_unless_erq_allowed_models_names_them(client, alice, settings):
+    refused = submit(client, alice, model="hf-hub:someone/forty-gigabytes")
+    assert refused.status_code == 422 and "ERQ_ALLOWED_MODELS" in refused.json()["detail"]
+    assert submit(client, alice, model="vit_base_patch16_224").status_code == 422  # a timm name, not an alias
+    assert submit(client, alice, model="deit_tiny").status_code == 202  # aliases are allowed by default
+    opened = settings.model_copy(update={"allowed_models": "@aliases,local-dir:*,hf-hub:timm/*,vit_*"})
+    with TestClient(create_app(opened)) as other:
+        assert submit(other, alice, model="hf-hub:timm/deit_tiny_patch16_224.fb_in1k").status_code == 202
+        assert submit(other, alice, model="vit_base_patch16_224").status_code == 202
+        assert submit(other, alice, model="hf-hub:someone/forty-gigabytes").status_code == 422
+
+
+def test_models_lists_what_is_accepted_and_what_is_enabled(client, alice, settings):
+    models = client.get("/v1/models", headers=alice).json()
+    by_kind = {kind: [m for m in models if m["kind"] == kind] for kind in ("alias", "timm", "hf-hub", "local-dir")}
+    assert len(by_kind["alias"]) == 8 and all(m["allowed"] for m in by_kind["alias"])
+    assert any(m["alias"] == "deit_small_patch16_224" and not m["allowed"] for m in by_kind["timm"])
+    assert [m["allowed"] for m in by_kind["hf-hub"]] == [False] and [m["allowed"] for m in by_kind["local-dir"]] == [True]
+    opened = settings.model_copy(update={"allowed_models": "hf-hub:timm/*"})
+    with TestClient(create_app(opened)) as other:
+        listed = other.get("/v1/models", headers=alice).json()
+        hub = next(m for m in listed if m["kind"] == "hf-hub")
+        assert hub["allowed"] and "hf-hub:timm/*" in hub["note"]
+        assert not any(m["allowed"] for m in listed if m["kind"] != "hf-hub")
