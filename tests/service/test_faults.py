@@ -152,7 +152,7 @@ def test_a_full_artifact_volume_fails_the_job_with_a_reason_and_lists_nothing_pa
         job = session.get(Job, job_id)
         assert job.status == "failed" and "No space left on device" in job.error
         assert [a.name for a in job.artifacts] == ["job.log"]
-    assert not [p.name for p in (full_volume / job_id).iterdir() if p.name.endswith(".tmp")]
+    assert not list((full_volume / job_id).rglob("*.tmp"))  # in the attempt folder too
 
 
 @ON_POSTGRESQL
