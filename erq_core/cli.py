@@ -8,12 +8,14 @@ Errors a user can fix print one line and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from typing import NoReturn, Optional
 
-from erq_core.config import METHODS, ErqConfig
+from erq_core.config import ErqConfig, FieldSpec, describe_bounds
+from erq_core.config import fields as config_fields
 from erq_core.errors import ErqError
 
 USAGE_ERROR = 2
@@ -33,29 +35,39 @@ def _device_arg(value: str) -> str:
 
 
 def quantize_parser() -> argparse.ArgumentParser:
+    """`erq quantize`'s options, generated from ErqConfig's fields (one home for names and bounds)."""
     p = OneLineParser(prog="erq quantize", description="Quantize a timm ViT / DeiT / Swin with ERQ.")
-    p.add_argument("--model", required=True,
-                   help="alias (deit_small, vit_base, swin_tiny, ...), timm name, hf-hub:ORG/NAME or local-dir:/path")
-    p.add_argument("--dataset", required=True, help="ImageFolder root with train/ (calibration) and val/")
-    p.add_argument("--w-bits", "--w_bits", "--w_bit", "--w-bit", dest="w_bits", type=int, default=4)
-    p.add_argument("--a-bits", "--a_bits", "--a_bit", "--a-bit", dest="a_bits", type=int, default=4)
-    p.add_argument("--coe", type=float, default=10000.0, help="ridge lambda knob (default 10000)")
-    p.add_argument("--calib-size", "--calib-batchsize", "--calib_batchsize", "--calib_size", dest="calib_size",
-                   type=int, default=32, help="number of calibration images (default 32)")
-    p.add_argument("--method", choices=METHODS, default="erq", help="erq (default), repq (RepQ-ViT) or rtn")
-    p.add_argument("--no-aqer", dest="aqer", action="store_false", help="skip Aqer (ablation)")
-    p.add_argument("--no-wqer", dest="wqer", action="store_false", help="skip Wqer (ablation)")
+    for spec in config_fields():
+        if spec.option.cli:
+            _add_config_option(p, spec)
     p.add_argument("--device", type=_device_arg, default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", default=None, help="local .safetensors state dict instead of downloading")
-    p.add_argument("--random-init", action="store_true", help="no weights: benchmarks and smoke tests")
-    p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip evaluation")
-    p.add_argument("--val-limit", "--val_limit", dest="val_limit", type=int, default=None,
-                   help="evaluate on a fixed random subset of N validation images")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     return p
+
+
+def _add_config_option(parser: argparse.ArgumentParser, spec: FieldSpec) -> None:
+    option = spec.option
+    bounds = "" if spec.base_type in (str, bool) else f" ({describe_bounds(spec)})"
+    if spec.base_type is bool:
+        if option.negative_flag:
+            parser.add_argument(option.negative_flag, dest=spec.name, action="store_false",
+                                help=f"turn off: {option.help}")
+        else:
+            parser.add_argument(*option.flags, dest=spec.name, action="store_true", help=option.help)
+        return
+    default = "" if spec.default in (None, (), dataclasses.MISSING) else f"; default {spec.default}"
+    help_text = f"{option.help}{bounds}{default}"
+    kwargs: dict = {"dest": spec.name, "help": help_text}
+    if option.choices is not None:
+        kwargs["choices"] = option.choices
+    if spec.is_sequence:
+        kwargs.update(action="append", default=None)
+    else:
+        kwargs.update(type=spec.base_type, default=None if spec.default is dataclasses.MISSING else spec.default)
+    if option.required:
+        kwargs["required"] = True
+    parser.add_argument(*option.flags, **kwargs)
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
@@ -94,7 +106,7 @@ def quantize_main(argv: list[str]) -> int:
     options = vars(args).copy()
     out, device, quiet = options.pop("out"), options.pop("device"), options.pop("quiet")
     try:
-        config = ErqConfig(**options).validate()
+        config = ErqConfig.from_dict({k: v for k, v in options.items() if v is not None}).validate()
         _setup_logging(quiet)
         from erq_core.progress import TqdmProgress
         from erq_core.runner import run

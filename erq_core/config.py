@@ -1,11 +1,18 @@
 """The one description of a quantization run, shared by the CLI, the REST schema and checkpoints.
 
+Every field of `ErqConfig` carries its `Option`: help text, bounds, choices and command-line
+spellings. `erq quantize`'s options (erq_core/cli.py) and the REST job body (service/schemas.py)
+are generated from them, and `validate()` checks the same bounds, so a new field or a changed
+bound is written here once.
+
 This module is deliberately light (no torch, no timm): the API process validates job
 parameters with it without loading the engine.
 """
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -13,62 +20,94 @@ from erq_core.errors import ConfigError
 from erq_core.registry import validate_model_spec
 
 METHODS = ("erq", "repq", "rtn")
+EXPORT_FORMATS = ("onnx",)
 MIN_BITS, MAX_BITS = 2, 8
 MAX_CALIB_SIZE = 100_000
 MAX_BATCH_SIZE = 4096
+MAX_SEED = 2**31 - 1
+MAX_VAL_LIMIT = 10_000_000
+MAX_COE = 1e12
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a config field is offered to users: help, bounds, choices and CLI spellings."""
+
+    help: str
+    flags: tuple[str, ...] = ()  # command-line spellings, the first is the documented one
+    negative_flag: Optional[str] = None  # a True-by-default switch turned off on the CLI (--no-eval)
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    choices: Optional[tuple[str, ...]] = None
+    max_length: Optional[int] = None
+    required: bool = False  # the CLI and the REST body must give it
+    rest: bool = True  # part of the REST job body
+    cli: bool = True  # an `erq quantize` option
+
+
+def _field(default: Any = dataclasses.MISSING, **option: Any) -> Any:
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use a tuple for a sequence default: configs are frozen")
+    return dataclasses.field(default=default, metadata={"option": Option(**option)})
 
 
 @dataclass(frozen=True)
 class ErqConfig:
     """What to quantize and how. Saved verbatim beside every quantized model."""
 
-    model: str
-    dataset: Optional[str] = None
-    w_bits: int = 4
-    a_bits: int = 4
-    coe: float = 10000.0
-    calib_size: int = 32
-    method: str = "erq"
-    aqer: bool = True
-    wqer: bool = True
-    seed: int = 0
-    checkpoint: Optional[str] = None
-    random_init: bool = False
-    evaluate: bool = True
-    val_limit: Optional[int] = None
-    batch_size: int = 32
+    model: str = _field(
+        help="an alias (deit_small, vit_base, swin_tiny, ...), a timm ViT/DeiT/Swin name, hf-hub:ORG/NAME "
+             "or local-dir:/path (timm's folder: config.json + model.safetensors)",
+        flags=("--model",), max_length=1000, required=True)
+    dataset: Optional[str] = _field(
+        None, help="ImageFolder root: ROOT/train/<class>/* (calibration) and ROOT/val/<class>/* (evaluation)",
+        flags=("--dataset",), max_length=4096, required=True)
+    w_bits: int = _field(4, help="weight bits", flags=("--w-bits", "--w_bits", "--w_bit", "--w-bit"),
+                         ge=MIN_BITS, le=MAX_BITS)
+    a_bits: int = _field(4, help="activation bits", flags=("--a-bits", "--a_bits", "--a_bit", "--a-bit"),
+                         ge=MIN_BITS, le=MAX_BITS)
+    coe: float = _field(10000.0, help="the ridge lambda knob: Aqer uses 0.1*coe (0.1 for the head), Wqer 0.1*coe",
+                        flags=("--coe",), gt=0, le=MAX_COE)
+    calib_size: int = _field(32, help="calibration images drawn (seeded) from train/",
+                             flags=("--calib-size", "--calib-batchsize", "--calib_batchsize", "--calib_size"),
+                             ge=1, le=MAX_CALIB_SIZE)
+    method: str = _field("erq", help="erq (the paper), repq (RepQ-ViT alone) or rtn "
+                                     "(round-to-nearest with the same quantizers)",
+                         flags=("--method",), choices=METHODS)
+    aqer: bool = _field(True, help="ERQ's Aqer step (off: an ablation)", negative_flag="--no-aqer")
+    wqer: bool = _field(True, help="ERQ's Wqer step (off: an ablation)", negative_flag="--no-wqer")
+    seed: int = _field(0, help="calibration seed", flags=("--seed",), ge=0, le=MAX_SEED)
+    checkpoint: Optional[str] = _field(None, help="a local .safetensors state dict instead of downloading "
+                                                  "(pickled checkpoints are refused)",
+                                       flags=("--checkpoint",), max_length=4096)
+    random_init: bool = _field(False, help="build the architecture without weights (benchmarks, smoke tests)",
+                               flags=("--random-init",), rest=False)
+    evaluate: bool = _field(True, help="evaluate FP and quantized top-1/top-5 on ROOT/val",
+                            negative_flag="--no-eval")
+    val_limit: Optional[int] = _field(None, help="evaluate on a fixed random subset of N val images",
+                                      flags=("--val-limit", "--val_limit"), ge=1, le=MAX_VAL_LIMIT)
+    batch_size: int = _field(32, help="batch size", flags=("--batch-size", "--batch_size"), ge=1, le=MAX_BATCH_SIZE)
 
     def validate(self) -> "ErqConfig":
         """Raise ConfigError with a message that says what to fix; return self when fine."""
+        for spec in fields():
+            check_value(spec, getattr(self, spec.name))
         validate_model_spec(self.model)
-        for name in ("w_bits", "a_bits"):
-            bits = getattr(self, name)
-            if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-                raise ConfigError(f"{name} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if not isinstance(self.coe, (int, float)) or isinstance(self.coe, bool) or not self.coe > 0:
-            raise ConfigError(f"coe (the ridge lambda) must be a positive number, got {self.coe!r}")
-        if not isinstance(self.calib_size, int) or not 1 <= self.calib_size <= MAX_CALIB_SIZE:
-            raise ConfigError(f"calib_size must be an integer from 1 to {MAX_CALIB_SIZE}, got {self.calib_size!r}")
-        if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= MAX_BATCH_SIZE:
-            raise ConfigError(f"batch_size must be an integer from 1 to {MAX_BATCH_SIZE}, got {self.batch_size!r}")
-        if self.val_limit is not None and (not isinstance(self.val_limit, int) or self.val_limit < 1):
-            raise ConfigError(f"val_limit must be a positive integer or null, got {self.val_limit!r}")
         if not self.dataset:
             raise ConfigError("dataset is required: an ImageFolder root with train/ and val/ folders")
         return self
 
     @property
     def uses_aqer(self) -> bool:
-        return self.method == "erq" and self.aqer
+        return self.method in ("erq", "erq+") and self.aqer
 
     @property
     def uses_wqer(self) -> bool:
-        return self.method == "erq" and self.wqer
+        return self.method in ("erq", "erq+") and self.wqer
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {spec.name: _jsonable(getattr(self, spec.name)) for spec in fields()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ErqConfig":
@@ -76,4 +115,100 @@ class ErqConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown configuration fields: {', '.join(unknown)}")
-        return cls(**data)
+        return cls(**{name: tuple(value) if isinstance(value, list) else value for name, value in data.items()})
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One ErqConfig field as the CLI and REST generators see it."""
+
+    name: str
+    type: Any  # the annotation, e.g. int, Optional[int], tuple[str, ...]
+    default: Any  # dataclasses.MISSING when the field has none
+    option: Option
+
+    @property
+    def base_type(self) -> type:
+        """int for Optional[int], str for tuple[str, ...]."""
+        args = [a for a in typing.get_args(self.type) if a is not type(None)]
+        return args[0] if typing.get_origin(self.type) in (typing.Union, types.UnionType, tuple) else self.type
+
+    @property
+    def is_sequence(self) -> bool:
+        return typing.get_origin(self.type) is tuple
+
+    @property
+    def optional(self) -> bool:
+        return type(None) in typing.get_args(self.type)
+
+
+def fields() -> list[FieldSpec]:
+    hints = typing.get_type_hints(ErqConfig)
+    return [FieldSpec(f.name, hints[f.name], f.default, f.metadata["option"]) for f in dataclasses.fields(ErqConfig)]
+
+
+def describe_bounds(spec: FieldSpec) -> str:
+    """'an integer from 2 to 8', 'a number greater than 0 and at most 1e+12', ..."""
+    kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[spec.base_type]
+    option = spec.option
+    if option.ge is not None and option.le is not None:
+        return f"{kind} from {_num(option.ge)} to {_num(option.le)}"
+    parts = []
+    if option.gt is not None:
+        parts.append(f"greater than {_num(option.gt)}")
+    if option.ge is not None:
+        parts.append(f"at least {_num(option.ge)}")
+    if option.le is not None:
+        parts.append(f"at most {_num(option.le)}")
+    return kind + (" " + " and ".join(parts) if parts else "")
+
+
+def check_value(spec: FieldSpec, value: Any) -> None:
+    """Raise ConfigError unless `value` fits the field's type, choices and bounds."""
+    option = spec.option
+    if value is None:
+        if spec.optional:
+            return
+        raise ConfigError(f"{spec.name} is required")
+    if spec.is_sequence:
+        if not isinstance(value, (tuple, list)):
+            raise ConfigError(f"{spec.name} must be a list, got {value!r}")
+        for item in value:
+            if option.choices is not None and item not in option.choices:
+                raise ConfigError(f"{spec.name} entries must be among {', '.join(option.choices)}, got {item!r}")
+        return
+    if option.choices is not None:
+        if value not in option.choices:
+            raise ConfigError(f"{spec.name} must be one of {', '.join(option.choices)}, got {value!r}")
+        return
+    if not _has_type(value, spec.base_type) or not _in_bounds(value, option):
+        raise ConfigError(f"{spec.name} must be {describe_bounds(spec)}, got {value!r}")
+    if option.max_length is not None and len(value) > option.max_length:
+        raise ConfigError(f"{spec.name} must be at most {option.max_length} characters long")
+
+
+def _has_type(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+def _in_bounds(value: Any, option: Option) -> bool:
+    if isinstance(value, (str, bool)):
+        return True
+    if value != value:  # NaN
+        return False
+    return ((option.ge is None or value >= option.ge) and (option.gt is None or value > option.gt)
+            and (option.le is None or value <= option.le))
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e10 else f"{value:g}"
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

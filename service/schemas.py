@@ -1,34 +1,44 @@
 """Request and response bodies."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from erq_core.config import MAX_BATCH_SIZE, MAX_CALIB_SIZE
+from erq_core.config import FieldSpec
+from erq_core.config import fields as config_fields
 from storage.models import JobStatus
 
 
-class JobRequest(BaseModel):
-    """The same fields, forms and defaults as `erq quantize`."""
+def _job_field(spec: FieldSpec) -> tuple[Any, Any]:
+    """The pydantic (annotation, Field) of one ErqConfig field, with the same bounds and help."""
+    option = spec.option
+    annotation: Any = spec.base_type
+    if option.choices is not None:
+        annotation = Literal[option.choices]  # type: ignore[valid-type]
+    if spec.is_sequence:
+        annotation = list[annotation]  # type: ignore[valid-type]
+    if spec.optional and not option.required:
+        annotation = Optional[annotation]
+    default: Any = ... if option.required or spec.default is dataclasses.MISSING else spec.default
+    if isinstance(default, tuple):
+        default = list(default)
+    constraints = {name: getattr(option, name) for name in ("ge", "gt", "le", "max_length")
+                   if getattr(option, name) is not None}
+    if spec.base_type is int:
+        constraints = {k: int(v) if k != "max_length" else v for k, v in constraints.items()}
+    return annotation, Field(default, description=option.help, **constraints)
 
-    model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(max_length=1000, examples=["deit_small"])
-    dataset: str = Field(max_length=4096)
-    w_bits: int = Field(4, ge=2, le=8)
-    a_bits: int = Field(4, ge=2, le=8)
-    coe: float = Field(10000.0, gt=0, le=1e12)
-    calib_size: int = Field(32, ge=1, le=MAX_CALIB_SIZE)
-    method: Literal["erq", "repq", "rtn"] = "erq"
-    aqer: bool = True
-    wqer: bool = True
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    evaluate: bool = True
-    val_limit: Optional[int] = Field(None, ge=1, le=10_000_000)
-    checkpoint: Optional[str] = Field(None, max_length=4096)
-    batch_size: int = Field(32, ge=1, le=MAX_BATCH_SIZE)
+JobRequest = create_model(
+    "JobRequest",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="The job's parameters: the same fields, forms, defaults and bounds as `erq quantize` "
+            "(both are generated from erq_core.config.ErqConfig).",
+    **{spec.name: _job_field(spec) for spec in config_fields() if spec.option.rest},
+)
 
 
 class ArtifactOut(BaseModel):
