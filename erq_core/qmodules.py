@@ -6,7 +6,6 @@ attention is replaced by an explicit forward.
 """
 from __future__ import annotations
 
-import logging
 import types
 from typing import Iterator, Optional
 
@@ -14,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from erq_core.errors import ModelLoadError
 from erq_core.quantizers import ActivationQuantizer, LogSqrt2Quantizer, UniformQuantizer, WeightQuantizer
-
-log = logging.getLogger("erq")
 
 
 class QuantLinear(nn.Module):
@@ -131,15 +129,24 @@ def _swin_window_attention_forward(self, x: Tensor, mask: Optional[Tensor] = Non
 
 
 def _attention_forward_for(module: nn.Module):
-    """The quantized forward for a timm attention module, or None when we do not know it."""
+    """The quantized forward for a timm attention module, or None when we do not know it.
+
+    A subclass qualifies only if it keeps timm's forward: its computation is then the one we rewrite.
+    """
     from timm.layers.attention import Attention
     from timm.models.swin_transformer import WindowAttention
 
-    if type(module) is Attention:
-        return _vit_attention_forward
-    if type(module) is WindowAttention:
-        return _swin_window_attention_forward
+    for known, forward in ((Attention, _vit_attention_forward), (WindowAttention, _swin_window_attention_forward)):
+        if isinstance(module, known) and type(module).forward is known.forward:
+            return forward
     return None
+
+
+def _looks_like_attention(module: nn.Module) -> bool:
+    """An attention-like module (by its class name or timm's fused_attn flag) with linear layers."""
+    kind = type(module).__name__.lower()
+    named_like_attention = "attn" in kind or "attention" in kind or hasattr(module, "fused_attn")
+    return named_like_attention and any(isinstance(child, nn.Linear) for child in module.children())
 
 
 def convert_model(
@@ -155,17 +162,24 @@ def convert_model(
     `per_channel_inputs` names the linear layers whose input quantizer starts per channel (to be
     folded by the reparameterization), `two_part_weights` those with two-part weight quantizers.
     """
-    for name, module in list(model.named_modules()):
-        forward = _attention_forward_for(module)
+    attentions = [(name, module, _attention_forward_for(module)) for name, module in model.named_modules()]
+    unsupported = [(name, module) for name, module, forward in attentions
+                   if forward is None and _looks_like_attention(module)]
+    if unsupported:  # refused before anything is changed
+        name, module = unsupported[0]
+        kind = f"{type(module).__module__}.{type(module).__qualname__}"
+        others = f" (and {len(unsupported) - 1} more)" if len(unsupported) > 1 else ""
+        raise ModelLoadError(
+            f"attention {name} ({kind}){others} is not supported: its q @ k^T and attn @ v would stay in full "
+            "precision. erq quantizes timm's ViT/DeiT Attention (timm.layers.attention.Attention) and Swin "
+            "WindowAttention: use a ViT, DeiT or Swin built from those blocks")
+    for name, module, forward in attentions:
         if forward is not None:
             attn_quantizer = LogSqrt2Quantizer(a_bits) if log_sqrt2_softmax else UniformQuantizer(a_bits)
             module.matmul_qk = QuantMatMul(UniformQuantizer(a_bits), UniformQuantizer(a_bits))
             module.matmul_av = QuantMatMul(attn_quantizer, UniformQuantizer(a_bits))
             module.fused_attn = False
             module.forward = types.MethodType(forward, module)
-        elif "attn" in type(module).__name__.lower() and hasattr(module, "qkv"):
-            log.warning("attention %s (%s) keeps full-precision matmuls: its kind is not supported",
-                        name, type(module).__name__)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name

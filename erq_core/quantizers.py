@@ -64,11 +64,16 @@ def range_to_scale(upper: Tensor, lower: Tensor, bits: int) -> tuple[Tensor, Ten
     return scale, zero_point
 
 
+def _integer_in(value: float, top: int) -> bool:
+    return value.is_integer() and 0 <= value <= top
+
+
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
     """x quantized and dequantized: (clamp(round(x / s) + z, 0, 2^b - 1) - z) * s."""
     top = 2**bits - 1
-    if scale.numel() == 1 and x.dtype == torch.float32 and 0 <= float(zero_point) <= top:
-        # torch's fused kernel: one pass instead of six (it multiplies by 1/s instead of dividing)
+    if scale.numel() == 1 and x.dtype == torch.float32 and _integer_in(float(zero_point), top):
+        # torch's fused kernel: one pass instead of six (it multiplies by 1/s instead of dividing);
+        # it takes an integer zero point, so a fractional one goes the long way instead of truncated
         return torch.fake_quantize_per_tensor_affine(x, scale.float().reshape(()), zero_point.int().reshape(()), 0, top)
     codes = torch.clamp(torch.round(x / scale) + zero_point, 0, top)
     return (codes - zero_point) * scale

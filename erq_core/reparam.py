@@ -74,14 +74,18 @@ def fold_channel_scales(norm: nn.LayerNorm, linear: QuantLinear) -> None:
     linear.weight.copy_(weight)
     bias = linear.ensure_bias()
     bias.copy_(bias.double() + weight @ beta)
-    quantizer.set_per_tensor(mean_s.float(), mean_z.float())
+    quantizer.set_per_tensor(mean_s.to(quantizer.scale), mean_z.to(quantizer.zero_point))
 
 
 def reparameterize(model: nn.Module, pairs: dict[str, str]) -> None:
     modules = dict(model.named_modules())
     for linear_name, norm_name in pairs.items():
-        norm = modules[norm_name]
-        if norm.weight is None or norm.bias is None:
-            norm.weight = nn.Parameter(torch.ones(norm.normalized_shape), requires_grad=False)
-            norm.bias = nn.Parameter(torch.zeros(norm.normalized_shape), requires_grad=False)
-        fold_channel_scales(norm, modules[linear_name])
+        norm, linear = modules[norm_name], modules[linear_name]
+        # the fold needs an affine LayerNorm: create only what is missing (a LayerNorm with
+        # bias=False keeps its weight), beside the linear weight's device and dtype
+        like = dict(dtype=linear.weight.dtype, device=linear.weight.device)
+        if norm.weight is None:
+            norm.weight = nn.Parameter(torch.ones(norm.normalized_shape, **like), requires_grad=False)
+        if norm.bias is None:
+            norm.bias = nn.Parameter(torch.zeros(norm.normalized_shape, **like), requires_grad=False)
+        fold_channel_scales(norm, linear)

@@ -86,11 +86,18 @@ def wqer_update(
     start = 0
     while n - start > 1:
         half = (n - start) // 2
-        S, R = slice(start, start + half), slice(start + half, n)
-        D, D_floor, D_ceil = (t.to(W.dtype) for t in quantizer.rounding_errors(W, S))
-        if refine:
-            D = refine_rounding(D, D_floor, D_ceil, H[S, S] / count).error
-        W[:, S] += D
-        W[:, R] -= ridge_solve(H[R, R], H[R, S] @ D.T, lam).T
+        wqer_step(W, H, quantizer, slice(start, start + half), slice(start + half, n), lam, count, refine)
         start += half
     return W
+
+
+def wqer_step(W: Tensor, H: Tensor, quantizer: WeightQuantizer, S: slice, R: slice, lam: float, count: int,
+              refine: bool = True) -> Tensor:
+    """One halving step, in place on W: the columns S onto the grid (rounding refined on
+    C = H[S, S] / count), the columns R compensate by ridge regression. Returns the error D."""
+    D, D_floor, D_ceil = (t.to(W.dtype) for t in quantizer.rounding_errors(W, S))
+    if refine:
+        D = refine_rounding(D, D_floor, D_ceil, H[S, S] / count).error
+    W[:, S] += D
+    W[:, R] -= ridge_solve(H[R, R], H[R, S] @ D.T, lam).T
+    return D

@@ -3,9 +3,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
+
+# The tests' tensors are small, and on a shared two-core machine OpenMP's thread barriers cost far
+# more than they save: under load a tiny Swin ERQ run took 46 s with two threads and 1.6 s with
+# one. Set before anything imports torch; an OMP_NUM_THREADS from the environment still wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL, FIXTURE_VAL_LIMIT
 

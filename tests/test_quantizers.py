@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from erq_core.quantizers import (
-    LogSqrt2Quantizer, UniformQuantizer, WeightQuantizer, log_sqrt2_quantize, outlier_columns, percentile_bounds,
+    LogSqrt2Quantizer, UniformQuantizer, WeightQuantizer, fake_quantize, log_sqrt2_quantize, outlier_columns,
+    percentile_bounds,
 )
 
 
@@ -96,3 +97,14 @@ def test_percentiles_are_exact_on_large_inputs():
     for i, p in enumerate((0.999, 0.99999)):
         assert float(uppers[i]) == float(ordered[round(p * (n - 1))])
         assert float(lowers[i]) == float(ordered[round((1 - p) * (n - 1))])
+
+
+@pytest.mark.parametrize("zero_point", [7.0, 7.4, 6.5])
+def test_per_tensor_fake_quantization_follows_the_definition_for_any_zero_point(zero_point):
+    # float32 per-tensor inputs take torch's fused kernel, which only knows integer zero points
+    x = torch.linspace(-3, 3, 1001)
+    scale, zero, top = torch.tensor([0.37]), torch.tensor([zero_point]), 15
+    expected = (torch.clamp(torch.round(x.double() / 0.37) + zero_point, 0, top) - zero_point) * 0.37
+    got = fake_quantize(x, scale, zero, 4)
+    off = (got.double() - expected).abs() / 0.37  # steps away; a value on a level's edge may flip
+    assert off.max() < 1 + 1e-4 and (off > 1e-4).double().mean() < 0.01
