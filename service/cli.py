@@ -10,6 +10,7 @@ import threading
 from storage.db import session_scope
 from storage.keys import PREFIX_LENGTH, create_key, find_key_to_revoke, has_keys, list_keys, owner_named, revoke_key
 from storage.migrate import upgrade
+from storage.queue import declare_queue
 from storage.settings import Settings, get_settings, prepare_local_folders
 
 LOCAL_KEY_NAME = "local"
@@ -20,6 +21,7 @@ WORKER_RESTART_SECONDS = 2
 def _prepare(settings: Settings) -> None:
     prepare_local_folders(settings)
     upgrade(settings.database_url)
+    declare_queue(settings)
 
 
 def _server_args(prog: str, argv: list[str]) -> argparse.Namespace:

@@ -34,7 +34,7 @@ def _migration_lock(url: str) -> Iterator[Connection]:
     engine = create_engine(url, poolclass=pool.NullPool)
     try:
         if engine.dialect.name == "sqlite":
-            with _lock_file(url), engine.connect() as connection:
+            with sqlite_file_lock(url), engine.connect() as connection:
                 yield connection
         else:
             with engine.connect() as connection:
@@ -51,7 +51,8 @@ def _migration_lock(url: str) -> Iterator[Connection]:
 
 
 @contextmanager
-def _lock_file(url: str) -> Iterator[None]:
+def sqlite_file_lock(url: str) -> Iterator[None]:
+    """An exclusive lock on a file beside the SQLite database of `url`, across processes."""
     database = url.split("sqlite:///", 1)[-1]
     if not database or database == ":memory:":
         yield

@@ -56,6 +56,18 @@ def _transport_options(settings: Settings) -> dict:
     return {}  # the embedded SQLAlchemy transport passes its options to create_engine
 
 
+def declare_queue(settings: Settings) -> None:
+    """Create the job queue in an embedded broker once, at start-up, one process at a time: the
+    SQLAlchemy transport creates its queue row on first use, and processes starting together
+    (API and worker slots) would race to insert it, failing a submission or a worker's start."""
+    if not settings.embedded_broker or "sqlite:///" not in settings.broker_url:
+        return
+    from storage.migrate import sqlite_file_lock
+
+    with sqlite_file_lock(settings.broker_url):
+        ready_messages(make_celery(settings), settings)
+
+
 def enqueue(app: Celery, job_id: str) -> None:
     app.send_task(RUN_JOB_TASK, args=[job_id], retry=True,
                   retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})

@@ -52,10 +52,12 @@ def worker_main(argv: list[str]) -> int:
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
     from storage.migrate import upgrade
+    from storage.queue import declare_queue
     from storage.settings import prepare_local_folders
 
     prepare_local_folders(settings)
     upgrade(settings.database_url)
+    declare_queue(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if args.concurrency > 1:

@@ -3,6 +3,7 @@ that hold one job, the database's clock, a database cut off when a job ends, and
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import struct
@@ -121,7 +122,7 @@ def test_the_engine_is_loaded_when_the_worker_starts_and_the_healthcheck_follows
             old = time.time() - 120
             os.utime(health, (old, old))
             stale = run_erq(["worker", "--healthcheck"], env, tmp_path)
-            assert stale.returncode == 1 and "last sweep was 120 s ago" in stale.stderr
+            assert stale.returncode == 1 and re.search(r"last sweep was 1[2-9]\d s ago", stale.stderr), stale.stderr
         finally:
             os.kill(worker.pid, signal.SIGCONT)
 
