@@ -12,7 +12,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile $(wildcard */__init__.py)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[engine,test]'
 	touch $(STAMP)
 
 run: venv

@@ -15,7 +15,8 @@ COMMANDS = {
     "serve": ("service.cli", "serve_main", "run API and an embedded worker on this machine"),
     "api": ("service.cli", "api_main", "run the REST API alone"),
     "worker": ("worker.cli", "worker_main", "run a Celery worker alone"),
-    "admin": ("service.cli", "admin_main", "manage API keys"),
+    "admin": ("service.cli", "admin_main", "manage owners and their API keys"),
+    "migrate": ("service.cli", "migrate_main", "apply the database migrations and exit"),
 }
 
 

@@ -66,7 +66,7 @@ class Service:
         self.worker_cpus = set(cpus[1:]) if split_cpus else set(cpus)
         self.dir = Path(tempfile.mkdtemp(prefix=f"erq-load-{mode}-"))
         self.port = 18000 + secrets.randbelow(1000)
-        self.env = {**os.environ, "ERQ_VAR_DIR": str(self.dir / "var"), "ERQ_ARTIFACT_DIR": str(self.dir / "art"),
+        self.env = {**os.environ, "ERQ_HOME": str(self.dir / "var"), "ERQ_ARTIFACT_DIR": str(self.dir / "art"),
                     "ERQ_DATA_ROOTS": str(FIXTURES), "ERQ_MAX_ACTIVE_JOBS_PER_KEY": "100000",
                     "ERQ_LEASE_SECONDS": "30"}
         self.redis: subprocess.Popen | None = None

@@ -63,7 +63,7 @@ class ImageFiles(Dataset):
         try:
             with Image.open(path) as image:
                 image = image.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
             raise DatasetError(f"cannot read image {path}: {exc}") from None
         return self.transform(image), label
 

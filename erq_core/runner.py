@@ -42,8 +42,9 @@ def peak_memory_bytes(device: str) -> dict[str, int]:
 
 
 def run(config: ErqConfig, out_dir: str | Path, *, device: Optional[str] = None,
-        progress: Optional[Progress] = None) -> dict:
-    """Quantize (and evaluate) as `config` says; write the result folder; return the metrics."""
+        progress: Optional[Progress] = None, loader_workers: Optional[int] = None) -> dict:
+    """Quantize (and evaluate) as `config` says; write the result folder; return the metrics.
+    `loader_workers`: data-loader processes (default: 4 on a GPU, none on the CPU)."""
     config.validate()
     device = device or default_device()
     progress = progress or (lambda stage, done, total: None)
@@ -59,7 +60,7 @@ def run(config: ErqConfig, out_dir: str | Path, *, device: Optional[str] = None,
     log.info("model %s (%s) on %s", config.model, loaded.source["architecture"], device)
 
     transform = build_transform(loaded.pretrained_cfg)
-    workers = _loader_workers(device)
+    workers = _loader_workers(device) if loader_workers is None else loader_workers
     calibration = calibration_loader(config.dataset, transform, config.calib_size, config.batch_size,
                                      config.seed, workers)
     validation = (validation_loader(config.dataset, transform, config.batch_size, config.val_limit, workers)

@@ -1,16 +1,17 @@
-"""The FastAPI application."""
+"""The FastAPI application. It speaks HTTP only: it enqueues jobs through the light queue client
+(storage/queue.py) and never imports the worker package, torch or the engine."""
 from __future__ import annotations
 
 from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from service.guards import BodySizeLimit, FailedAuthThrottle
 from service.routes import jobs, system
+from storage.queue import make_celery
 from storage.settings import Settings, get_settings
-from worker.celery_app import make_celery
 
 
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
@@ -29,5 +30,10 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     async def database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
         return JSONResponse({"detail": "the database is unreachable; retry later"}, status_code=503,
                             headers={"Retry-After": "10"})
+
+    @app.exception_handler(IntegrityError)
+    async def conflicting_write(request: Request, exc: IntegrityError) -> JSONResponse:
+        return JSONResponse({"detail": "the request conflicted with a concurrent change and was not stored; "
+                                       "send it again"}, status_code=409)
 
     return app

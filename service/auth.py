@@ -1,28 +1,42 @@
-"""Bearer-token authentication against hashed API keys."""
+"""Bearer-token authentication: the caller is the owner of a valid, unrevoked API key."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from storage.db import session_scope
+from service.deps import DbSession
 from storage.keys import find_key
 
 _bearer = HTTPBearer(auto_error=False)
 
 
-def current_key_id(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> int:
-    throttle = request.app.state.auth_throttle
-    client = request.client.host if request.client else "unknown"
-    if throttle.blocked(client):
-        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, "too many failed authentications; wait a minute",
-                            headers={"Retry-After": str(int(throttle.window))})
+@dataclass(frozen=True)
+class Caller:
+    owner_id: int
+    key_id: int
+
+
+def current_caller(request: Request, session: DbSession,
+                   credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Caller:
+    """The key is checked first: a valid key is never throttled. Failed attempts are counted per
+    client address, and past the limit that address's failures answer 429 instead of 401."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing API key: send 'Authorization: Bearer KEY'",
                             headers={"WWW-Authenticate": "Bearer"})
-    with session_scope(request.app.state.settings.database_url) as session:
-        key = find_key(session, credentials.credentials)
-        if key is None:
-            throttle.failed(client)
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or revoked API key",
-                                headers={"WWW-Authenticate": "Bearer"})
-        return key.id
+    key = find_key(session, credentials.credentials)
+    if key is not None:
+        return Caller(owner_id=key.owner_id, key_id=key.id)
+    throttle = request.app.state.auth_throttle
+    client = request.client.host if request.client else "unknown"
+    if throttle.failed(client):
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
+                            "too many failed authentications from this address; wait a minute",
+                            headers={"Retry-After": str(int(throttle.window))})
+    raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or revoked API key",
+                        headers={"WWW-Authenticate": "Bearer"})
+
+
+CurrentCaller = Annotated[Caller, Depends(current_caller)]

@@ -6,11 +6,11 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 from storage.db import session_scope
-from storage.keys import create_key, has_keys, revoke_key
+from storage.keys import PREFIX_LENGTH, create_key, find_key_to_revoke, has_keys, list_keys, owner_named, revoke_key
 from storage.migrate import upgrade
+from storage.queue import declare_queue
 from storage.settings import Settings, get_settings, prepare_local_folders
 
 LOCAL_KEY_NAME = "local"
@@ -21,6 +21,7 @@ WORKER_RESTART_SECONDS = 2
 def _prepare(settings: Settings) -> None:
     prepare_local_folders(settings)
     upgrade(settings.database_url)
+    declare_queue(settings)
 
 
 def _server_args(prog: str, argv: list[str]) -> argparse.Namespace:
@@ -46,18 +47,25 @@ def api_main(argv: list[str]) -> int:
     return 0
 
 
+def migrate_main(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="erq migrate", description="Apply the database migrations and exit (every "
+                            "erq process also applies them at start, one at a time).").parse_args(argv)
+    _prepare(get_settings())
+    return 0
+
+
 def ensure_local_key(settings: Settings) -> None:
-    """On a fresh embedded install, create a key and leave it in var/api-key for the Quickstart."""
-    key_file = settings.var_dir / "api-key"
+    """On a fresh embedded install, create a key and leave it in HOME/api-key for the Quickstart."""
+    key_file = settings.home / "api-key"
     with session_scope(settings.database_url) as session:
         if has_keys(session):
             return
-        raw = create_key(session, LOCAL_KEY_NAME)
+        raw = create_key(session, LOCAL_KEY_NAME).raw
     key_file.parent.mkdir(parents=True, exist_ok=True)
     key_file.write_text(raw + "\n")
     key_file.chmod(0o600)
     # The key itself is never printed: server output tends to end up in logs.
-    print(f"erq: created API key {LOCAL_KEY_NAME!r}; read it from {key_file}", flush=True)
+    print(f"erq: created an API key for owner {LOCAL_KEY_NAME!r}; read it from {key_file}", flush=True)
 
 
 def serve_main(argv: list[str]) -> int:
@@ -113,25 +121,57 @@ class EmbeddedWorker(threading.Thread):
 
 
 def admin_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="erq admin", description="Manage API keys.")
+    parser = argparse.ArgumentParser(prog="erq admin", description="Manage owners and their API keys.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("create-key", help="create a key and print it (alone on the last line)").add_argument("name")
-    commands.add_parser("revoke-key", help="revoke the key with this name").add_argument("name")
+    commands.add_parser("create-key", help="add a key for OWNER (created on first use) and print it alone on "
+                                           "the last line").add_argument("owner")
+    commands.add_parser("list-keys", help="list keys: id, owner, prefix, created, revoked")
+    commands.add_parser("revoke-key", help="revoke one key for good").add_argument(
+        "key", metavar="KEY_ID_OR_PREFIX", help=f"the key's id or its first {PREFIX_LENGTH} characters")
     args = parser.parse_args(argv)
     settings = get_settings()
     _prepare(settings)
     with session_scope(settings.database_url) as session:
         if args.command == "create-key":
-            try:
-                raw = create_key(session, args.name)
-            except ValueError as exc:
-                print(f"erq admin: error: {exc}", file=sys.stderr)
-                return 2
-            print(f"created API key {args.name!r}; store it now, it is not shown again:")
-            print(raw)
-            return 0
-        if not revoke_key(session, args.name):
-            print(f"erq admin: error: no active key named {args.name!r}", file=sys.stderr)
-            return 2
-        print(f"revoked API key {args.name!r}")
+            return _create_key(session, args.owner)
+        if args.command == "list-keys":
+            return _list_keys(session)
+        return _revoke_key(session, args.key)
+
+
+def _create_key(session, owner: str) -> int:
+    try:
+        key = create_key(session, owner)
+    except ValueError as exc:
+        print(f"erq admin: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"created key {key.id} ({key.prefix}...) for owner {owner!r}; store it now, it is not shown again:")
+    print(key.raw)
+    return 0
+
+
+def _list_keys(session) -> int:
+    rows = [("id", "owner", "prefix", "created", "revoked")]
+    rows += [(str(k.id), k.owner.name, k.prefix or "(none: made before prefixes)",
+              k.created_at.isoformat(timespec="seconds"),
+              k.revoked_at.isoformat(timespec="seconds") if k.revoked_at else "-") for k in list_keys(session)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def _revoke_key(session, id_or_prefix: str) -> int:
+    key = find_key_to_revoke(session, id_or_prefix)
+    if key is None:
+        hint = (f"; {id_or_prefix!r} is an owner: revoke one of its keys by id or prefix"
+                if owner_named(session, id_or_prefix) else "")
+        print(f"erq admin: error: no key with id or {PREFIX_LENGTH}-character prefix {id_or_prefix!r}{hint} "
+              "(see erq admin list-keys)", file=sys.stderr)
+        return 2
+    if key.revoked_at is not None:
+        print(f"key {key.id} ({key.prefix or 'no prefix'}) of owner {key.owner.name!r} was already revoked")
         return 0
+    revoke_key(session, key)
+    print(f"revoked key {key.id} ({key.prefix or 'no prefix'}) of owner {key.owner.name!r}")
+    return 0

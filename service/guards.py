@@ -1,8 +1,9 @@
 """Protections in front of the routes: request size, and slowing down key guessing."""
 from __future__ import annotations
 
+import threading
 import time
-from collections import defaultdict, deque
+from collections import OrderedDict, deque
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -10,7 +11,8 @@ MAX_BODY_BYTES = 64 * 1024
 
 
 class BodySizeLimit:
-    """Refuse request bodies over MAX_BODY_BYTES with 413 before reading them whole."""
+    """Refuse request bodies over MAX_BODY_BYTES with 413, whether they declare a Content-Length or
+    arrive chunked. The body (at most the limit) is read here and handed on to the app."""
 
     def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES):
         self.app, self.limit = app, limit
@@ -21,24 +23,23 @@ class BodySizeLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await _too_large(send, self.limit)
+        messages: list[Message] = []
         received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
+        while True:
             message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break  # the client went away: the app sees the disconnect
             received += len(message.get("body", b""))
             if received > self.limit:
-                raise BodyTooLarge()
-            return message
+                return await _too_large(send, self.limit)
+            if not message.get("more_body", False):
+                break
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except BodyTooLarge:
-            await _too_large(send, self.limit)
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
 
-
-class BodyTooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 async def _too_large(send: Send, limit: int) -> None:
@@ -49,21 +50,24 @@ async def _too_large(send: Send, limit: int) -> None:
 
 
 class FailedAuthThrottle:
-    """Counts failed authentications per client; too many in a window answer 429."""
+    """Counts failed authentications per client address in a sliding window. Memory is bounded:
+    at most `max_clients` addresses are remembered (the least recently failing are forgotten
+    first), each with at most `max_failures` times."""
 
-    def __init__(self, max_failures: int = 10, window_seconds: float = 60.0):
-        self.max_failures, self.window = max_failures, window_seconds
-        self.failures: dict[str, deque] = defaultdict(deque)
+    def __init__(self, max_failures: int = 10, window_seconds: float = 60.0, max_clients: int = 10_000):
+        self.max_failures, self.window, self.max_clients = max_failures, window_seconds, max_clients
+        self.failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self.lock = threading.Lock()  # routes run in a thread pool
 
-    def _recent(self, client: str) -> deque:
-        times = self.failures[client]
-        cutoff = time.monotonic() - self.window
-        while times and times[0] < cutoff:
-            times.popleft()
-        return times
-
-    def blocked(self, client: str) -> bool:
-        return len(self._recent(client)) >= self.max_failures
-
-    def failed(self, client: str) -> None:
-        self._recent(client).append(time.monotonic())
+    def failed(self, client: str) -> bool:
+        """Record a failure; True when the client has failed too often in the window."""
+        now = time.monotonic()
+        with self.lock:
+            times = self.failures.pop(client, None) or deque(maxlen=self.max_failures + 1)
+            while times and times[0] < now - self.window:
+                times.popleft()
+            times.append(now)
+            self.failures[client] = times  # most recent last
+            while len(self.failures) > self.max_clients:
+                self.failures.popitem(last=False)
+            return len(times) > self.max_failures

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from erq_core.config import FieldSpec
 from erq_core.config import fields as config_fields
+from storage.models import JobStatus
 
 
 def _job_field(spec: FieldSpec) -> tuple[Any, Any]:
@@ -49,12 +50,14 @@ class ArtifactOut(BaseModel):
 
 class JobOut(BaseModel):
     id: str
-    status: str
+    status: JobStatus
     stage: Optional[str]
     progress: float
     params: dict[str, Any]
     metrics: Optional[dict[str, Any]]
     error: Optional[str]
+    cancel_requested: bool = Field(description="the client asked to cancel; a running job stops at its next "
+                                               "progress step and ends `cancelled`")
     attempts: int
     heartbeat_at: Optional[dt.datetime] = Field(
         description="last sign of life of the worker running the job; a running job silent for "
@@ -71,5 +74,11 @@ class JobList(BaseModel):
 
 
 class ModelOut(BaseModel):
-    alias: str
-    timm_name: str
+    """One accepted value (or form) of a job's `model`."""
+
+    alias: str = Field(description="what to send as `model`: an alias, a timm name, or a form such as "
+                                   "hf-hub:ORG/NAME")
+    timm_name: Optional[str] = Field(description="the timm architecture it builds (None for a form)")
+    kind: Literal["alias", "timm", "hf-hub", "local-dir"]
+    allowed: bool = Field(description="whether this service accepts it (ERQ_ALLOWED_MODELS)")
+    note: Optional[str] = None

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from erq_core.config import ErqConfig
 from erq_core.errors import ConfigError
-from erq_core.registry import local_dir_path
+from erq_core.registry import MODEL_ALIASES, local_dir_path
+from storage.settings import Settings
 
 
 class InvalidJob(ValueError):
@@ -26,12 +27,20 @@ def resolve_under_roots(raw: str, what: str, roots: list[Path]) -> Path:
     return resolved
 
 
-def validate_job(params: dict, roots: list[Path]) -> dict:
+def check_model_allowed(spec: str, settings: Settings) -> None:
+    if not settings.model_allowed(spec, frozenset(MODEL_ALIASES)):
+        raise InvalidJob(f"model {spec!r} is not enabled on this service (ERQ_ALLOWED_MODELS="
+                         f"{settings.allowed_models!r}); GET /v1/models lists what is accepted")
+
+
+def validate_job(params: dict, settings: Settings) -> dict:
     """Check a job's parameters; return them with paths resolved. Raises InvalidJob."""
     try:
         ErqConfig.from_dict(params).validate()
     except ConfigError as exc:
         raise InvalidJob(str(exc)) from None
+    check_model_allowed(params["model"], settings)
+    roots = settings.roots
     params = dict(params)
     dataset = resolve_under_roots(params["dataset"], "dataset", roots)
     for split in ("train", "val"):

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 
 _engines: dict[str, Engine] = {}
+_factories: dict[str, sessionmaker] = {}
 _engines_lock = threading.Lock()
 
 
@@ -50,10 +51,20 @@ def _create_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5} if "postgres" in url else {})
 
 
+def session_factory(url: str) -> sessionmaker[Session]:
+    """The session factory of the URL's engine (one per URL and process, like the engine)."""
+    engine = engine_for(url)
+    with _engines_lock:
+        if url not in _factories:
+            _factories[url] = sessionmaker(engine, expire_on_commit=False)
+        return _factories[url]
+
+
 @contextmanager
 def session_scope(url: str) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error."""
-    session = sessionmaker(engine_for(url), expire_on_commit=False)()
+    """A session that commits on success and rolls back on error (workers, the sweeper, commands;
+    the API's routes get theirs from service.deps)."""
+    session = session_factory(url)()
     try:
         yield session
         session.commit()

@@ -1,42 +1,121 @@
-"""Database tables. The schema changes only through Alembic migrations in migrations/."""
+"""Database tables. The schema changes only through Alembic migrations in storage/migrations/.
+
+Owners own jobs; an owner holds any number of API keys (each can be revoked on its own).
+Every timestamp is a `UTCDateTime`: stored as UTC, always read back timezone-aware.
+"""
 from __future__ import annotations
 
 import datetime as dt
+from enum import StrEnum
 from typing import Any, Optional
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Enum, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.sql.expression import FunctionElement, literal
+from sqlalchemy.types import TypeDecorator
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-ACTIVE_STATUSES = ("queued", "running")
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
+TERMINAL_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 def utcnow() -> dt.datetime:
+    """This process's clock. Leases use the database's clock instead (`db_now`)."""
     return dt.datetime.now(dt.timezone.utc)
 
 
+class UTCDateTime(TypeDecorator):
+    """A timezone-aware UTC datetime on every database (SQLite keeps no offset: values are stored
+    as naive UTC and given their offset back when read)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Optional[dt.datetime], dialect) -> Optional[dt.datetime]:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: timestamps must carry their timezone")
+        value = value.astimezone(dt.timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Optional[dt.datetime], dialect) -> Optional[dt.datetime]:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
+
+
+class db_now(FunctionElement):
+    """The database server's current time (plus `seconds`, which may be negative), so that every
+    process compares leases on one clock, whatever the clocks of the worker machines say."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+    def __init__(self, seconds: float = 0):
+        super().__init__(literal(float(seconds), Float()))
+
+
+@compiles(db_now)
+def _db_now_default(element: db_now, compiler, **kw) -> str:
+    return f"(statement_timestamp() + make_interval(secs => {compiler.process(element.clauses, **kw)}))"
+
+
+@compiles(db_now, "sqlite")
+def _db_now_sqlite(element: db_now, compiler, **kw) -> str:
+    # The same text form SQLAlchemy stores (microseconds), so that values compare as strings.
+    offset = compiler.process(element.clauses, **kw)
+    return f"(strftime('%Y-%m-%d %H:%M:%f', 'now', {offset} || ' seconds') || '000')"
+
+
 class Base(DeclarativeBase):
-    type_annotation_map = {dt.datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+    type_annotation_map = {dt.datetime: UTCDateTime(), dict[str, Any]: JSON}
+
+
+class Owner(Base):
+    __tablename__ = "owners"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 class ApiKey(Base):
     __tablename__ = "api_keys"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(100), unique=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("owners.id"), index=True)
+    # The key's first 12 characters, the only part kept in clear (None for keys made before prefixes).
+    prefix: Mapped[Optional[str]] = mapped_column(String(12), unique=True, nullable=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the key
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[Optional[dt.datetime]] = mapped_column(nullable=True)
 
+    owner: Mapped[Owner] = relationship()
+
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("key_id", "idempotency_key", name="uq_jobs_key_idempotency"),)
+    __table_args__ = (UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_owner_idempotency"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("owners.id"), index=True)
+    key_id: Mapped[Optional[int]] = mapped_column(ForeignKey("api_keys.id"), nullable=True)  # the key that submitted
     idempotency_key: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
-    status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    request_sha256: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)  # of the submitted body
+    status: Mapped[JobStatus] = mapped_column(
+        Enum(JobStatus, native_enum=False, create_constraint=False, length=16,
+             values_callable=lambda statuses: [s.value for s in statuses]),
+        index=True, default=JobStatus.QUEUED)
     stage: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -45,6 +124,8 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    # The attempt folder (under the job's folder) whose files are the job's artifacts.
+    published_run: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
     heartbeat_at: Mapped[Optional[dt.datetime]] = mapped_column(nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[Optional[dt.datetime]] = mapped_column(nullable=True)
@@ -61,7 +142,7 @@ class Artifact(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
     name: Mapped[str] = mapped_column(String(200))
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)  # checkpoints pass 2 GiB
     sha256: Mapped[str] = mapped_column(String(64))
 
     job: Mapped[Job] = relationship(back_populates="artifacts")

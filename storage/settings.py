@@ -1,28 +1,57 @@
-"""The one settings object, read from ERQ_* environment variables (documented in the README)."""
+"""The one settings object, read from ERQ_* environment variables (documented in the README).
+
+ERQ_HOME is the one data folder: the embedded database, the embedded broker, the artifacts and
+the first API key live under it unless ERQ_DATABASE_URL, ERQ_BROKER_URL or ERQ_ARTIFACT_DIR say
+otherwise. Two services with different homes never share a queue.
+"""
 from __future__ import annotations
 
+import fnmatch
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_BROKER_PREFIXES = ("sqla+", "filesystem:", "memory:")
+# ERQ_ALLOWED_MODELS when unset: the aliases (erq_core.registry.MODEL_ALIASES) and local folders,
+# which must lie under ERQ_DATA_ROOTS in any case.
+DEFAULT_ALLOWED_MODELS = "@aliases,local-dir:*"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ERQ_")
+    model_config = SettingsConfigDict(env_prefix="ERQ_", populate_by_name=True)
 
-    var_dir: Path = Path("./var")
-    database_url: str = "sqlite:///./var/erq.sqlite"
-    broker_url: str = "sqla+sqlite:///./var/broker.sqlite"
-    artifact_dir: Path = Path("./var/artifacts")
+    # ERQ_VAR_DIR is the older name of ERQ_HOME and still works.
+    home: Path = Field(Path("./var"), validation_alias=AliasChoices("ERQ_HOME", "ERQ_VAR_DIR"))
+    database_url: Optional[str] = None  # default: sqlite:///HOME/erq.sqlite
+    broker_url: Optional[str] = None  # default: sqla+sqlite:///HOME/broker.sqlite
+    artifact_dir: Optional[Path] = None  # default: HOME/artifacts
     data_roots: str = "./tests/fixtures"  # colon-separated folders jobs may read
-    max_active_jobs_per_key: int = 4
+    allowed_models: str = DEFAULT_ALLOWED_MODELS  # comma-separated patterns; see model_allowed()
+    # Queued + running jobs per owner (all its keys together). ERQ_MAX_ACTIVE_JOBS_PER_KEY is the older name.
+    max_active_jobs_per_owner: int = Field(4, validation_alias=AliasChoices(
+        "ERQ_MAX_ACTIVE_JOBS_PER_OWNER", "ERQ_MAX_ACTIVE_JOBS_PER_KEY"))
     max_job_seconds: int = 6 * 3600
     lease_seconds: int = 120  # a running job whose worker stays silent this long is re-queued or failed
     max_attempts: int = 2
     queue: str = "erq"
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # what a worker runs jobs on
+    loader_workers: Optional[int] = Field(None, ge=0, le=64)  # data-loader processes per job; None: the engine's choice
+    worker_health_file: Optional[Path] = None  # default: HOME/worker.alive
+
+    @model_validator(mode="after")
+    def _fill_from_home(self) -> "Settings":
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.home / 'erq.sqlite'}"
+        if self.broker_url is None:
+            self.broker_url = f"sqla+sqlite:///{self.home / 'broker.sqlite'}"
+        if self.artifact_dir is None:
+            self.artifact_dir = self.home / "artifacts"
+        if self.worker_health_file is None:
+            self.worker_health_file = self.home / "worker.alive"
+        return self
 
     @property
     def roots(self) -> list[Path]:
@@ -32,6 +61,21 @@ class Settings(BaseSettings):
     def embedded_broker(self) -> bool:
         return self.broker_url.startswith(EMBEDDED_BROKER_PREFIXES)
 
+    @property
+    def allowed_model_patterns(self) -> list[str]:
+        return [p.strip() for p in self.allowed_models.split(",") if p.strip()]
+
+    def model_allowed(self, spec: str, aliases: frozenset[str] | set[str]) -> bool:
+        """Whether ERQ_ALLOWED_MODELS admits `spec`: shell patterns (`hf-hub:my-org/*`, `deit_*`,
+        `local-dir:*`), and `@aliases` for every alias of the model registry."""
+        for pattern in self.allowed_model_patterns:
+            if pattern == "@aliases":
+                if spec in aliases:
+                    return True
+            elif fnmatch.fnmatchcase(spec, pattern):
+                return True
+        return False
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
@@ -39,8 +83,9 @@ def get_settings() -> Settings:
 
 
 def prepare_local_folders(settings: Optional[Settings] = None) -> None:
-    """Create ./var and the artifact folder, and the SQLite folders the URLs point into."""
+    """Create the home and artifact folders, and the SQLite folders the URLs point into."""
     settings = settings or get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
     settings.artifact_dir.mkdir(parents=True, exist_ok=True)
     for url in (settings.database_url, settings.broker_url):
         if "sqlite:///" in url:

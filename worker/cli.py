@@ -1,50 +1,233 @@
-"""`erq worker`: a Celery worker that runs one job at a time, plus a sweeper for lost and orphaned jobs."""
+"""`erq worker`: Celery workers that run one job at a time each, and the sweeper.
+
+`--concurrency 1` (the default) is one worker process: Celery's solo pool runs the job in the
+process itself (no daemonic pool child), so the engine's data loaders can start their own worker
+processes, and killing the worker kills its job with it. `--concurrency N` starts N such
+processes, one per slot, under a small supervisor: slot i sees only GPU i (CUDA_VISIBLE_DEVICES),
+is restarted if it dies, and is stopped warm (its job handed back) when the supervisor is stopped.
+The supervisor runs the sweeper; a single worker runs it itself.
+"""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
+from typing import Optional
 
-from storage.settings import get_settings
-from worker.celery_app import LEASE_SWEEP_SECONDS, OrphanedJobs, requeue_lost_jobs
+from storage.settings import Settings, get_settings
+
+SLOT_VARIABLE = "ERQ_WORKER_SLOT"  # set by the supervisor for its slot processes
+EXIT_CONFIGURATION = 2  # a worker that cannot start as configured; the supervisor does not restart it
+SLOT_RESTART_SECONDS = 2
+# A slot's warm shutdown (its job stops at the next progress step and goes back to the queue) may take
+# this long before it is killed; docker-compose.yml's stop_grace_period is longer.
+SLOT_STOP_SECONDS = 90
+HEALTH_STALE_SECONDS = 30
+log = logging.getLogger("erq")
 
 
-def _sweeper(stop: threading.Event) -> None:
-    from worker.tasks import app
-
-    settings = get_settings()
-    orphans = OrphanedJobs(app, settings)
-    while not stop.wait(LEASE_SWEEP_SECONDS):
-        try:
-            requeue_lost_jobs(app, settings)
-            orphans.reannounce()
-        except Exception:
-            logging.getLogger("erq").warning("lease sweep failed", exc_info=True)
+class WorkerConfigurationError(Exception):
+    """The worker cannot run as configured; the message says what to change."""
 
 
 def worker_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="erq worker", description="Run a Celery worker for ERQ jobs.")
-    parser.add_argument("--concurrency", type=int, default=1, help="jobs at once (1 per GPU; default 1)")
+    parser = argparse.ArgumentParser(prog="erq worker", description="Run Celery workers for ERQ jobs.")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="jobs at once: one process per slot, slot i on GPU i (default 1)")
     parser.add_argument("--queues", default=None, help="comma-separated queues (default: ERQ_QUEUE)")
     parser.add_argument("--loglevel", default="INFO")
+    parser.add_argument("--healthcheck", action="store_true",
+                        help="exit 0 if this machine's worker swept within the last "
+                             f"{HEALTH_STALE_SECONDS} s (ERQ_WORKER_HEALTH_FILE), else 1")
     args = parser.parse_args(argv)
     settings = get_settings()
+    if args.healthcheck:
+        return check_health(settings)
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
     from storage.migrate import upgrade
+    from storage.queue import declare_queue
     from storage.settings import prepare_local_folders
-    from worker.tasks import app
 
     prepare_local_folders(settings)
     upgrade(settings.database_url)
+    declare_queue(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    stop = threading.Event()
-    threading.Thread(target=_sweeper, args=(stop,), daemon=True, name="lease-sweeper").start()
     try:
-        # solo pool (the default, one job per worker): the job runs in this process, so killing the
-        # worker kills the job with it. Run one worker per GPU (CUDA_VISIBLE_DEVICES).
-        pool = "solo" if args.concurrency == 1 else "prefork"
-        app.worker_main(["worker", f"--pool={pool}", f"--concurrency={args.concurrency}",
-                         f"--queues={args.queues or settings.queue}", f"--loglevel={args.loglevel}",
-                         "--without-gossip", "--without-mingle", "--without-heartbeat"])
-    finally:
-        stop.set()
+        if args.concurrency > 1:
+            return Supervisor(args, settings).run()
+        return run_worker(args, settings, sweep=SLOT_VARIABLE not in os.environ)
+    except WorkerConfigurationError as exc:
+        print(f"erq worker: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIGURATION
+
+
+def check_health(settings: Settings) -> int:
+    path = settings.worker_health_file
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        print(f"unhealthy: {path} does not exist (no worker has swept yet)", file=sys.stderr)
+        return 1
+    if age > HEALTH_STALE_SECONDS:
+        print(f"unhealthy: the worker's last sweep was {age:.0f} s ago ({path})", file=sys.stderr)
+        return 1
+    print(f"healthy: last sweep {age:.0f} s ago")
     return 0
+
+
+def resolve_device(requested: str) -> str:
+    """'cuda' or 'cpu' for ERQ_DEVICE auto / cuda / cpu; imports torch (once, at start)."""
+    import torch
+
+    if requested == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if requested == "cuda":
+        raise WorkerConfigurationError(
+            "ERQ_DEVICE=cuda but no CUDA GPU is visible to this process (torch.cuda.is_available() is False, "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')!s}); check the NVIDIA "
+            "driver and the container's GPU reservation, or set ERQ_DEVICE=cpu or auto to run jobs on the CPU")
+    return "cpu"
+
+
+def run_worker(args: argparse.Namespace, settings: Settings, sweep: bool) -> int:
+    """One worker process: the engine loaded now, jobs run one at a time in this process."""
+    device = resolve_device(settings.device)
+    import erq_core.runner  # noqa: F401  the engine (torch, timm) loads now, not in the first job
+    import torch
+
+    from worker.tasks import app, engine
+
+    engine.device = device
+    slot = os.environ.get(SLOT_VARIABLE)
+    log.info("erq worker ready: torch %s on %s%s%s", torch.__version__, device,
+             f" (slot {slot}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')})" if slot else "",
+             f", {settings.loader_workers} data-loader processes per job" if settings.loader_workers is not None
+             else "")
+    sweeper = _start_sweeper(app, settings) if sweep else None
+    try:
+        app.worker_main(["worker", "--pool=solo", "--concurrency=1", f"--queues={args.queues or settings.queue}",
+                         f"--loglevel={args.loglevel}", "--without-gossip", "--without-mingle", "--without-heartbeat"])
+    finally:
+        if sweeper is not None:
+            sweeper.stop()
+    return 0
+
+
+def _start_sweeper(app, settings: Settings):
+    from storage.sweeper import Sweeper, standard_duties
+
+    sweeper = Sweeper(standard_duties(app, settings), settings.worker_health_file)
+    sweeper.start()
+    return sweeper
+
+
+def gpu_ids(settings: Settings, slots: int) -> list[Optional[str]]:
+    """The GPU each slot sees (None: the CPU), or WorkerConfigurationError."""
+    if settings.device == "cpu":
+        return [None] * slots
+    import torch  # only counts GPUs here; the slots load the engine themselves
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        resolve_device(settings.device)  # raises for ERQ_DEVICE=cuda
+        return [None] * slots
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [i.strip() for i in visible.split(",")] if visible else [str(i) for i in range(count)]
+    if slots > count:
+        raise WorkerConfigurationError(f"--concurrency {slots} but only {count} GPU(s) visible: one job per GPU, "
+                                       f"so at most --concurrency {count}")
+    return ids[:slots]
+
+
+def _die_with_parent() -> None:
+    """In a slot process: receive SIGTERM (a warm shutdown) if the supervisor dies, even by SIGKILL."""
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: a supervisor killed with SIGKILL leaves its slots running
+
+
+class Supervisor:
+    """N slot processes (`erq worker` with ERQ_WORKER_SLOT=i), each on its own GPU."""
+
+    def __init__(self, args: argparse.Namespace, settings: Settings):
+        self.args, self.settings = args, settings
+        self.stopping = threading.Event()
+        self.processes: dict[int, subprocess.Popen] = {}
+        self.lock = threading.Lock()
+        self.exit_code = 0
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "erq_cli", "worker", "--queues", self.args.queues or self.settings.queue,
+                "--loglevel", self.args.loglevel]
+
+    def environment(self, slot: int, gpu: Optional[str]) -> dict[str, str]:
+        env = {**os.environ, SLOT_VARIABLE: str(slot)}
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        return env
+
+    def run(self) -> int:
+        gpus = gpu_ids(self.settings, self.args.concurrency)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        from storage.queue import make_celery
+
+        sweeper = _start_sweeper(make_celery(self.settings), self.settings)
+        log.info("erq worker: %d slots on %s", len(gpus),
+                 ", ".join(f"GPU {gpu}" if gpu is not None else "CPU" for gpu in gpus))
+        threads = [threading.Thread(target=self.keep_running, args=(slot, gpu), name=f"slot-{slot}")
+                   for slot, gpu in enumerate(gpus)]
+        for thread in threads:
+            thread.start()
+        self.stopping.wait()
+        self.stop_slots()
+        for thread in threads:
+            thread.join()
+        sweeper.stop()
+        return self.exit_code
+
+    def keep_running(self, slot: int, gpu: Optional[str]) -> None:
+        while True:
+            with self.lock:
+                if self.stopping.is_set():
+                    return
+                # Its own session: a Ctrl-C reaches the supervisor only, which stops each slot once.
+                process = subprocess.Popen(self.command(), env=self.environment(slot, gpu), start_new_session=True,
+                                           preexec_fn=_die_with_parent)
+                self.processes[slot] = process
+            code = process.wait()
+            if self.stopping.is_set():
+                return
+            if code == EXIT_CONFIGURATION:
+                log.error("erq worker: slot %d cannot start as configured (exit code %d); stopping", slot, code)
+                self.exit_code = EXIT_CONFIGURATION
+                self.stopping.set()
+                return
+            log.warning("erq worker: slot %d exited with code %s; starting it again", slot, code)
+            if self.stopping.wait(SLOT_RESTART_SECONDS):
+                return
+
+    def stop_slots(self) -> None:
+        """Warm shutdown of every slot at once; those still running after SLOT_STOP_SECONDS are killed."""
+        with self.lock:
+            running = [p for p in self.processes.values() if p.poll() is None]
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + SLOT_STOP_SECONDS
+        for process in running:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -8,16 +8,19 @@ import threading
 import time
 import traceback
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional, TypeVar
 
 from celery.signals import worker_shutting_down
+from sqlalchemy.exc import OperationalError
 
 from storage import jobs
-from storage.artifacts import ArtifactStore
+from storage.artifacts import LOG_NAME, ArtifactStore, run_name
 from storage.db import session_scope
+from storage.models import Job, JobStatus
+from storage.queue import RUN_JOB_TASK, enqueue, make_celery
 from storage.settings import Settings, get_settings
-from worker.celery_app import RUN_JOB_TASK, enqueue, make_celery
 
 app = make_celery()
 log = logging.getLogger("erq")
@@ -25,11 +28,24 @@ log = logging.getLogger("erq")
 # its worker process exits (its supervisor restarts it): the hard time limit of the solo pool.
 HARD_LIMIT_GRACE_SECONDS = 60
 EXIT_HARD_TIME_LIMIT = 75
+# A finished job's outcome is written again and again while the database is unreachable, this long at most.
+OUTCOME_RETRY_SECONDS = 3600
 shutting_down = threading.Event()
+T = TypeVar("T")
+
+
+@dataclass
+class Engine:
+    """What `erq worker` resolved at start: the device jobs run on."""
+
+    device: Optional[str] = None  # None: the engine's choice (CUDA when there is one)
+
+
+engine = Engine()
 
 
 def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"  # read at each job: prefork children have their own pid
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @worker_shutting_down.connect
@@ -66,7 +82,8 @@ def run_job(job_id: str) -> None:
 
 
 class ProgressReporter:
-    """The engine's progress callback: writes stage and progress (throttled), stops on cancel or timeout."""
+    """The engine's progress callback: writes stage and progress (throttled), stops on cancel or timeout.
+    A database blip skips a write instead of failing the run."""
 
     def __init__(self, job_id: str, settings: Settings, worker: str):
         self.job_id, self.settings, self.worker = job_id, settings, worker
@@ -90,8 +107,14 @@ class ProgressReporter:
         if now - self.last_write < PROGRESS_WRITE_SECONDS:  # stages change per layer: throttle on time alone
             return
         self.last_write = now
-        with session_scope(self.settings.database_url) as session:
-            stop = jobs.report_progress(session, self.job_id, self.worker, stage, self.fraction(stage, done, total))
+        try:
+            with session_scope(self.settings.database_url) as session:
+                stop = jobs.report_progress(session, self.job_id, self.worker, stage,
+                                            self.fraction(stage, done, total))
+        except OperationalError as exc:
+            log.warning("job %s: progress not recorded, the database is unreachable (%s)", self.job_id,
+                        str(exc).splitlines()[0])
+            return
         if stop == "cancelled":
             raise JobCancelled()
         if stop == "lost":
@@ -99,13 +122,13 @@ class ProgressReporter:
 
 
 class Heartbeat(threading.Thread):
-    """Renews the job's lease while the pipeline runs (even inside a long stage), and enforces the
-    hard time limit: a job still running well past ERQ_MAX_JOB_SECONDS is failed and its process exits."""
+    """Renews the job's lease while the pipeline runs (even inside a long stage) and until its outcome
+    is written, and enforces the hard time limit: a job still running well past ERQ_MAX_JOB_SECONDS
+    is failed and its process exits."""
 
-    def __init__(self, job_id: str, settings: Settings, out: Path):
+    def __init__(self, job_id: str, settings: Settings, out: Path, worker: str):
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
-        self.job_id, self.settings, self.out = job_id, settings, out
-        self.worker = worker_name()
+        self.job_id, self.settings, self.out, self.worker = job_id, settings, out, worker
         self.deadline = time.monotonic() + settings.max_job_seconds + HARD_LIMIT_GRACE_SECONDS
         self.stopped = threading.Event()
 
@@ -118,15 +141,15 @@ class Heartbeat(threading.Thread):
                 with session_scope(self.settings.database_url) as session:
                     jobs.heartbeat(session, self.job_id, self.worker)
             except Exception:  # a database hiccup must not kill the job; the next beat retries
-                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True, extra={"job_id": self.job_id})
 
     def fail_and_exit(self) -> None:
         reason = (f"the job ran longer than ERQ_MAX_JOB_SECONDS={self.settings.max_job_seconds} and did not stop; "
                   "its worker process was ended")
-        log.error("job %s: %s", self.job_id, reason)
+        log.error("job %s: %s", self.job_id, reason, extra={"job_id": self.job_id})
         try:
             with session_scope(self.settings.database_url) as session:
-                jobs.finish(session, self.job_id, "failed", reason, artifact_dir=self.out, worker=self.worker)
+                jobs.finish(session, self.job_id, JobStatus.FAILED, reason, run_dir=self.out, worker=self.worker)
         finally:
             logging.shutdown()
             os._exit(EXIT_HARD_TIME_LIMIT)
@@ -136,40 +159,99 @@ def execute_job(job_id: str, settings: Settings) -> None:
     worker = worker_name()
     with session_scope(settings.database_url) as session:
         job = jobs.claim(session, job_id, worker)
-        params = dict(job.params) if job else None
-    if params is None:
-        return  # cancelled, finished, or already taken by another worker: nothing to do
-    out = ArtifactStore(settings.artifact_dir).job_dir(job_id)
-    heartbeat = Heartbeat(job_id, settings, out)
+        if job is None:
+            _explain_unclaimed(session, job_id, settings)
+            return  # cancelled, finished, or already taken by another worker: nothing to do
+        params, attempt = dict(job.params), job.attempts
+    store = ArtifactStore(settings.artifact_dir)
+    run = run_name(attempt)
+    out = store.run_dir(job_id, run)
+    heartbeat = Heartbeat(job_id, settings, out, worker)
     heartbeat.start()
     try:
-        with _job_log(out):
-            status, error, metrics = _run_pipeline(job_id, params, out, settings, worker)
-    except OSError as exc:  # the artifact volume is full, read-only or gone
-        status, error, metrics = "failed", f"cannot write the job's files in {out}: {exc}", None
-    except Exception as exc:  # never leave the job running until its lease expires
-        log.exception("job %s: the worker failed around the pipeline", job_id)
-        status, error, metrics = "failed", f"internal error in the worker: {type(exc).__name__}: {exc}", None
+        try:
+            store.fresh_run_dir(job_id, run)
+            with _job_log(out, job_id):
+                status, error, metrics = _run_pipeline(job_id, params, out, settings, worker)
+        except OSError as exc:  # the artifact volume is full, read-only or gone
+            status, error, metrics = JobStatus.FAILED, f"cannot write the job's files in {out}: {exc}", None
+        except Exception as exc:  # never leave the job running until its lease expires
+            log.exception("job %s: the worker failed around the pipeline", job_id)
+            status, error, metrics = JobStatus.FAILED, f"internal error in the worker: {type(exc).__name__}: {exc}", None
+        if status == "lost":
+            return  # the job is another run's now: that run records the outcome
+        if status == JobStatus.QUEUED:  # the worker is shutting down: hand the job to the next worker now
+            _hand_back(job_id, worker, settings)
+            return
+        recorded = _with_database_retries(
+            job_id, "the job's outcome", settings,
+            lambda session: jobs.finish(session, job_id, status, error, metrics, run_dir=out, worker=worker,
+                                        attempt=attempt))
+        if recorded and status == JobStatus.SUCCEEDED:
+            store.remove_other_runs(job_id, keep=run)
     finally:
         heartbeat.stopped.set()
-    if status == "lost":
-        return  # the job is another run's now: that run records the outcome
-    if status == "queued":  # the worker is shutting down: hand the job to the next worker now
-        with session_scope(settings.database_url) as session:
-            released = jobs.release(session, job_id, worker)
-        if released:
-            enqueue(app, job_id)  # this task's message is acked on return; the new one runs the job
-        return
+
+
+def _explain_unclaimed(session, job_id: str, settings: Settings) -> None:
+    if session.get(Job, job_id) is None:
+        log.error("job %s is not in this worker's database (%s): is another erq service sharing the broker %s? "
+                  "Give each service its own ERQ_HOME (or ERQ_BROKER_URL); the message is dropped",
+                  job_id, _without_password(settings.database_url), _without_password(settings.broker_url))
+
+
+def _without_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url.removeprefix("sqla+")).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+def _hand_back(job_id: str, worker: str, settings: Settings) -> None:
     with session_scope(settings.database_url) as session:
-        jobs.finish(session, job_id, status, error, metrics, artifact_dir=out, worker=worker)
+        released = jobs.release(session, job_id, worker)
+    if released:
+        enqueue(app, job_id)  # this task's message is acked on return; the new one runs the job
+
+
+def _with_database_retries(job_id: str, what: str, settings: Settings, write: Callable[..., T]) -> T:
+    """Run `write` in a session until the database takes it: a blip when a job ends must not throw
+    away its result (the heartbeat keeps the lease meanwhile)."""
+    delay, deadline = 0.5, time.monotonic() + OUTCOME_RETRY_SECONDS
+    while True:
+        try:
+            with session_scope(settings.database_url) as session:
+                return write(session)
+        except OperationalError as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("job %s: cannot record %s yet, the database is unreachable (%s); retrying in %.1f s",
+                        job_id, what, str(exc).splitlines()[0], delay, extra={"job_id": job_id})
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+class _OneJobOnly(logging.Filter):
+    """Passes the records of one job: those logged by the thread that runs it (and by the data-loader
+    processes it forks), or tagged with its id; not those of the sweeper or another job."""
+
+    def __init__(self, job_id: str):
+        super().__init__()
+        self.job_id, self.thread = job_id, threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        tagged = getattr(record, "job_id", None)
+        return tagged == self.job_id if tagged is not None else record.thread == self.thread
 
 
 @contextmanager
-def _job_log(out: Path) -> Iterator[None]:
-    """Engine and worker log lines of this job go to out/job.log as well."""
-    out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "job.log")
+def _job_log(out: Path, job_id: str) -> Iterator[None]:
+    """This job's engine and worker log lines go to out/job.log as well."""
+    handler = logging.FileHandler(out / LOG_NAME)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.addFilter(_OneJobOnly(job_id))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
@@ -179,46 +261,35 @@ def _job_log(out: Path) -> Iterator[None]:
         handler.close()
 
 
-def _run_pipeline(job_id: str, params: dict, out, settings: Settings,
+def _run_pipeline(job_id: str, params: dict, out: Path, settings: Settings,
                   worker: str) -> tuple[str, str | None, dict | None]:
     import erq_core
 
-    log.info("job %s on %s: %s", job_id, worker_name(), params)
+    log.info("job %s on %s: %s", job_id, worker, params)
+    workers = settings.loader_workers
+    log.info("data loaders: %s", f"{workers} worker processes" if workers is not None
+             else "the engine's default (4 worker processes on a GPU, none on the CPU)")
     try:
         config = erq_core.ErqConfig.from_dict(params)
         metrics = erq_core.run(config, out, progress=ProgressReporter(job_id, settings, worker),
-                               device=_device())
+                               device=engine.device, loader_workers=workers)
     except LeaseLost:
         log.warning("job %s was re-queued while this worker ran it (late heartbeat); stopping this run", job_id)
         return "lost", None, None
     except WorkerShuttingDown:
         log.info("job %s interrupted: its worker is shutting down; re-queued", job_id)
-        return "queued", None, None
+        return JobStatus.QUEUED, None, None
     except JobCancelled:
         log.info("job %s cancelled", job_id)
-        return "cancelled", jobs.CANCELLED, None
+        return JobStatus.CANCELLED, jobs.CANCELLED, None
     except (JobTimedOut, erq_core.ErqError) as exc:
         log.error("job %s failed: %s", job_id, exc)
-        return "failed", str(exc), None
+        return JobStatus.FAILED, str(exc), None
     except OSError as exc:  # e.g. the artifact volume is full or read-only
         log.error("job %s failed: %s", job_id, exc)
-        return "failed", f"storage error: {exc}", None
+        return JobStatus.FAILED, f"storage error: {exc}", None
     except Exception as exc:
         log.error("job %s failed with an internal error:\n%s", job_id, traceback.format_exc())
-        return "failed", f"internal error: {type(exc).__name__}: {exc}", None
+        return JobStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}", None
     log.info("job %s succeeded: top-1 %s", job_id, metrics["quantized"]["top1"])
-    return "succeeded", None, metrics
-
-
-def _device() -> str | None:
-    """The GPU of this pool process (`erq worker --concurrency N` on N GPUs: child i uses GPU i);
-    None (CUDA when there is one, else the CPU) for the solo pool."""
-    import billiard.process
-    import torch
-
-    index = getattr(billiard.process.current_process(), "index", None)
-    if index is None or not torch.cuda.is_available():
-        return None
-    gpu = index % torch.cuda.device_count()
-    torch.cuda.set_device(gpu)
-    return f"cuda:{gpu}"
+    return JobStatus.SUCCEEDED, None, metrics

@@ -1,31 +1,28 @@
-"""/v1/jobs: submit, follow, list, cancel, download."""
+"""/v1/jobs: submit, follow, list, cancel, download. Reads only read: lost leases and orphaned
+jobs are repaired by the sweeper on the worker side (storage/sweeper.py)."""
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import logging
-import time
+import os
 from typing import Optional
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.responses import FileResponse, PlainTextResponse
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 
-from service.auth import current_key_id
+from service.auth import CurrentCaller
+from service.deps import AppSettings, DbSession, Queue
 from service.schemas import ArtifactOut, JobList, JobOut, JobRequest
 from service.validation import InvalidJob, validate_job
 from storage import jobs
-from storage.artifacts import PUBLISHED, ArtifactStore
-from storage.db import session_scope
-from storage.models import JOB_STATUSES, Job
-from worker.celery_app import LEASE_SWEEP_SECONDS, enqueue, requeue_lost_jobs
+from storage.artifacts import LOG_NAME, PUBLISHED, ArtifactStore, run_name
+from storage.models import Job, JobStatus
+from storage.queue import enqueue
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-
-
-def _utc(moment: Optional[dt.datetime]) -> Optional[dt.datetime]:
-    """SQLite hands back naive datetimes: every timestamp in the API is UTC with its offset."""
-    return moment.replace(tzinfo=dt.timezone.utc) if moment is not None and moment.tzinfo is None else moment
+log = logging.getLogger("erq")
+IfNoneMatch = Header(None, max_length=200, description="an ETag from an earlier answer: 304 if unchanged")
 
 
 def job_out(request: Request, job: Job) -> JobOut:
@@ -34,67 +31,76 @@ def job_out(request: Request, job: Job) -> JobOut:
                              url=str(request.url_for("download_artifact", job_id=job.id, name=a.name)))
                  for a in (job.artifacts if job.status in jobs.TERMINAL else [])]
     return JobOut(id=job.id, status=job.status, stage=job.stage, progress=job.progress, params=job.params,
-                  metrics=job.metrics, error=job.error, attempts=job.attempts,
-                  heartbeat_at=_utc(job.heartbeat_at), created_at=_utc(job.created_at),
-                  started_at=_utc(job.started_at), finished_at=_utc(job.finished_at), artifacts=artifacts)
+                  metrics=job.metrics, error=job.error, cancel_requested=job.cancel_requested,
+                  attempts=job.attempts, heartbeat_at=job.heartbeat_at, created_at=job.created_at,
+                  started_at=job.started_at, finished_at=job.finished_at, artifacts=artifacts)
 
 
 def _not_found(job_id: str) -> HTTPException:
-    return HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r} for this API key")
+    return HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r} for this API key's owner")
 
 
-def _settings(request: Request):
-    return request.app.state.settings
+def _owned_job(session, job_id: str, caller) -> Job:
+    job = jobs.job_for_owner(session, job_id, caller.owner_id)
+    if job is None:
+        raise _not_found(job_id)
+    return job
 
 
-def _expire_lost_leases(request: Request) -> None:
-    """Before answering a read, re-queue or fail jobs whose worker went silent (at most every few
-    seconds per process): a job never shows `running` for long after its worker is gone."""
-    state = request.app.state
-    if time.monotonic() - getattr(state, "last_lease_sweep", float("-inf")) < LEASE_SWEEP_SECONDS:
-        return
-    state.last_lease_sweep = time.monotonic()
-    try:
-        requeue_lost_jobs(state.celery, state.settings)
-    except OperationalError:
-        raise  # the database is down: the read cannot be answered either (503)
-    except Exception:
-        logging.getLogger("erq").warning("lease sweep failed", exc_info=True)
+def _matches(if_none_match: Optional[str], etag: str) -> bool:
+    return if_none_match is not None and (if_none_match.strip() == "*" or
+                                          etag in (tag.strip() for tag in if_none_match.split(",")))
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
-def submit_job(body: JobRequest, request: Request, response: Response, key_id: int = Depends(current_key_id),
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
+             responses={409: {"description": "a concurrent request conflicted; retry"},
+                        429: {"description": "the owner has ERQ_MAX_ACTIVE_JOBS_PER_OWNER active jobs"}})
+def submit_job(body: JobRequest, request: Request, response: Response, caller: CurrentCaller, session: DbSession,
+               settings: AppSettings, queue: Queue,
                idempotency_key: Optional[str] = Header(None, max_length=200)) -> JobOut:
-    settings = _settings(request)
-    with session_scope(settings.database_url) as session:
-        if idempotency_key and (existing := jobs.job_by_idempotency(session, key_id, idempotency_key)):
-            return _accepted(request, response, existing)
+    submitted = body.model_dump()
+    fingerprint = jobs.request_fingerprint(submitted)
+    if idempotency_key and (existing := jobs.job_by_idempotency(session, caller.owner_id, idempotency_key)):
+        return _replayed(request, response, existing, fingerprint, idempotency_key)
     try:
-        params = validate_job(body.model_dump(), settings.roots)
+        params = validate_job(submitted, settings)
     except InvalidJob as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     try:
-        with session_scope(settings.database_url) as session:
-            if jobs.active_job_count(session, key_id) >= settings.max_active_jobs_per_key:
-                raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
-                                    f"this key already has {settings.max_active_jobs_per_key} queued or running jobs "
-                                    "(ERQ_MAX_ACTIVE_JOBS_PER_KEY); wait for one to finish",
-                                    headers={"Retry-After": "30"})
-            job = jobs.create_job(session, key_id, params, idempotency_key)
-            job_id = job.id
-    except IntegrityError:  # a concurrent retry with the same Idempotency-Key won the race
-        with session_scope(settings.database_url) as session:
-            return _accepted(request, response, jobs.job_by_idempotency(session, key_id, idempotency_key))
+        jobs.lock_owner(session, caller.owner_id)  # held until the commit: the count below cannot go stale
+        limit = settings.max_active_jobs_per_owner
+        if jobs.active_job_count(session, caller.owner_id) >= limit:
+            raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
+                                f"this key's owner already has {limit} queued or running jobs "
+                                "(ERQ_MAX_ACTIVE_JOBS_PER_OWNER); wait for one to finish",
+                                headers={"Retry-After": "30"})
+        job = jobs.create_job(session, caller.owner_id, params, idempotency_key, caller.key_id, fingerprint)
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        if idempotency_key and (existing := jobs.job_by_idempotency(session, caller.owner_id, idempotency_key)):
+            return _replayed(request, response, existing, fingerprint, idempotency_key)  # a concurrent retry won
+        log.warning("job submission conflicted with a concurrent write", exc_info=True)
+        raise HTTPException(status.HTTP_409_CONFLICT, "the job conflicted with a concurrent change and was not "
+                                                      "stored; send the request again") from None
     try:
-        enqueue(request.app.state.celery, job_id)
+        enqueue(queue, job.id)
     except Exception:
-        logging.getLogger("erq").warning("job %s not accepted: the broker is unreachable", job_id, exc_info=True)
-        with session_scope(settings.database_url) as session:
-            jobs.discard_unqueued(session, job_id)
+        log.warning("job %s not accepted: the broker is unreachable", job.id, exc_info=True)
+        jobs.discard_unqueued(session, job.id)
+        session.commit()
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the job queue is unreachable; retry later",
                             headers={"Retry-After": "10"}) from None
-    with session_scope(settings.database_url) as session:
-        return _accepted(request, response, session.get(Job, job_id))
+    return _accepted(request, response, job)
+
+
+def _replayed(request: Request, response: Response, job: Job, fingerprint: str, idempotency_key: str) -> JobOut:
+    """The job an earlier request with this Idempotency-Key created, if the body is the same."""
+    if job.request_sha256 is not None and job.request_sha256 != fingerprint:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"Idempotency-Key {idempotency_key!r} was already used for a different request "
+                            f"(job {job.id}); send a new key for a new job")
+    return _accepted(request, response, job)
 
 
 def _accepted(request: Request, response: Response, job: Job) -> JobOut:
@@ -103,72 +109,74 @@ def _accepted(request: Request, response: Response, job: Job) -> JobOut:
 
 
 @router.get("", response_model=JobList)
-def list_jobs(request: Request, key_id: int = Depends(current_key_id),
-              status_: Optional[str] = Query(None, alias="status"),
+def list_jobs(request: Request, caller: CurrentCaller, session: DbSession,
+              status_: Optional[JobStatus] = Query(None, alias="status"),
               limit: int = Query(20, ge=1, le=100), cursor: Optional[str] = Query(None, max_length=200)) -> JobList:
-    if status_ is not None and status_ not in JOB_STATUSES:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"status must be one of {', '.join(JOB_STATUSES)}")
-    _expire_lost_leases(request)
-    with session_scope(_settings(request).database_url) as session:
-        try:
-            page, next_cursor = jobs.list_jobs(session, key_id, status_, limit, cursor)
-        except ValueError:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "cursor is not one this API returned") from None
-        return JobList(jobs=[job_out(request, job) for job in page], next_cursor=next_cursor)
+    try:
+        page, next_cursor = jobs.list_jobs(session, caller.owner_id, status_, limit, cursor)
+    except ValueError:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "cursor is not one this API returned") from None
+    return JobList(jobs=[job_out(request, job) for job in page], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut,
             responses={304: {"description": "the job has not changed since the ETag sent in If-None-Match"}})
-def get_job(job_id: str, request: Request, key_id: int = Depends(current_key_id),
-            if_none_match: Optional[str] = Header(None, max_length=200,
-                                                  description="the ETag of the last answer: 304 if unchanged")):
-    _expire_lost_leases(request)
-    with session_scope(_settings(request).database_url) as session:
-        job = jobs.job_for_key(session, job_id, key_id)
-        if job is None:
-            raise _not_found(job_id)
-        body = job_out(request, job).model_dump_json()
+def get_job(job_id: str, request: Request, caller: CurrentCaller, session: DbSession,
+            if_none_match: Optional[str] = IfNoneMatch):
+    body = job_out(request, _owned_job(session, job_id, caller)).model_dump_json()
     etag = f'"{hashlib.sha256(body.encode()).hexdigest()[:32]}"'
-    if if_none_match is not None and etag in (tag.strip() for tag in if_none_match.split(",")):
+    if _matches(if_none_match, etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
     return Response(body, media_type="application/json", headers={"ETag": etag})
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: str, request: Request, key_id: int = Depends(current_key_id)) -> JobOut:
-    with session_scope(_settings(request).database_url) as session:
-        job = jobs.job_for_key(session, job_id, key_id)
-        if job is None:
-            raise _not_found(job_id)
-        if job.status in jobs.TERMINAL:
-            raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already {job.status}")
-        jobs.request_cancel(session, job.id)
-        session.refresh(job)
-        return job_out(request, job)
+def cancel_job(job_id: str, request: Request, caller: CurrentCaller, session: DbSession) -> JobOut:
+    job = _owned_job(session, job_id, caller)
+    if job.status in jobs.TERMINAL:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already {job.status}")
+    jobs.request_cancel(session, job.id)
+    session.commit()
+    session.refresh(job)
+    return job_out(request, job)
 
 
-@router.get("/{job_id}/artifacts/{name}", name="download_artifact")
-def download_artifact(job_id: str, name: str, request: Request, key_id: int = Depends(current_key_id)):
-    settings = _settings(request)
-    with session_scope(settings.database_url) as session:
-        job = jobs.job_for_key(session, job_id, key_id)
-        if job is None:
-            raise _not_found(job_id)
-        artifact = next((a for a in job.artifacts if a.name == name), None)
+ARTIFACT_RESPONSES = {304: {"description": "If-None-Match holds the artifact's ETag (its sha256)"},
+                      410: {"description": "the artifact is recorded but its file is gone"}}
+
+
+@router.get("/{job_id}/artifacts/{name}", name="download_artifact", responses=ARTIFACT_RESPONSES)
+@router.head("/{job_id}/artifacts/{name}", name="artifact_headers", responses=ARTIFACT_RESPONSES,
+             description="The headers of the download (size, ETag) without the file.")
+def download_artifact(job_id: str, name: str, caller: CurrentCaller, session: DbSession, settings: AppSettings,
+                      if_none_match: Optional[str] = IfNoneMatch):
+    job = _owned_job(session, job_id, caller)
+    artifact = next((a for a in job.artifacts if a.name == name), None)
     if artifact is None or name not in PUBLISHED:
         raise HTTPException(status.HTTP_404_NOT_FOUND,
                             f"job {job_id} has no artifact {name!r} (artifacts appear when the job has finished)")
-    path = ArtifactStore(settings.artifact_dir).path(job_id, name)
+    etag = f'"{artifact.sha256}"'
+    if _matches(if_none_match, etag):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
+    path = ArtifactStore(settings.artifact_dir).path(job_id, job.published_run, name)
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        log.error("job %s: artifact %s is recorded but %s is missing", job_id, name, path)
+        raise HTTPException(status.HTTP_410_GONE, f"the file of artifact {name!r} of job {job_id} is no longer in "
+                                                  "the artifact store") from None
     media = "application/json" if name.endswith(".json") else (
         "text/plain; charset=utf-8" if name.endswith(".log") else "application/octet-stream")
-    return FileResponse(path, media_type=media, filename=name, headers={"ETag": f'"{artifact.sha256}"'})
+    return FileResponse(path, media_type=media, filename=name, stat_result=stat, headers={"ETag": etag})
 
 
 @router.get("/{job_id}/log", response_class=PlainTextResponse)
-def job_log(job_id: str, request: Request, key_id: int = Depends(current_key_id)) -> str:
-    settings = _settings(request)
-    with session_scope(settings.database_url) as session:
-        if jobs.job_for_key(session, job_id, key_id) is None:
-            raise _not_found(job_id)
-    path = ArtifactStore(settings.artifact_dir).log_path(job_id)
-    return path.read_text(errors="replace") if path.is_file() else ""
+def job_log(job_id: str, caller: CurrentCaller, session: DbSession, settings: AppSettings) -> str:
+    """The log of the job's published run, or of its latest run while it has none."""
+    job = _owned_job(session, job_id, caller)
+    store = ArtifactStore(settings.artifact_dir)
+    run = job.published_run or (run_name(job.attempts) if job.attempts else None)
+    for path in (store.run_dir(job_id, run) / LOG_NAME, store.job_dir(job_id) / LOG_NAME):  # then: before attempts
+        if path.is_file():
+            return path.read_text(errors="replace")
+    return ""

@@ -4,20 +4,43 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from sqlalchemy.orm import Session
 
-from erq_core.registry import MODEL_ALIASES
+from erq_core.registry import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, MODEL_ALIASES, supported_timm_names
+from service.auth import CurrentCaller
+from service.deps import AppSettings, DbSession
 from service.schemas import ModelOut
 from storage import jobs
-from storage.db import ping, session_scope
-from storage.models import JOB_STATUSES
+from storage.db import ping
+from storage.models import JobStatus
+from storage.settings import Settings
 
 router = APIRouter()
 DURATION_BUCKETS = (10, 30, 60, 300, 900, 1800, 3600, 7200, 21600)
 
 
 @router.get("/v1/models", response_model=list[ModelOut], tags=["models"])
-def list_models() -> list[ModelOut]:
-    return [ModelOut(alias=e.alias, timm_name=e.timm_name) for e in MODEL_ALIASES.values()]
+def list_models(caller: CurrentCaller, settings: AppSettings) -> list[ModelOut]:
+    """Every value of a job's `model` this service knows, and whether ERQ_ALLOWED_MODELS accepts it:
+    the aliases, the supported timm names, and the hf-hub: and local-dir: forms."""
+    return accepted_models(settings)
+
+
+def accepted_models(settings: Settings) -> list[ModelOut]:
+    aliases = frozenset(MODEL_ALIASES)
+    allowed = lambda spec: settings.model_allowed(spec, aliases)  # noqa: E731
+    patterns = settings.allowed_model_patterns
+    models = [ModelOut(alias=e.alias, timm_name=e.timm_name, kind="alias", allowed=allowed(e.alias))
+              for e in MODEL_ALIASES.values()]
+    models += [ModelOut(alias=name, timm_name=name, kind="timm", allowed=allowed(name))
+               for name in sorted(supported_timm_names())]
+    for prefix, kind, form, where in ((HF_HUB_PREFIX, "hf-hub", "hf-hub:ORG/NAME", "a Hugging Face Hub repository"),
+                                      (LOCAL_DIR_PREFIX, "local-dir", "local-dir:/path",
+                                       "a timm folder (config.json, model.safetensors) under ERQ_DATA_ROOTS")):
+        enabled = [p for p in patterns if p.startswith(prefix)]
+        note = f"{where}; accepted: {', '.join(enabled)}" if enabled else f"{where}; not enabled (ERQ_ALLOWED_MODELS)"
+        models.append(ModelOut(alias=form, timm_name=None, kind=kind, allowed=bool(enabled), note=note))
+    return models
 
 
 @router.get("/healthz", tags=["health"])
@@ -26,8 +49,7 @@ def healthz() -> dict:
 
 
 @router.get("/readyz", tags=["health"])
-def readyz(request: Request, response: Response) -> dict:
-    settings = request.app.state.settings
+def readyz(request: Request, response: Response, settings: AppSettings) -> dict:
     checks = {}
     try:
         ping(settings.database_url)
@@ -50,18 +72,17 @@ def readyz(request: Request, response: Response) -> dict:
 class JobCollector:
     """Reads job figures from the database at each scrape (every API process reports the same)."""
 
-    def __init__(self, database_url: str):
-        self.database_url = database_url
+    def __init__(self, session: Session):
+        self.session = session
 
     def collect(self):
-        with session_scope(self.database_url) as session:
-            counts = jobs.counts_by_status(session)
-            durations = jobs.finished_durations(session)
+        counts = jobs.counts_by_status(self.session)
+        durations = jobs.finished_durations(self.session)
         by_status = GaugeMetricFamily("erq_jobs", "Jobs by status", labels=["status"])
-        for name in JOB_STATUSES:
-            by_status.add_metric([name], counts.get(name, 0))
+        for name in JobStatus:
+            by_status.add_metric([name.value], counts.get(name, 0))
         yield by_status
-        yield GaugeMetricFamily("erq_queue_depth", "Jobs waiting for a worker", value=counts.get("queued", 0))
+        yield GaugeMetricFamily("erq_queue_depth", "Jobs waiting for a worker", value=counts.get(JobStatus.QUEUED, 0))
         buckets = [(str(b), sum(d <= b for d in durations)) for b in DURATION_BUCKETS]
         buckets.append(("+Inf", len(durations)))
         yield HistogramMetricFamily("erq_job_duration_seconds", "Run time of succeeded jobs",
@@ -69,7 +90,7 @@ class JobCollector:
 
 
 @router.get("/metrics", tags=["health"])
-def metrics(request: Request) -> Response:
+def metrics(session: DbSession) -> Response:
     registry = CollectorRegistry()
-    registry.register(JobCollector(request.app.state.settings.database_url))
+    registry.register(JobCollector(session))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -88,10 +88,10 @@ def settings(tmp_path, database_url, data_root) -> Settings:
     from storage.migrate import upgrade
     from storage.settings import prepare_local_folders
 
-    settings = Settings(var_dir=tmp_path / "var", database_url=database_url,
+    settings = Settings(home=tmp_path / "var", database_url=database_url,
                         broker_url=f"sqla+sqlite:///{tmp_path / 'var' / 'broker.sqlite'}",
                         artifact_dir=tmp_path / "var" / "artifacts", data_roots=f"{FIXTURES}:{data_root}",
-                        max_active_jobs_per_key=3)
+                        max_active_jobs_per_owner=3)
     prepare_local_folders(settings)
     upgrade(settings.database_url)
     return settings
@@ -102,12 +102,12 @@ def make_key(settings: Settings, name: str) -> str:
     from storage.keys import create_key
 
     with session_scope(settings.database_url) as session:
-        return create_key(session, name)
+        return create_key(session, name).raw
 
 
 def service_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
     """Environment for a real `erq` process: its own var folder, the fixtures as data root."""
-    env = {**os.environ, "ERQ_VAR_DIR": str(tmp_path / "var"),
+    env = {**os.environ, "ERQ_HOME": str(tmp_path / "var"),
            "ERQ_DATABASE_URL": f"sqlite:///{tmp_path / 'var' / 'erq.sqlite'}",
            "ERQ_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'var' / 'broker.sqlite'}",
            "ERQ_ARTIFACT_DIR": str(tmp_path / "var" / "artifacts"), "ERQ_DATA_ROOTS": str(FIXTURES)}

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
-from tests.service.conftest import make_key
+from tests.service.conftest import ON_POSTGRESQL, ON_SQLITE, make_key
 
 JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "val_limit": 50}
 
@@ -34,14 +34,14 @@ def submit(client, headers, **changes):
 
 
 def test_every_v1_route_needs_a_key(client):
-    for method, path in [("post", "/v1/jobs"), ("get", "/v1/jobs"), ("get", "/v1/jobs/x"), ("get", "/v1/models"),
-                         ("post", "/v1/jobs/x/cancel"), ("get", "/v1/jobs/x/log"),
-                         ("get", "/v1/jobs/x/artifacts/config.json")]:
-        if path == "/v1/models":
-            continue
-        answer = getattr(client, method)(path)
-        assert answer.status_code == 401, path
-        assert "API key" in answer.json()["detail"]
+    paths = client.get("/openapi.json").json()["paths"]
+    v1_routes = {(method.upper(), path) for path, operations in paths.items() if path.startswith("/v1")
+                 for method in operations}
+    assert ("GET", "/v1/models") in v1_routes and ("HEAD", "/v1/jobs/{job_id}/artifacts/{name}") in v1_routes
+    for method, path in sorted(v1_routes):
+        answer = client.request(method, path.replace("{job_id}", "x").replace("{name}", "config.json"))
+        assert answer.status_code == 401, (method, path)
+        assert method == "HEAD" or "API key" in answer.json()["detail"]
     assert client.get("/v1/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
 
 
@@ -124,7 +124,7 @@ def test_idempotency_key_returns_the_same_job(client, alice):
 
 def test_listing_is_newest_first_and_paginated(client, alice, settings):
     from storage.db import session_scope
-    from storage.models import Job
+    from storage.models import Job, db_now
 
     ids = [submit(client, alice).json()["id"] for _ in range(3)]
     with session_scope(settings.database_url) as session:  # make room under the active-jobs limit
@@ -151,11 +151,12 @@ def test_cancel_a_queued_job(client, alice):
     assert client.post(f"/v1/jobs/{job_id}/cancel", headers=alice).status_code == 409
 
 
-def test_active_jobs_per_key_are_limited(client, alice, bob):
-    for _ in range(3):
-        assert submit(client, alice).status_code == 202
-    refused = submit(client, alice)
-    assert refused.status_code == 429 and "ERQ_MAX_ACTIVE_JOBS_PER_KEY" in refused.json()["detail"]
+def test_active_jobs_per_owner_are_limited_across_its_keys(client, alice, bob, settings):
+    alices_second_key = {"Authorization": f"Bearer {make_key(settings, 'alice')}"}
+    for headers in (alice, alices_second_key, alice):
+        assert submit(client, headers).status_code == 202
+    refused = submit(client, alices_second_key)
+    assert refused.status_code == 429 and "ERQ_MAX_ACTIVE_JOBS_PER_OWNER" in refused.json()["detail"]
     assert submit(client, bob).status_code == 202
 
 
@@ -168,8 +169,9 @@ def test_no_artifact_before_the_job_finishes(client, alice):
 
 
 def test_models_health_readiness_and_metrics(client, alice):
-    models = client.get("/v1/models", headers=alice).json()
-    assert {"alias": "deit_small", "timm_name": "deit_small_patch16_224"} in models and len(models) == 8
+    models = {m["alias"]: m for m in client.get("/v1/models", headers=alice).json()}
+    assert models["deit_small"] == {"alias": "deit_small", "timm_name": "deit_small_patch16_224", "kind": "alias",
+                                    "allowed": True, "note": None}
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["database"] == ready.json()["broker"] == "ok"
@@ -237,12 +239,22 @@ def test_wrong_types_and_huge_values_are_4xx(client, alice, changes):
     assert answer.status_code == 422 and answer.json()["detail"]
 
 
-def test_repeated_failed_authentication_is_slowed(client, alice):
+def test_repeated_failed_authentication_is_slowed_but_a_valid_key_is_never_throttled(client, alice):
     for _ in range(10):
         assert client.get("/v1/jobs", headers={"Authorization": "Bearer guess"}).status_code == 401
     blocked = client.get("/v1/jobs", headers={"Authorization": "Bearer guess"})
     assert blocked.status_code == 429 and blocked.headers["Retry-After"]
-    assert client.get("/v1/jobs", headers=alice).status_code == 429  # the same client, for a while
+    assert client.get("/v1/jobs", headers=alice).status_code == 200  # the same address (a proxy, a NAT)
+    assert client.get("/v1/jobs", headers={"Authorization": "Bearer guess"}).status_code == 429
+
+
+def test_the_failed_authentication_throttle_remembers_a_bounded_number_of_addresses(client):
+    throttle = client.app.state.auth_throttle
+    for i in range(3 * throttle.max_clients):
+        throttle.failed(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}")
+    assert len(throttle.failures) == throttle.max_clients
+    assert client.get("/v1/jobs", headers={"Authorization": "Bearer guess"}).status_code == 401
+    assert len(throttle.failures) == throttle.max_clients
 
 
 def test_keys_are_stored_hashed(settings, alice):
@@ -253,28 +265,25 @@ def test_keys_are_stored_hashed(settings, alice):
 
     raw = alice["Authorization"].split()[1]
     with session_scope(settings.database_url) as session:
-        stored = session.scalar(select(ApiKey.key_hash).where(ApiKey.name == "alice"))
-    assert raw not in stored and len(stored) == 64
+        stored = session.execute(select(ApiKey.key_hash, ApiKey.prefix)).one()
+    assert raw not in stored.key_hash and len(stored.key_hash) == 64 and stored.prefix == raw[:12]
 
 
 def _claim_with_a_silent_worker(settings, job_id: str) -> None:
-    import datetime as dt
-
     from storage import jobs
     from storage.db import session_scope
-    from storage.models import Job
+    from storage.models import Job, db_now
 
     with session_scope(settings.database_url) as session:
         assert jobs.claim(session, job_id, "lost-host:1") is not None
-        session.get(Job, job_id).heartbeat_at = jobs.utcnow() - dt.timedelta(seconds=settings.lease_seconds + 60)
+        session.get(Job, job_id).heartbeat_at = db_now(-(settings.lease_seconds + 60))
 
 
-def test_a_running_job_whose_worker_went_silent_is_requeued_when_read(client, alice, settings):
-    job_id = submit(client, alice).json()["id"]
-    _claim_with_a_silent_worker(settings, job_id)
-    job = client.get(f"/v1/jobs/{job_id}", headers=alice).json()  # no worker is up: the API sees the lease
-    assert job["status"] == "queued" and job["stage"] == "requeued after worker loss" and job["attempts"] == 1
-    assert _messages_on_the_broker(settings) == 2  # the submit's, and the re-queue's
+def _sweep(settings) -> None:
+    from storage.queue import make_celery
+    from storage.sweeper import Sweeper, standard_duties
+
+    assert Sweeper(standard_duties(make_celery(settings), settings)).run_due()
 
 
 def _messages_on_the_broker(settings) -> int:
@@ -287,11 +296,171 @@ def _messages_on_the_broker(settings) -> int:
     return count
 
 
-def test_a_silent_worker_on_the_last_attempt_fails_the_job_when_read(alice, settings):
+def test_reads_only_read_and_the_sweeper_requeues_a_job_whose_worker_went_silent(client, alice, settings):
+    job_id = submit(client, alice).json()["id"]
+    _claim_with_a_silent_worker(settings, job_id)
+    for _ in range(2):
+        job = client.get(f"/v1/jobs/{job_id}", headers=alice).json()
+        listed = client.get("/v1/jobs", headers=alice).json()["jobs"][0]
+        assert job["status"] == listed["status"] == "running" and job["attempts"] == 1
+    assert _messages_on_the_broker(settings) == 1  # the submit's only: a read sends nothing
+    _sweep(settings)
+    job = client.get(f"/v1/jobs/{job_id}", headers=alice).json()
+    assert job["status"] == "queued" and job["stage"] == "requeued after worker loss" and job["attempts"] == 1
+    assert _messages_on_the_broker(settings) == 2  # the submit's, and the re-queue's
+
+
+def test_reads_answer_at_once_while_the_broker_is_down(alice, settings):
+    job_id = None
+    with TestClient(create_app(settings)) as client:
+        job_id = submit(client, alice).json()["id"]
+    _claim_with_a_silent_worker(settings, job_id)
+    unreachable = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(unreachable)) as client:
+        import time
+
+        start = time.monotonic()
+        for _ in range(5):
+            assert client.get(f"/v1/jobs/{job_id}", headers=alice).json()["status"] == "running"
+            assert client.get("/v1/jobs", headers=alice).status_code == 200
+        assert time.monotonic() - start < 2
+
+
+def test_the_sweeper_fails_a_silent_workers_job_on_its_last_attempt(alice, settings):
     settings = settings.model_copy(update={"max_attempts": 1})
     with TestClient(create_app(settings)) as client:
         job_id = submit(client, alice).json()["id"]
         _claim_with_a_silent_worker(settings, job_id)
-        running = client.get(f"/v1/jobs", headers=alice).json()["jobs"][0]
-        assert running["status"] == "failed" and "lost-host:1 stopped answering" in running["error"]
-        assert running["heartbeat_at"] is not None
+        _sweep(settings)
+        failed = client.get("/v1/jobs", headers=alice).json()["jobs"][0]
+        assert failed["status"] == "failed" and "lost-host:1 stopped answering" in failed["error"]
+        assert failed["heartbeat_at"] is not None
+
+
+def test_an_idempotency_key_reused_with_a_different_body_is_refused(client, alice):
+    first = client.post("/v1/jobs", json=JOB, headers={**alice, "Idempotency-Key": "k1"})
+    same = client.post("/v1/jobs", json={**JOB, "w_bits": 4}, headers={**alice, "Idempotency-Key": "k1"})  # the default
+    other = client.post("/v1/jobs", json={**JOB, "w_bits": 3}, headers={**alice, "Idempotency-Key": "k1"})
+    assert first.status_code == same.status_code == 202 and first.json()["id"] == same.json()["id"]
+    assert other.status_code == 422 and "'k1' was already used for a different request" in other.json()["detail"]
+    assert len(client.get("/v1/jobs", headers=alice).json()["jobs"]) == 1
+
+
+@ON_SQLITE
+def test_a_conflicting_insert_without_an_idempotency_key_answers_409_not_500(client, alice, settings):
+    from sqlalchemy import text
+
+    from storage.db import engine_for
+
+    with engine_for(settings.database_url).begin() as connection:  # the database refuses every new job
+        connection.execute(text("CREATE TRIGGER refuse_jobs BEFORE INSERT ON jobs "
+                                "BEGIN SELECT RAISE(ABORT, 'UNIQUE constraint failed: jobs.id'); END"))
+    answer = submit(client, alice)
+    assert answer.status_code == 409 and "send the request again" in answer.json()["detail"]
+
+
+def test_a_chunked_body_over_64_kib_answers_413(client, alice):
+    def chunks():
+        yield b'{"model": "'
+        for _ in range(10):
+            yield b"x" * 8192
+        yield b'"}'
+
+    answer = client.post("/v1/jobs", content=chunks(), headers={**alice, "Content-Type": "application/json"})
+    assert answer.status_code == 413 and "64 KiB" in answer.json()["detail"]
+    small = client.post("/v1/jobs", content=iter([b'{"model": "deit_small", ', b'"dataset": "/nowhere"}']),
+                        headers={**alice, "Content-Type": "application/json"})
+    assert small.status_code == 422 and "outside the allowed data roots" in small.json()["detail"]
+
+
+def _finished_job(client, headers, settings, size: int | None = None) -> dict:
+    """A job submitted through the API and ended by the job-state code the worker uses, with files."""
+    from storage import jobs
+    from storage.artifacts import ArtifactStore
+    from storage.db import session_scope
+    from storage.models import JobStatus
+
+    job_id = submit(client, headers).json()["id"]
+    with session_scope(settings.database_url) as session:
+        attempt = jobs.claim(session, job_id, "w1").attempts
+    folder = ArtifactStore(settings.artifact_dir).fresh_run_dir(job_id, f"attempt-{attempt}")
+    (folder / "config.json").write_text('{"w_bits": 4}')
+    (folder / "job.log").write_text("done\n")
+    with open(folder / "quantized.safetensors", "wb") as handle:
+        handle.truncate(size or 1000)  # sparse: a big checkpoint takes no disk
+    (folder / "metrics.json").write_text("{}")
+    with session_scope(settings.database_url) as session:
+        assert jobs.finish(session, job_id, JobStatus.SUCCEEDED, metrics={}, run_dir=folder, worker="w1")
+    return client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+
+
+def test_artifacts_answer_head_and_if_none_match(client, alice, settings):
+    job = _finished_job(client, alice, settings)
+    config = next(a for a in job["artifacts"] if a["name"] == "config.json")
+    head = client.head(config["url"], headers=alice)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(config["size"]) and head.headers["ETag"] == f'"{config["sha256"]}"'
+    unchanged = client.get(config["url"], headers={**alice, "If-None-Match": head.headers["ETag"]})
+    assert unchanged.status_code == 304 and unchanged.content == b"" and unchanged.headers["ETag"] == head.headers["ETag"]
+    assert client.get(config["url"], headers={**alice, "If-None-Match": '"other"'}).content == b'{"w_bits": 4}'
+
+
+def test_an_artifact_whose_file_is_missing_answers_410(client, alice, settings):
+    from storage.artifacts import ArtifactStore
+
+    job = _finished_job(client, alice, settings)
+    folder = ArtifactStore(settings.artifact_dir).run_dir(job["id"], "attempt-1")
+    (folder / "metrics.json").unlink()
+    url = next(a["url"] for a in job["artifacts"] if a["name"] == "metrics.json")
+    for method in ("GET", "HEAD"):
+        answer = client.request(method, url, headers=alice)
+        assert answer.status_code == 410, (method, answer.status_code)
+    assert "no longer in the artifact store" in client.get(url, headers=alice).json()["detail"]
+
+
+@ON_POSTGRESQL
+def test_artifacts_over_2_gib_are_recorded_and_served(client, alice, settings):
+    size = 2**31 + 5
+    job = _finished_job(client, alice, settings, size=size)
+    checkpoint = next(a for a in job["artifacts"] if a["name"] == "quantized.safetensors")
+    assert checkpoint["size"] == size
+    assert client.head(checkpoint["url"], headers=alice).headers["content-length"] == str(size)
+
+
+def test_a_running_job_shows_that_a_cancel_is_pending(client, alice, settings):
+    from storage import jobs
+    from storage.db import session_scope
+
+    job_id = submit(client, alice).json()["id"]
+    with session_scope(settings.database_url) as session:
+        jobs.claim(session, job_id, "w1")
+    assert client.get(f"/v1/jobs/{job_id}", headers=alice).json()["cancel_requested"] is False
+    answer = client.post(f"/v1/jobs/{job_id}/cancel", headers=alice).json()
+    assert answer["status"] == "running" and answer["cancel_requested"] is True
+    assert client.get(f"/v1/jobs/{job_id}", headers=alice).json()["cancel_requested"] is True
+
+
+def test_hub_models_are_refused_unless_erq_allowed_models_names_them(client, alice, settings):
+    refused = submit(client, alice, model="hf-hub:someone/forty-gigabytes")
+    assert refused.status_code == 422 and "ERQ_ALLOWED_MODELS" in refused.json()["detail"]
+    assert submit(client, alice, model="vit_base_patch16_224").status_code == 422  # a timm name, not an alias
+    assert submit(client, alice, model="deit_tiny").status_code == 202  # aliases are allowed by default
+    opened = settings.model_copy(update={"allowed_models": "@aliases,local-dir:*,hf-hub:timm/*,vit_*"})
+    with TestClient(create_app(opened)) as other:
+        assert submit(other, alice, model="hf-hub:timm/deit_tiny_patch16_224.fb_in1k").status_code == 202
+        assert submit(other, alice, model="vit_base_patch16_224").status_code == 202
+        assert submit(other, alice, model="hf-hub:someone/forty-gigabytes").status_code == 422
+
+
+def test_models_lists_what_is_accepted_and_what_is_enabled(client, alice, settings):
+    models = client.get("/v1/models", headers=alice).json()
+    by_kind = {kind: [m for m in models if m["kind"] == kind] for kind in ("alias", "timm", "hf-hub", "local-dir")}
+    assert len(by_kind["alias"]) == 8 and all(m["allowed"] for m in by_kind["alias"])
+    assert any(m["alias"] == "deit_small_patch16_224" and not m["allowed"] for m in by_kind["timm"])
+    assert [m["allowed"] for m in by_kind["hf-hub"]] == [False] and [m["allowed"] for m in by_kind["local-dir"]] == [True]
+    opened = settings.model_copy(update={"allowed_models": "hf-hub:timm/*"})
+    with TestClient(create_app(opened)) as other:
+        listed = other.get("/v1/models", headers=alice).json()
+        hub = next(m for m in listed if m["kind"] == "hf-hub")
+        assert hub["allowed"] and "hf-hub:timm/*" in hub["note"]
+        assert not any(m["allowed"] for m in listed if m["kind"] != "hf-hub")

@@ -3,7 +3,6 @@ Whatever the outage, every job that was accepted (202) ends, and none is left qu
 broker message behind it (worker/celery_app.py OrphanedJobs)."""
 from __future__ import annotations
 
-import datetime as dt
 import os
 import shutil
 import signal
@@ -20,11 +19,11 @@ from sqlalchemy import select
 from storage import jobs
 from storage.db import session_scope
 from storage.keys import find_key
-from storage.models import Job
+from storage.models import Job, db_now
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_POSTGRESQL, ON_SQLITE, _unavailable, make_key, service_env
 from tests.service.processes import api_client, erq_process, free_port, wait_for_http, wait_for_job
-from worker.celery_app import ORPHAN_GRACE_SECONDS, OrphanedJobs, enqueue, make_celery, ready_messages
+from storage.queue import ORPHAN_GRACE_SECONDS, OrphanedJobs, enqueue, make_celery, ready_messages
 
 SHORT_JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "calib_size": 32,
              "evaluate": False}
@@ -98,7 +97,7 @@ def test_the_api_killed_during_load_then_restarted_every_accepted_job_ends(tmp_p
                 _sigkill(api)
         assert load.cut and set(load.statuses) == {202}, (load.cut, load.statuses)  # killed mid-request
         with session_scope(settings.database_url) as session:  # a kill between commit and enqueue, for sure
-            orphan = jobs.create_job(session, find_key(session, key).id, dict(SHORT_JOB), None).id
+            orphan = jobs.create_job(session, find_key(session, key).owner_id, dict(SHORT_JOB), None).id
         with session_scope(settings.database_url) as session:
             everything = list(session.scalars(select(Job.id)))
         with erq_process(["api", "--port", str(port)], env, tmp_path, api_log) as api:
@@ -175,8 +174,8 @@ def _queued_job(settings, age_seconds: float = 0) -> str:
     """A queued job created `age_seconds` ago, with no broker message."""
     key = make_key(settings, f"key-{time.monotonic_ns()}")
     with session_scope(settings.database_url) as session:
-        job = jobs.create_job(session, find_key(session, key).id, dict(SHORT_JOB), None)
-        job.created_at = jobs.utcnow() - dt.timedelta(seconds=age_seconds)
+        job = jobs.create_job(session, find_key(session, key).owner_id, dict(SHORT_JOB), None)
+        job.created_at = db_now(-age_seconds)
         return job.id
 
 

@@ -99,5 +99,5 @@ def test_redis_and_postgresql_end_to_end(tmp_path, redis_server, postgres_url):
             assert job["attempts"] == 1
             metrics = client.get("/metrics").text
             assert 'erq_jobs{status="succeeded"} 1.0' in metrics
-    revoked = run_erq(["admin", "revoke-key", "ci"], env, tmp_path)
-    assert revoked.returncode == 0
+    revoked = run_erq(["admin", "revoke-key", key[:12]], env, tmp_path)
+    assert revoked.returncode == 0 and "revoked key" in revoked.stdout

@@ -1,7 +1,6 @@
 """Cancelling a running job, and a worker killed mid-job."""
 from __future__ import annotations
 
-import datetime as dt
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 
 from storage import jobs
 from storage.db import session_scope
-from storage.models import Job
+from storage.models import Job, db_now
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_POSTGRESQL, ON_SQLITE, make_key, service_env
 from tests.service.processes import api_client, erq_process, free_port, wait_for_http, wait_for_job
@@ -114,10 +113,10 @@ def test_an_expired_lease_on_the_last_attempt_fails_the_job_with_a_reason(settin
     with session_scope(settings.database_url) as session:
         from storage.keys import find_key
 
-        job = jobs.create_job(session, find_key(session, key).id, dict(QUICK_JOB), None)
+        job = jobs.create_job(session, find_key(session, key).owner_id, dict(QUICK_JOB), None)
         job_id = job.id
         assert jobs.claim(session, job_id, "host:1") is not None
-        session.get(Job, job_id).heartbeat_at = jobs.utcnow() - dt.timedelta(seconds=60)
+        session.get(Job, job_id).heartbeat_at = db_now(-60)
     with session_scope(settings.database_url) as session:
         assert jobs.expire_leases(session, lease_seconds=30, max_attempts=1) == []
     with session_scope(settings.database_url) as session:
@@ -147,13 +146,13 @@ def test_a_full_artifact_volume_fails_the_job_with_a_reason_and_lists_nothing_pa
     with session_scope(settings.database_url) as session:
         from storage.keys import find_key
 
-        job_id = jobs.create_job(session, find_key(session, key).id, {**QUICK_JOB, "evaluate": False}, None).id
+        job_id = jobs.create_job(session, find_key(session, key).owner_id, {**QUICK_JOB, "evaluate": False}, None).id
     execute_job(job_id, settings)
     with session_scope(settings.database_url) as session:
         job = session.get(Job, job_id)
         assert job.status == "failed" and "No space left on device" in job.error
         assert [a.name for a in job.artifacts] == ["job.log"]
-    assert not [p.name for p in (full_volume / job_id).iterdir() if p.name.endswith(".tmp")]
+    assert not list((full_volume / job_id).rglob("*.tmp"))  # in the attempt folder too
 
 
 @ON_POSTGRESQL
@@ -171,7 +170,7 @@ def test_dataset_trouble_found_while_running_fails_the_job_naming_the_file(setti
     with session_scope(settings.database_url) as session:
         from storage.keys import find_key
 
-        key_id = find_key(session, key).id
+        key_id = find_key(session, key).owner_id
         broken = jobs.create_job(session, key_id, {**QUICK_JOB, "dataset": str(dataset), "val_limit": None}, None).id
         healthy = jobs.create_job(session, key_id, dict(QUICK_JOB), None).id
     execute_job(broken, settings)

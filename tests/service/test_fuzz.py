@@ -14,9 +14,9 @@ from tests.fixture_paths import FIXTURES
 from tests.service.conftest import make_key
 
 _var = Path(tempfile.mkdtemp(prefix="erq-fuzz-"))
-SETTINGS = Settings(var_dir=_var, database_url=f"sqlite:///{_var / 'erq.sqlite'}",
+SETTINGS = Settings(home=_var, database_url=f"sqlite:///{_var / 'erq.sqlite'}",
                     broker_url=f"sqla+sqlite:///{_var / 'broker.sqlite'}", artifact_dir=_var / "artifacts",
-                    data_roots=str(FIXTURES), max_active_jobs_per_key=1000)
+                    data_roots=str(FIXTURES), max_active_jobs_per_owner=1000)
 prepare_local_folders(SETTINGS)
 upgrade(SETTINGS.database_url)
 KEY = make_key(SETTINGS, "fuzzer")
@@ -28,5 +28,5 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(SETTINGS))
 def test_no_server_errors_and_every_4xx_has_a_message(case):
     response = case.call(headers={"Authorization": f"Bearer {KEY}"})
     assert response.status_code < 500, (response.status_code, response.text)
-    if 400 <= response.status_code < 500:
+    if 400 <= response.status_code < 500 and case.method.upper() != "HEAD":  # HEAD answers carry no body
         assert response.json()["detail"], response.text

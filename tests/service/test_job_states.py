@@ -1,14 +1,13 @@
 """The job state machine in storage/jobs.py on SQLite and PostgreSQL: claims, releases, leases, cancels."""
 from __future__ import annotations
 
-import datetime as dt
 
 from sqlalchemy import update
 
 from storage import jobs
 from storage.db import session_scope
 from storage.keys import find_key
-from storage.models import Job
+from storage.models import Job, db_now
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import make_key
 
@@ -18,7 +17,7 @@ PARAMS = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATA
 def new_job(settings) -> str:
     key = make_key(settings, "alice")
     with session_scope(settings.database_url) as session:
-        return jobs.create_job(session, find_key(session, key).id, dict(PARAMS), None).id
+        return jobs.create_job(session, find_key(session, key).owner_id, dict(PARAMS), None).id
 
 
 def state(settings, job_id: str) -> Job:
@@ -64,7 +63,7 @@ def test_a_lost_worker_of_a_cancelled_job_ends_it_cancelled_not_requeued(setting
     with session_scope(settings.database_url) as session:
         jobs.claim(session, job_id, "w1")
         jobs.request_cancel(session, job_id)
-        session.get(Job, job_id).heartbeat_at = jobs.utcnow() - dt.timedelta(hours=1)
+        session.get(Job, job_id).heartbeat_at = db_now(-3600)
     with session_scope(settings.database_url) as session:
         assert jobs.expire_leases(session, lease_seconds=60, max_attempts=3) == []
     assert state(settings, job_id).status == "cancelled"
@@ -85,7 +84,7 @@ def test_a_worker_whose_lease_expired_can_neither_report_nor_finish_the_new_run(
     with session_scope(settings.database_url) as session:
         jobs.claim(session, job_id, "slow-w1")
         assert jobs.report_progress(session, job_id, "slow-w1", "aqer", 0.4) is None
-        session.get(Job, job_id).heartbeat_at = jobs.utcnow() - dt.timedelta(hours=1)
+        session.get(Job, job_id).heartbeat_at = db_now(-3600)
     with session_scope(settings.database_url) as session:
         assert jobs.expire_leases(session, lease_seconds=60, max_attempts=3) == [job_id]
     with session_scope(settings.database_url) as session:

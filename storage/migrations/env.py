@@ -1,4 +1,5 @@
-"""Alembic environment: the URL comes from the caller (storage.migrate) or ERQ_DATABASE_URL."""
+"""Alembic environment: storage.migrate hands over a connection that holds the migration lock;
+by hand (`alembic upgrade head`) the URL comes from ERQ_DATABASE_URL."""
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
@@ -15,12 +16,20 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+def _migrate(connection) -> None:
+    context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
 def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _migrate(connection)
+        return
     connectable = engine_from_config({"sqlalchemy.url": url}, prefix="sqlalchemy.", poolclass=pool.NullPool)
     with connectable.connect() as connection:
-        context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
-        with context.begin_transaction():
-            context.run_migrations()
+        _migrate(connection)
 
 
 if context.is_offline_mode():

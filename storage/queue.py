@@ -1,18 +1,20 @@
-"""The Celery application. Light: the API imports it to enqueue by task name, without torch."""
+"""The job queue: the Celery client that both the API and the workers use (app factory, enqueue by
+task name) and the queue's own repairs (lost leases, orphaned jobs), which the sweeper runs.
+
+Light on purpose: no torch, no engine, nothing of the worker package. The task itself lives in
+worker/tasks.py under the name RUN_JOB_TASK.
+"""
 from __future__ import annotations
 
-import datetime as dt
 import logging
 
 from celery import Celery
 
 from storage import jobs
 from storage.db import session_scope
-from storage.models import utcnow
 from storage.settings import Settings, get_settings
 
 RUN_JOB_TASK = "erq.run_job"
-LEASE_SWEEP_SECONDS = 5
 # A queued job younger than this may still be on its way to the broker (the API commits the job,
 # then sends its message): the orphan sweep leaves it alone.
 ORPHAN_GRACE_SECONDS = 30
@@ -21,7 +23,7 @@ log = logging.getLogger("erq")
 
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = Celery("erq", broker=settings.broker_url, include=["worker.tasks"])
+    app = Celery("erq", broker=settings.broker_url)
     app.conf.update(
         task_default_queue=settings.queue,
         task_acks_late=True,
@@ -54,17 +56,25 @@ def _transport_options(settings: Settings) -> dict:
     return {}  # the embedded SQLAlchemy transport passes its options to create_engine
 
 
+def declare_queue(settings: Settings) -> None:
+    """Create the job queue in an embedded broker once, at start-up, one process at a time: the
+    SQLAlchemy transport creates its queue row on first use, and processes starting together
+    (API and worker slots) would race to insert it, failing a submission or a worker's start."""
+    if not settings.embedded_broker or "sqlite:///" not in settings.broker_url:
+        return
+    from storage.migrate import sqlite_file_lock
+
+    with sqlite_file_lock(settings.broker_url):
+        ready_messages(make_celery(settings), settings)
+
+
 def enqueue(app: Celery, job_id: str) -> None:
     app.send_task(RUN_JOB_TASK, args=[job_id], retry=True,
                   retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
 
 
 def requeue_lost_jobs(app: Celery, settings: Settings) -> list[str]:
-    """Re-queue (or fail) running jobs whose worker stopped sending heartbeats.
-
-    Run by a sweeper thread in every worker and, throttled, by the API when a client reads jobs, so
-    a job never stays `running` after its worker is gone, even while no worker is up.
-    """
+    """Re-queue (or fail) running jobs whose worker stopped sending heartbeats (a sweeper duty)."""
     with session_scope(settings.database_url) as session:
         requeued = jobs.expire_leases(session, settings.lease_seconds, settings.max_attempts)
     for job_id in requeued:
@@ -98,7 +108,7 @@ class OrphanedJobs:
     - A job the API has committed but not sent yet is younger than the grace: not counted.
     - A message a worker has taken whose claim is not committed yet, or a job a lease sweep has
       re-queued but not sent yet: the job counts and its message does not, for milliseconds. So a
-      shortfall is acted on only when two sweeps in a row (LEASE_SWEEP_SECONDS apart) see one.
+      shortfall is acted on only when two sweeps in a row (a few seconds apart) see one.
     - Messages are counted before jobs: a job claimed in between lowers the job count, never
       raises it.
     - Messages of younger jobs count too, so a loss shows only once they have run or aged past
@@ -120,16 +130,15 @@ class OrphanedJobs:
             self.short_last_sweep = False
             log.warning("orphaned-job sweep skipped: the broker is unreachable (%s)", exc)
             return []
-        queued_before = utcnow() - dt.timedelta(seconds=ORPHAN_GRACE_SECONDS)
         with session_scope(self.settings.database_url) as session:
-            queued = jobs.queued_before(session, queued_before)
+            queued = jobs.queued_longer_than(session, ORPHAN_GRACE_SECONDS)
         short = waiting < queued
         confirmed = short and self.short_last_sweep
         self.short_last_sweep = short and not confirmed  # after acting, wait for two short sweeps again
         if not confirmed:
             return []
         with session_scope(self.settings.database_url) as session:
-            orphans = jobs.queued_ids_before(session, queued_before)
+            orphans = jobs.queued_ids_longer_than(session, ORPHAN_GRACE_SECONDS)
         log.warning("%d job(s) queued for over %d s but only %d message(s) in the broker queue: "
                     "sending the messages of all %d again", queued, ORPHAN_GRACE_SECONDS, waiting, len(orphans))
         sent = []

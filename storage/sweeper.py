@@ -1,0 +1,82 @@
+"""The sweeper: the service's background duties, run on the worker side, never in a request.
+
+Each duty is a function run every few seconds: re-queue jobs whose worker went silent (lost
+leases) and re-send the messages of orphaned queued jobs. Every `erq worker` runs one sweeper
+thread (with `--concurrency N`, its supervising process does); concurrent sweepers are safe
+(rows are taken with SKIP LOCKED, duplicate messages are harmless). More duties are added to
+`standard_duties`.
+
+After a round in which every duty ran, the sweeper touches ERQ_WORKER_HEALTH_FILE: the worker's
+healthcheck (`erq worker --healthcheck`) reads its age.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from celery import Celery
+
+from storage.queue import OrphanedJobs, requeue_lost_jobs
+from storage.settings import Settings
+
+SWEEP_SECONDS = 5
+log = logging.getLogger("erq.sweeper")
+
+
+@dataclass
+class Duty:
+    name: str
+    every_seconds: float
+    run: Callable[[], object]
+    last_run: float = float("-inf")
+    ok: bool = True  # whether its last run succeeded
+
+
+def standard_duties(app: Celery, settings: Settings) -> list[Duty]:
+    orphans = OrphanedJobs(app, settings)
+    return [Duty("lost leases", SWEEP_SECONDS, lambda: requeue_lost_jobs(app, settings)),
+            Duty("orphaned jobs", SWEEP_SECONDS, orphans.reannounce)]
+
+
+class Sweeper(threading.Thread):
+    def __init__(self, duties: list[Duty], health_file: Optional[Path] = None):
+        super().__init__(daemon=True, name="sweeper")
+        self.duties, self.health_file = duties, health_file
+        self.stopping = threading.Event()
+
+    def run_due(self) -> bool:
+        """Run the duties that are due; True when the last run of every duty succeeded."""
+        for duty in self.duties:
+            if time.monotonic() - duty.last_run < duty.every_seconds:
+                continue
+            duty.last_run = time.monotonic()
+            try:
+                duty.run()
+                duty.ok = True
+            except Exception:
+                duty.ok = False
+                log.warning("sweeper duty %r failed", duty.name, exc_info=True)
+        return all(duty.ok for duty in self.duties)
+
+    def touch_health_file(self) -> None:
+        if self.health_file is None:
+            return
+        try:
+            self.health_file.parent.mkdir(parents=True, exist_ok=True)
+            self.health_file.touch()
+        except OSError:
+            log.warning("cannot write the worker health file %s", self.health_file, exc_info=True)
+
+    def run(self) -> None:
+        while True:
+            if self.run_due():
+                self.touch_health_file()
+            if self.stopping.wait(1.0):
+                return
+
+    def stop(self) -> None:
+        self.stopping.set()
