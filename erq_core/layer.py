@@ -89,8 +89,9 @@ def solve_layer(name: str, layer: nn.Module, stats: LayerStats, plan: LayerPlan,
     report = {"name": name, "rtn": None, "aqer": None, "wqer": None}
     uses_aqer = plan.aqer_lambda is not None and isinstance(layer, QuantLinear)  # never the patch embedding
     if uses_aqer:  # the weights change before the quantizer is calibrated: round-to-nearest needs its own
+        # the report's baseline is plain round-to-nearest: weight-MSE ranges, as rtn would choose
         round_to_nearest = WeightQuantizer(quantizer.bits, d_out, d_in, quantizer.groups).to(reference.device)
-        calibrate(round_to_nearest, reference)
+        round_to_nearest.calibrate(reference[:, :d_in])
         report["rtn"] = error(quantized_view(round_to_nearest, reference))
 
     weight = reference

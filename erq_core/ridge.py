@@ -28,18 +28,33 @@ def output_error(weight: Tensor, H: Tensor, output_cross: Tensor, output_sq: flo
     return float(((weight @ H) * weight).sum() - 2 * (weight * output_cross.T).sum() + output_sq)
 
 
+def held_out_gains(weight: Tensor, train, test, with_bias: bool, alphas: tuple[float, ...]) -> Tensor:
+    """For each alpha, how much the Aqer update fitted on `train` changes `test`'s output error.
+
+    With H = V diag(e) V^T (train), R = V^T (C - H A^T) and the update A^T + V Z, Z = R / (e + lambda),
+    the test error changes by tr(Z^T P Z) - 2 tr(Z^T c) (P = V^T H_t V, c = V^T (C_t - H_t A^T)), which
+    is sum(P * M / (e+l)(e+l)^T) - 2 sum(s / (e+l)) with M = R R^T and s the row sums of R * c: after
+    one pass of matrix products, each alpha costs O(d^2)."""
+    w = weight.float()
+    H = train.gram(with_bias).float()
+    eigenvalues, vectors = torch.linalg.eigh(H)
+    eigenvalues = eigenvalues.clamp(min=0)
+    R = vectors.T @ (train.output_cross(weight, with_bias).float() - H @ w.T)
+    test_H = test.gram(with_bias).float()
+    P = vectors.T @ test_H @ vectors
+    c = vectors.T @ (test.output_cross(weight, with_bias).float() - test_H @ w.T)
+    M, s = R @ R.T, (R * c).sum(dim=1)
+    scale = mean_diagonal(H)
+    gains = []
+    for alpha in alphas:
+        inverse = 1.0 / (eigenvalues + alpha * scale)
+        gains.append((P * M * inverse[:, None] * inverse[None, :]).sum() - 2 * (s * inverse).sum())
+    return torch.stack(gains).double()
+
+
 def choose_aqer_alpha(weight: Tensor, folds: FoldedStats, with_bias: bool) -> float:
     """The alpha whose Aqer solve on one half predicts the other half's FP output best."""
-    errors = torch.zeros(len(ALPHAS), dtype=torch.float64)
-    halves = folds.folds
-    for train, test in ((halves[0], halves[1]), (halves[1], halves[0])):
-        H = train.gram(with_bias)
-        eigenvalues, vectors = torch.linalg.eigh(H.float())
-        eigenvalues, vectors = eigenvalues.double(), vectors.double()
-        rhs = vectors.T @ (train.output_cross(weight, with_bias) - H @ weight.T)
-        scale = mean_diagonal(H)
-        test_H, test_cross = test.gram(with_bias), test.output_cross(weight, with_bias)
-        for index, alpha in enumerate(ALPHAS):
-            delta_t = vectors @ (rhs / (eigenvalues.clamp(min=0) + alpha * scale)[:, None])
-            errors[index] += output_error(weight + delta_t.T, test_H, test_cross, test.output_sq)
+    first, second = folds.folds
+    errors = held_out_gains(weight, first, second, with_bias, ALPHAS) + \
+        held_out_gains(weight, second, first, with_bias, ALPHAS)
     return ALPHAS[int(errors.argmin())]
