@@ -99,10 +99,18 @@ def quantize_plus(model: nn.Module, calibration: Iterable, config: ErqConfig, se
             seconds["reconstruct"] = round(seconds.get("reconstruct", 0.0) + time.perf_counter() - start, 3)
             log.info("reconstructed %s: block output error %.4g -> %.4g", name, before, after)
 
-    start = time.perf_counter()
+    def timed_calibration(unit: nn.Module, module: nn.Module, unit_input: Tensor) -> None:
+        start = time.perf_counter()
+        calibrate_before(unit, module, unit_input)
+        seconds["calibrate_activations"] = round(seconds.get("calibrate_activations", 0.0)
+                                                 + time.perf_counter() - start, 3)
+
+    start, attributed = time.perf_counter(), sum(seconds.values())
     reports = quantize_sequentially(
         model, fp_model, batches, config.calib_size, solve,
-        calibrate_quantizers=calibrate_before if options.output_aware_activations else None,
+        calibrate_quantizers=timed_calibration if options.output_aware_activations else None,
         after_block=after_block, progress=lambda done, total: progress("quantize_layers", done, total))
-    seconds["sequential"] = round(time.perf_counter() - start, 3)
+    # what the walk spent outside the stages timed above: the forwards and the statistics
+    inside = sum(seconds.values()) - attributed
+    seconds["collect_statistics"] = round(time.perf_counter() - start - inside, 3)
     return reports

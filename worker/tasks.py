@@ -57,6 +57,8 @@ def _on_worker_shutting_down(**_) -> None:
 STAGE_WEIGHTS = {"load_model": 0.05, "evaluate_fp": 0.15, "calibrate_activations": 0.05,
                  "collect_statistics": 0.2, "aqer": 0.05, "calibrate_weights": 0.05, "wqer": 0.2,
                  "evaluate": 0.2, "save": 0.05}
+# erq+ walks the blocks once instead of the four layer stages of erq: it stands for all four
+SEQUENTIAL_STAGE, LAYER_STAGES = "quantize_layers", ("collect_statistics", "aqer", "calibrate_weights", "wqer")
 PROGRESS_WRITE_SECONDS = 0.5
 
 
@@ -91,10 +93,13 @@ class ProgressReporter:
         self.last_write = 0.0
 
     def fraction(self, stage: str, done: int, total: int) -> float:
+        share = done / total if total else 0.0
         before = 0.0
         for name, weight in STAGE_WEIGHTS.items():
+            if stage == SEQUENTIAL_STAGE and name == LAYER_STAGES[0]:
+                return min(1.0, before + sum(STAGE_WEIGHTS[s] for s in LAYER_STAGES) * share)
             if name == stage:
-                return min(1.0, before + weight * (done / total if total else 0.0))
+                return min(1.0, before + weight * share)
             before += weight
         return before
 
