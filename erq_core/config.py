@@ -88,6 +88,9 @@ class ErqConfig:
     val_limit: Optional[int] = _field(None, help="evaluate on a fixed random subset of N val images",
                                       flags=("--val-limit", "--val_limit"), ge=1, le=MAX_VAL_LIMIT)
     batch_size: int = _field(32, help="batch size", flags=("--batch-size", "--batch_size"), ge=1, le=MAX_BATCH_SIZE)
+    export: tuple[str, ...] = _field((), help="also write the model in these formats (onnx: DIR/model.onnx, "
+                                              "runs in onnxruntime without erq); repeat the flag for several",
+                                     flags=("--export",), choices=EXPORT_FORMATS)
 
     def validate(self) -> "ErqConfig":
         """Raise ConfigError with a message that says what to fix; return self when fine."""
