@@ -45,6 +45,7 @@ DEFAULT_OPSET = 21
 TRACE_OPSET = 20  # the TorchScript exporter's last opset; the graph is converted afterwards
 MARKER_DOMAIN = "erq.marker"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
+ONNX_FILE = "model.onnx"  # what `erq quantize --export onnx` writes into the run folder
 
 
 class OnnxExportError(ErqError):
