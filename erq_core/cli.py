@@ -165,5 +165,6 @@ def export_main(argv: list[str]) -> int:
     except ErqError as exc:
         return _fail("erq export", str(exc))
     print(json.dumps({"out": str(result.path), "bytes": result.bytes, "opset": result.opset,
-                      "weight_layers": result.weight_layers, "activation_quantizers": result.activation_quantizers}))
+                      "weight_layers": result.weight_layers, "activation_quantizers": result.activation_quantizers,
+                      "weight_code_types": result.weight_code_types}))
     return 0

@@ -59,6 +59,7 @@ class ExportResult:
     opset: int
     weight_layers: int
     activation_quantizers: int
+    weight_code_types: dict[str, int]  # weight blocks (a layer, or one part of a two-part layer) per type
 
 
 # ---------------------------------------------------------------- markers traced by torch.onnx.export
@@ -184,6 +185,12 @@ class _Graph:
         self.graph.initializer.append(tensor)
         return tensor.name
 
+    def rename(self, value: str, new: str) -> str:
+        """Let the node written here that produces `value` produce `new` instead."""
+        producer = next(n for n in self.nodes if value in n.output)
+        producer.output[list(producer.output).index(value)] = new
+        return new
+
     def node(self, op: str, inputs: list[str], output: Optional[str] = None, stem: str = "q", **attrs) -> str:
         from onnx import helper
 
@@ -258,9 +265,25 @@ def _code_type(bits: int, zero: np.ndarray) -> tuple[int, type]:
     raise OnnxExportError(f"weight zero points {zero.min()}..{zero.max()} fit no ONNX integer type")
 
 
+def _stitched(g: _Graph, stem: str, tag: str, parts: list[tuple[np.ndarray, str]], axis: int,
+              output: Optional[str]) -> str:
+    """Blocks of a tensor (each: the indices it holds along `axis`, its value) put back in order."""
+    if len(parts) == 1:
+        return g.rename(parts[0][1], output) if output else parts[0][1]
+    order = np.argsort(np.concatenate([indices for indices, _ in parts])).astype(np.int64)
+    stacked = g.node("Concat", [value for _, value in parts], stem=stem, axis=axis)
+    return g.node("Gather", [stacked, g.constant(f"{stem}.{tag}_order", order)], output, stem=stem, axis=axis)
+
+
 def _weight(g: _Graph, out: str, stem: str, layer: nn.Module, transposed: bool) -> None:
     """The dequantized weight, as the layer's forward reads it: (d_in, d_out) for a linear
-    (transposed), (out, in, kh, kw) for the patch convolution."""
+    (transposed), (out, in, kh, kw) for the patch convolution.
+
+    Blocks: each column group (two-part weights: ordinary and outlier input columns), and in it the
+    output channels whose zero point fits the b-bit codes and those whose zero point does not (a
+    row all of one sign: its zero point lies outside 0..2^b-1), which go on the next integer type
+    that holds them exactly. Each block is one DequantizeLinear; Concat + Gather restore the order.
+    """
     quantizer = layer.weight_quantizer
     w2d = layer.weight.detach().reshape(layer.weight.shape[0], -1)
     codes = quantizer.codes(w2d).cpu().numpy()  # (d_out, d_in)
@@ -269,37 +292,35 @@ def _weight(g: _Graph, out: str, stem: str, layer: nn.Module, transposed: bool) 
     groups = quantizer.column_group.cpu().numpy()
     if not np.all(zero == np.round(zero)):
         raise OnnxExportError(f"{stem}: fractional weight zero points have no DequantizeLinear form")
-
-    def dequantized(columns: np.ndarray, group: int, output: Optional[str] = None) -> str:
-        # A zero point outside 0..2^b-1 (a row, or its outlier columns, all of one sign) does not fit
-        # the b-bit type: that group is stored on the next type that holds it, never rounded.
-        elem, dtype = _code_type(quantizer.bits, zero[:, group])
-        part = codes[:, columns]
-        data = part.T if transposed else part.reshape(layer.weight.shape)  # conv: one group, all columns
-        c = g.packed(f"{stem}.codes{group}", np.ascontiguousarray(data).astype(dtype), elem)
-        zp = g.packed(f"{stem}.zero_point{group}", zero[:, group].astype(dtype), elem)
-        s = g.constant(f"{stem}.scale{group}", scale[:, group].astype(np.float32))
-        return g.node("DequantizeLinear", [c, s, zp], output, stem=stem, axis=1 if transposed else 0)
-
-    if quantizer.groups == 1:
-        dequantized(np.arange(codes.shape[1]), 0, out)
-        return
-    if not transposed:
+    if quantizer.groups > 1 and not transposed:
         raise OnnxExportError(f"{stem}: two-part weights are supported on linear layers only")
-    order = np.concatenate([np.flatnonzero(groups == 0), np.flatnonzero(groups == 1)])
-    parts = [dequantized(np.flatnonzero(groups == k), k) for k in (0, 1)]
-    stacked = g.node("Concat", parts, stem=stem, axis=0)  # rows: input columns, ordinary then outliers
-    g.node("Gather", [stacked, g.constant(f"{stem}.column_order", np.argsort(order).astype(np.int64))], out,
-           stem=stem, axis=0)
+    row_axis = 1 if transposed else 0
+    narrow_top = 15 if quantizer.bits <= 4 else 255
+
+    def block(rows: np.ndarray, columns: np.ndarray, group: int, tag: str) -> str:
+        elem, dtype = _code_type(quantizer.bits, zero[rows, group])
+        part = codes[np.ix_(rows, columns)]
+        data = part.T if transposed else part.reshape((len(rows),) + tuple(layer.weight.shape[1:]))
+        c = g.packed(f"{stem}.codes{tag}", np.ascontiguousarray(data).astype(dtype), elem)
+        zp = g.packed(f"{stem}.zero_point{tag}", zero[rows, group].astype(dtype), elem)
+        s = g.constant(f"{stem}.scale{tag}", scale[rows, group].astype(np.float32))
+        return g.node("DequantizeLinear", [c, s, zp], stem=stem, axis=row_axis)
+
+    column_parts = []
+    for group in range(quantizer.groups):
+        columns = np.flatnonzero(groups == group)
+        fits = (zero[:, group] >= 0) & (zero[:, group] <= narrow_top)
+        row_sets = [rows for rows in (np.flatnonzero(fits), np.flatnonzero(~fits)) if rows.size]
+        row_parts = [(rows, block(rows, columns, group, f"{group}_{k}")) for k, rows in enumerate(row_sets)]
+        column_parts.append((columns, _stitched(g, stem, f"rows{group}", row_parts, row_axis, None)))
+    _stitched(g, stem, "columns", column_parts, 0, out)
 
 
-def _rewrite(model_proto, activations, weights, opset: int):
-    import onnx
-    from onnx import version_converter
-
+def _rewrite(model_proto, activations, weights):
+    """Every marker node replaced by its standard-operator form; the float weights they read removed."""
     graph = model_proto.graph
     g = _Graph(graph)
-    found_act, found_weight = set(), set()
+    found_weight = set()
     replaced_inputs: set[str] = set()
     kept = []
     for node in graph.node:
@@ -309,7 +330,6 @@ def _rewrite(model_proto, activations, weights, opset: int):
         index = next(a.i for a in node.attribute if a.name == "index")
         if node.op_type == "Act":
             name, quantizer = activations[index]
-            found_act.add(index)
             build = _log_sqrt2_activation if isinstance(quantizer, LogSqrt2Quantizer) else _uniform_activation
             build(g, node.input[0], node.output[0], name, quantizer)
         else:
@@ -319,13 +339,10 @@ def _rewrite(model_proto, activations, weights, opset: int):
             _weight(g, node.output[0], name, layer, transposed=isinstance(layer, QuantLinear))
         kept.extend(g.nodes)
         g.nodes = []
-    unused_act = [activations[i][0] for i in range(len(activations)) if i not in found_act]
     unused_weight = [weights[i][0] for i in range(len(weights)) if i not in found_weight]
-    if unused_weight:
+    if unused_weight:  # a layer the trace did not see: its weights would be missing from the file
         raise OnnxExportError(f"the traced model does not use the quantized layers {unused_weight[:3]}: "
                               "the export would differ from the quantized model")
-    if unused_act and any(not n.endswith(".input_quantizer") for n in unused_act):
-        raise OnnxExportError(f"the traced model does not use the quantizers {unused_act[:3]}")
     del graph.node[:]
     graph.node.extend(kept)
     # the float weights the markers read (transposed by constant folding) are gone with them
@@ -340,15 +357,14 @@ def _rewrite(model_proto, activations, weights, opset: int):
 
 
 def _set_opset(model_proto, opset: int):
-    """The traced graph's opset raised to `opset` (the operators it uses keep their meaning)."""
-    import onnx
+    """The traced graph's opset raised to `opset` by onnx's version converter."""
     from onnx import version_converter
 
     plain = [e for e in model_proto.opset_import if e.domain in ("", "ai.onnx")]
     if plain and plain[0].version != opset:
         try:
             return version_converter.convert_version(model_proto, opset)
-        except Exception as exc:  # the converter may lack an adapter; the ops a ViT uses are stable
+        except Exception as exc:  # the converter lacks an adapter for some operator
             raise OnnxExportError(f"cannot convert the traced graph to opset {opset}: {exc}") from None
     return model_proto
 
@@ -375,7 +391,7 @@ def export_onnx(folder: str | Path, out: str | Path, opset: int = DEFAULT_OPSET,
         raise OnnxExportError(f"torch.onnx.export cannot trace {config['model_source']['architecture']}: "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     traced = _set_opset(traced, opset)
-    proto = _rewrite(traced, activations, weights, opset)
+    proto = _rewrite(traced, activations, weights)
     proto.ir_version = max(proto.ir_version, 10)  # opset 21 needs IR 10
     proto.producer_name = "erq"
     proto.doc_string = (f"erq {config['quantization']['method']} W{config['quantization']['w_bits']}/"
@@ -385,4 +401,14 @@ def export_onnx(folder: str | Path, out: str | Path, opset: int = DEFAULT_OPSET,
     out.parent.mkdir(parents=True, exist_ok=True)
     data = proto.SerializeToString()
     write_atomic(out, data)
-    return ExportResult(out, len(data), opset, len(weights), len(activations))
+    return ExportResult(out, len(data), opset, len(weights), len(activations), _weight_code_types(proto))
+
+
+def _weight_code_types(proto) -> dict[str, int]:
+    from collections import Counter
+
+    from onnx import TensorProto
+
+    stored = {t.name: t.data_type for t in proto.graph.initializer}
+    return dict(Counter(TensorProto.DataType.Name(stored[n.input[0]]) for n in proto.graph.node
+                        if n.op_type == "DequantizeLinear" and n.input[0] in stored))

@@ -130,3 +130,26 @@ def test_a_weight_zero_point_without_integer_form_is_refused(erq_w4a4_run, tmp_p
     with pytest.raises(OnnxExportError, match="blocks.1.mlp.fc1: fractional weight zero points"):
         export_onnx(tmp_path, tmp_path / "model.onnx")
     assert not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("kind", ["vit_layerscale_qknorm_registers", "deit_distilled", "swin"])
+def test_every_supported_family_exports_with_the_quantized_models_outputs(kind, tmp_path):
+    """Two-part weights, zero points outside the 4-bit range, register/distillation tokens, Swin windows."""
+    import onnxruntime as ort
+
+    from erq_core import ErqConfig, quantize, save_quantized
+    from tests.small_models import SMALL_MODELS, images, small_model
+
+    name, args = SMALL_MODELS[kind]
+    source = {"spec": name, "architecture": name, "model_args": dict(args, num_classes=10), "num_classes": 10}
+    config = ErqConfig(model=name, dataset="unused", calib_size=8, random_init=True)
+    quantized = quantize(small_model(kind), [images(kind, 8, seed=2)], config)
+    save_quantized(quantized, tmp_path, source, {"input_size": [3, args["img_size"], args["img_size"]]})
+    result = export_onnx(tmp_path, tmp_path / "model.onnx")
+    assert result.weight_code_types["UINT4"] >= result.weight_layers
+    x = images(kind, 16, seed=3)
+    with torch.no_grad():
+        expected = load_quantized(tmp_path, "cpu")(x).numpy()
+    got = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"images": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
