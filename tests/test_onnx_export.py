@@ -153,3 +153,16 @@ def test_every_supported_family_exports_with_the_quantized_models_outputs(kind, 
     got = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]).run(
         None, {"images": x.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_erq_quantize_export_onnx_writes_model_onnx_beside_the_checkpoint(tmp_path, fixture_model_spec,
+                                                                          fixture_dataset):
+    common = ["quantize", "--model", fixture_model_spec, "--dataset", str(fixture_dataset), "--calib-size", "8",
+              "--no-eval", "--device", "cpu", "--quiet"]
+    assert_one_line_error(erq(*common, "--export", "tflite", "--out", str(tmp_path / "bad")), "--export", "onnx")
+    result = erq(*common, "--export", "onnx", "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["seconds"]["export_onnx"] > 0
+    assert {"model.onnx", "report.html"} <= {p.name for p in (tmp_path / "run").iterdir()}
+    onnx.checker.check_model(str(tmp_path / "run" / "model.onnx"))
