@@ -7,8 +7,9 @@ a marker node; the markers are then rewritten with standard operators only:
 
 - weights: packed UINT4 codes (2 to 4 bits) or UINT8 codes (5 to 8 bits) per output channel with
   their scale and zero point, and a DequantizeLinear (opset 21). A two-part weight (ordinary and
-  outlier input columns with their own scales) is two DequantizeLinear, concatenated and put back
-  in column order by a Gather. No float copy of a quantized weight is left in the file.
+  outlier input columns with their own scales) is a block per part, and output channels whose
+  zero point lies outside the code range a block on a wider integer type; Concat + Gather put
+  the blocks back in order. No float copy of a quantized weight is left in the file.
 - uniform activation quantizers: QuantizeLinear -> DequantizeLinear with the quantizer's scale and
   zero point (UINT4 for 4 bits, UINT8 otherwise). The clamp to 2^b - 1 codes that UINT8 does not
   give for b < 8 is a Clip of the dequantized value. A zero point that the reparameterization
