@@ -12,6 +12,7 @@ from typing import Optional
 COMMANDS = {
     "quantize": ("erq_core.cli", "quantize_main", "quantize a model (the paper's test_quant.py)"),
     "evaluate": ("erq_core.cli", "evaluate_main", "evaluate a saved quantized model"),
+    "export": ("erq_core.cli", "export_main", "write a saved quantized model as ONNX"),
     "serve": ("service.cli", "serve_main", "run API and an embedded worker on this machine"),
     "api": ("service.cli", "api_main", "run the REST API alone"),
     "worker": ("worker.cli", "worker_main", "run a Celery worker alone"),

@@ -14,7 +14,7 @@ import logging
 import sys
 from typing import NoReturn, Optional
 
-from erq_core.config import ErqConfig, FieldSpec, describe_bounds
+from erq_core.config import EXPORT_FORMATS, ErqConfig, FieldSpec, describe_bounds
 from erq_core.config import fields as config_fields
 from erq_core.errors import ErqError
 
@@ -77,6 +77,15 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-limit", "--val_limit", dest="val_limit", type=int, default=None)
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32)
     p.add_argument("--device", type=_device_arg, default=None)
+    return p
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="erq export", description="Write a saved quantized model in a standard format.")
+    p.add_argument("folder", help="output folder of erq quantize")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="onnx: a model onnxruntime runs")
+    p.add_argument("--opset", type=int, default=21, help="ONNX opset (21 or later: 4-bit tensors); default 21")
+    p.add_argument("--out", default=None, help="the file to write (default FOLDER/model.onnx)")
     return p
 
 
@@ -143,4 +152,19 @@ def evaluate_main(argv: list[str]) -> int:
     except ErqError as exc:
         return _fail("erq evaluate", str(exc))
     print(json.dumps(result))
+    return 0
+
+
+def export_main(argv: list[str]) -> int:
+    args = export_parser().parse_args(argv)
+    out = args.out or f"{args.folder.rstrip('/')}/model.onnx"
+    try:
+        from erq_core.onnx_export import export_onnx
+
+        result = export_onnx(args.folder, out, opset=args.opset)
+    except ErqError as exc:
+        return _fail("erq export", str(exc))
+    print(json.dumps({"out": str(result.path), "bytes": result.bytes, "opset": result.opset,
+                      "weight_layers": result.weight_layers, "activation_quantizers": result.activation_quantizers,
+                      "weight_code_types": result.weight_code_types}))
     return 0

@@ -104,6 +104,9 @@ class ErqConfig:
                                                                "(drawn like the others; more than calib-size "
                                                                "draws more)",
                                      flags=("--reconstruct-images",), ge=1, le=MAX_CALIB_SIZE)
+    export: tuple[str, ...] = _field((), help="also write the model in these formats (onnx: DIR/model.onnx, "
+                                              "runs in onnxruntime without erq); repeat the flag for several",
+                                     flags=("--export",), choices=EXPORT_FORMATS)
 
     def __post_init__(self) -> None:
         if self.calib_size is None and self.method in DEFAULT_CALIB_SIZE:

@@ -20,6 +20,7 @@ from erq_core.evaluate import accuracy
 from erq_core.export import METRICS_FILE, read_config, save_quantized, load_quantized, write_json
 from erq_core.models import load_model
 from erq_core.pipeline import Progress, quantize
+from erq_core.report import write_report
 
 log = logging.getLogger("erq")
 
@@ -93,9 +94,18 @@ def run(config: ErqConfig, out_dir: str | Path, *, device: Optional[str] = None,
                "device": device, "layers": quantized.layers}
     save_quantized(quantized, out_dir, loaded.source, loaded.pretrained_cfg)
     seconds["save"] = round(time.perf_counter() - start, 3)
+    progress("save", 1, 1)
+    if "onnx" in config.export:
+        start = time.perf_counter()
+        progress("export", 0, 1)
+        from erq_core.onnx_export import ONNX_FILE, export_onnx
+
+        export_onnx(out_dir, Path(out_dir) / ONNX_FILE)
+        seconds["export_onnx"] = round(time.perf_counter() - start, 3)
+        progress("export", 1, 1)
     metrics["seconds"]["total"] = round(sum(v for k, v in seconds.items() if k != "total"), 3)
     write_json(Path(out_dir) / METRICS_FILE, metrics)
-    progress("save", 1, 1)
+    write_report(out_dir)
     return metrics
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 LOG_NAME = "job.log"
-PUBLISHED = ("quantized.safetensors", "config.json", "metrics.json", LOG_NAME)
+PUBLISHED = ("quantized.safetensors", "config.json", "metrics.json", LOG_NAME, "model.onnx", "report.html")
 
 
 def run_name(attempt: int) -> str:

@@ -26,7 +26,8 @@ def test_every_rest_field_of_the_config_is_in_the_job_body_with_its_bounds():
             if expected is not None:
                 assert prop[key] == expected, (spec.name, bound)
         if spec.option.choices:
-            assert tuple(prop["enum"]) == spec.option.choices
+            choices = prop["items"] if spec.is_sequence else prop  # a list field: choices per entry
+            assert tuple(choices.get("enum", [choices.get("const")])) == spec.option.choices
     assert set(schema["required"]) == {spec.name for spec in rest_fields if spec.option.required}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from pathlib import Path
 from typing import Optional
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
@@ -141,6 +142,7 @@ def cancel_job(job_id: str, request: Request, caller: CurrentCaller, session: Db
     return job_out(request, job)
 
 
+MEDIA_TYPES = {".json": "application/json", ".log": "text/plain; charset=utf-8", ".html": "text/html; charset=utf-8"}
 ARTIFACT_RESPONSES = {304: {"description": "If-None-Match holds the artifact's ETag (its sha256)"},
                       410: {"description": "the artifact is recorded but its file is gone"}}
 
@@ -165,8 +167,7 @@ def download_artifact(job_id: str, name: str, caller: CurrentCaller, session: Db
         log.error("job %s: artifact %s is recorded but %s is missing", job_id, name, path)
         raise HTTPException(status.HTTP_410_GONE, f"the file of artifact {name!r} of job {job_id} is no longer in "
                                                   "the artifact store") from None
-    media = "application/json" if name.endswith(".json") else (
-        "text/plain; charset=utf-8" if name.endswith(".log") else "application/octet-stream")
+    media = MEDIA_TYPES.get(Path(name).suffix, "application/octet-stream")
     return FileResponse(path, media_type=media, filename=name, stat_result=stat, headers={"ETag": etag})
 
 

@@ -36,7 +36,7 @@ def check_fixture_job(client: httpx.Client, tmp_path) -> dict:
     assert job["status"] == "succeeded", job
     assert len(seen_progress) >= 3 and max(seen_progress) == 1.0  # progress moved while it ran
     artifacts = {a["name"]: a for a in job["artifacts"]}
-    assert set(artifacts) == {"quantized.safetensors", "config.json", "metrics.json", "job.log"}
+    assert set(artifacts) == {"quantized.safetensors", "config.json", "metrics.json", "job.log", "report.html"}
 
     folder = tmp_path / "downloaded"
     folder.mkdir()

@@ -1,0 +1,66 @@
+"""A job that asks for `"export": ["onnx"]`, end to end through `erq serve`: model.onnx and
+report.html are artifacts with their sha256, and onnxruntime alone (no erq, no torch) gives the
+top-1 the job reported."""
+from __future__ import annotations
+
+import hashlib
+import signal
+
+import httpx
+import numpy as np
+
+from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
+from tests.service.conftest import service_env
+from tests.service.processes import erq_process, free_port, wait_for_http, wait_for_job
+from tests.test_onnx_export import run_onnxruntime_alone
+
+VAL_LIMIT = 200
+JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "w_bits": 4, "a_bits": 4,
+       "calib_size": 32, "val_limit": VAL_LIMIT, "export": ["onnx"]}
+
+
+def validation_subset(pretrained_cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+    from erq_core.data import build_transform, validation_loader
+
+    batches = list(validation_loader(FIXTURE_DATASET, build_transform(pretrained_cfg), 100, VAL_LIMIT))
+    return (np.concatenate([b[0].numpy() for b in batches]), np.concatenate([b[1].numpy() for b in batches]))
+
+
+def download(client: httpx.Client, artifact: dict) -> httpx.Response:
+    response = client.get(artifact["url"])
+    assert response.status_code == 200, response.text
+    assert hashlib.sha256(response.content).hexdigest() == artifact["sha256"] == response.headers["ETag"].strip('"')
+    assert len(response.content) == artifact["size"]
+    return response
+
+
+def test_a_job_with_onnx_export_gives_a_model_onnxruntime_scores_as_the_job_did(tmp_path):
+    port = free_port()
+    env = service_env(tmp_path)
+    log = tmp_path / "serve.log"
+    with erq_process(["serve", "--port", str(port)], env, tmp_path, log) as serve:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", serve, log)
+        key = (tmp_path / "var" / "api-key").read_text().strip()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
+                          timeout=30) as client:
+            refused = client.post("/v1/jobs", json={**JOB, "export": ["tflite"]})
+            assert refused.status_code == 422 and "export" in refused.text and "onnx" in refused.text
+            answer = client.post("/v1/jobs", json=JOB)
+            assert answer.status_code == 202, answer.text
+            job = wait_for_job(client, answer.json()["id"], ("succeeded", "failed", "cancelled"), 300)
+            assert job["status"] == "succeeded", job
+            assert job["params"]["export"] == ["onnx"]
+            artifacts = {a["name"]: a for a in job["artifacts"]}
+            assert {"model.onnx", "report.html", "quantized.safetensors", "metrics.json"} <= set(artifacts)
+            (tmp_path / "model.onnx").write_bytes(download(client, artifacts["model.onnx"]).content)
+            report = download(client, artifacts["report.html"])
+            assert report.headers["content-type"].startswith("text/html")
+            config = download(client, artifacts["config.json"]).json()
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(30) == 0
+    images, labels = validation_subset(config["pretrained_cfg"])
+    logits = run_onnxruntime_alone(tmp_path / "model.onnx", images, tmp_path)
+    top1 = 100.0 * float((logits.argmax(1) == labels).mean())
+    assert len(labels) == job["metrics"]["n_val"]
+    assert abs(top1 - job["metrics"]["quantized"]["top1"]) <= 0.2, (top1, job["metrics"]["quantized"])
+    assert f'data-value="{job["metrics"]["quantized"]["top1"]}"' in report.text
