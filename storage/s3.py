@@ -117,14 +117,19 @@ class S3Store(ArtifactStore):
             self.client.upload_file(str(path), self.bucket, key, Config=self.transfer,
                                     ExtraArgs={"Metadata": {SHA256_KEY: digest.sha256},
                                                "ContentType": media_type(path.name)})
-            head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
         except S3_ERRORS as exc:
             raise ArtifactStoreError(f"cannot store {path.name} as {where}: {exc}") from exc
-        self._verify(head, digest, where)
+        self.verify(key, digest)
         return StoredFile(name=path.name, size=digest.size, sha256=digest.sha256)
 
-    @staticmethod
-    def _verify(head: dict[str, Any], digest: LocalDigest, where: str) -> None:
+    def verify(self, key: str, digest: LocalDigest) -> None:
+        """Raise ArtifactStoreError unless the object `key` holds the bytes `digest` describes: its
+        size, its sha256 metadata, and its full-object CRC32 where the server keeps one."""
+        where = f"s3://{self.bucket}/{key}"
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+        except S3_ERRORS as exc:
+            raise ArtifactStoreError(f"cannot check {where} after its upload: {exc}") from exc
         problems = []
         if head.get("ContentLength") != digest.size:
             problems.append(f"{head.get('ContentLength')} bytes stored, {digest.size} written")
