@@ -12,6 +12,7 @@ import base64
 import hashlib
 import os
 import shutil
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,3 +199,23 @@ class S3Store(ArtifactStore):
         for start in range(0, len(keys), 1000):
             self.client.delete_objects(Bucket=self.bucket, Delete={
                 "Objects": [{"Key": key} for key in keys[start:start + 1000]], "Quiet": True})
+
+
+def remove_stale_scratch(scratch: Path, older_than_seconds: float) -> int:
+    """Remove the scratch folders of runs that cannot still be running (a worker killed mid-run
+    leaves its folder behind); returns how many went. A run's folder changes at least when it
+    starts, and no run lasts longer than ERQ_MAX_JOB_SECONDS (plus a grace)."""
+    removed, cutoff = 0, time.time() - older_than_seconds
+    for folder in scratch.glob("*/attempt-*"):
+        try:
+            stale = folder.stat().st_mtime < cutoff
+        except FileNotFoundError:
+            continue
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+            try:
+                folder.parent.rmdir()
+            except OSError:
+                pass
+    return removed

@@ -183,7 +183,7 @@ def execute_job(job_id: str, settings: Settings) -> None:
             _explain_unclaimed(session, job_id, settings)
             return  # cancelled, finished, or already taken by another worker: nothing to do
         params, attempt = dict(job.params), job.attempts
-    store = open_store(settings)
+    store = _artifact_store(settings)
     run = run_name(attempt)
     out = store.workspace(job_id, run)
     heartbeat = Heartbeat(job_id, settings, store, run, out, worker)
@@ -214,6 +214,17 @@ def execute_job(job_id: str, settings: Settings) -> None:
             store.remove_other_runs(job_id, keep=run)
     finally:
         heartbeat.stopped.set()
+
+
+_stores: dict[str, ArtifactStore] = {}
+
+
+def _artifact_store(settings: Settings) -> ArtifactStore:
+    """One store per process and settings: an S3 client is costly to make and safe to share."""
+    key = settings.model_dump_json()
+    if key not in _stores:
+        _stores[key] = open_store(settings)
+    return _stores[key]
 
 
 def _store_files(store: ArtifactStore, job_id: str, run: str, out: Path, status: JobStatus) -> list[StoredFile]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import httpx
@@ -204,3 +205,27 @@ def test_a_job_whose_files_cannot_be_stored_does_not_succeed(tmp_path, s3_server
             assert client.get(f"/v1/jobs/{job['id']}/artifacts/metrics.json").status_code == 404
     assert _keys(s3_server, s3_bucket) == set()
     assert not any((tmp_path / "var" / "scratch").glob(f"{job['id']}/*"))
+
+
+def test_an_artifact_url_that_is_not_s3_is_refused_with_what_to_do():
+    from pydantic import ValidationError
+
+    from storage.settings import Settings
+
+    for url in ("http://bucket/prefix", "s3://", "bucket/prefix"):
+        with pytest.raises(ValidationError, match="is not an s3://BUCKET"):
+            Settings(artifact_url=url)
+    assert Settings(artifact_url="").artifact_url is None  # empty: the folder store
+    assert Settings(artifact_url="s3://b/p").s3_artifacts
+
+
+def test_scratch_folders_of_runs_that_cannot_still_run_are_swept(tmp_path):
+    from storage.s3 import remove_stale_scratch
+
+    old, fresh = tmp_path / "job1" / "attempt-1", tmp_path / "job2" / "attempt-1"
+    for folder in (old, fresh):
+        folder.mkdir(parents=True)
+        (folder / "job.log").write_text("x")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert remove_stale_scratch(tmp_path, 3600) == 1
+    assert not (tmp_path / "job1").exists() and (fresh / "job.log").is_file()
