@@ -128,7 +128,7 @@ class Heartbeat(threading.Thread):
 
     def __init__(self, job_id: str, settings: Settings, store: ArtifactStore, run: str, out: Path, worker: str):
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
-        self.job_id, self.settings, self.store, self.run, self.out, self.worker = (
+        self.job_id, self.settings, self.store, self.job_run, self.out, self.worker = (
             job_id, settings, store, run, out, worker)
         self.deadline = time.monotonic() + settings.max_job_seconds + HARD_LIMIT_GRACE_SECONDS
         self.stopped = threading.Event()
@@ -152,7 +152,7 @@ class Heartbeat(threading.Thread):
             try:
                 with self.log_lock:
                     if self.log_sync:
-                        self.store.sync_log(self.job_id, self.run, self.out)
+                        self.store.sync_log(self.job_id, self.job_run, self.out)
             except Exception as exc:  # the log reaches the store with the results in any case
                 log.warning("job %s: the log so far was not copied to the artifact store (%s)", self.job_id, exc,
                             extra={"job_id": self.job_id})
@@ -164,11 +164,11 @@ class Heartbeat(threading.Thread):
         try:
             self.stop_log_sync()
             try:
-                stored = _store_files(self.store, self.job_id, self.run, self.out, JobStatus.FAILED)
+                stored = _store_files(self.store, self.job_id, self.job_run, self.out, JobStatus.FAILED)
             except Exception:
                 stored = []
             with session_scope(self.settings.database_url) as session:
-                jobs.finish(session, self.job_id, JobStatus.FAILED, reason, worker=self.worker, run=self.run,
+                jobs.finish(session, self.job_id, JobStatus.FAILED, reason, worker=self.worker, run=self.job_run,
                             stored=stored)
         finally:
             logging.shutdown()

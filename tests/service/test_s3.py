@@ -229,3 +229,28 @@ def test_scratch_folders_of_runs_that_cannot_still_run_are_swept(tmp_path):
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     assert remove_stale_scratch(tmp_path, 3600) == 1
     assert not (tmp_path / "job1").exists() and (fresh / "job.log").is_file()
+
+
+def test_a_running_jobs_log_reaches_the_bucket_and_a_cancelled_run_stores_its_log(tmp_path, s3_server, s3_bucket):
+    """The worker copies the log so far at each heartbeat (any API host can show it while the job
+    runs); a cancelled job publishes its log only."""
+    env = _s3_env(tmp_path, s3_server, s3_bucket, ERQ_LEASE_SECONDS="4")  # a heartbeat a second
+    port = free_port()
+    with erq_process(["serve", "--port", str(port)], env, tmp_path, tmp_path / "serve.log") as serve:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", serve, tmp_path / "serve.log")
+        key = (tmp_path / "var" / "api-key").read_text().strip()
+        with api_client(port, key) as client:
+            answer = client.post("/v1/jobs", json={**QUICK_JOB, "calib_size": 320, "val_limit": None})
+            job_id = answer.json()["id"]
+            wait_for_job(client, job_id, ("running",), 120)
+            deadline = time.monotonic() + 60
+            while f"job {job_id} on" not in (text := client.get(f"/v1/jobs/{job_id}/log").text):
+                assert time.monotonic() < deadline, f"the running job's log never reached the bucket: {text!r}"
+                time.sleep(0.5)
+            assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+            assert f"erq/{job_id}/attempt-1/job.log" in _keys(s3_server, s3_bucket)
+            client.post(f"/v1/jobs/{job_id}/cancel")
+            job = _finished(client, job_id)
+            assert job["status"] == "cancelled" and [a["name"] for a in job["artifacts"]] == ["job.log"]
+            assert "cancelled" in client.get(job["artifacts"][0]["url"], follow_redirects=True).text
+    assert _keys(s3_server, s3_bucket) == {f"erq/{job_id}/attempt-1/job.log"}
