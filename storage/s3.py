@@ -107,7 +107,7 @@ class S3Store(ArtifactStore):
 
     def store_run(self, job_id: str, run: str, folder: Path, names: Iterable[str]) -> list[StoredFile]:
         present = [name for name in names if (folder / name).is_file()]
-        # The log last: it holds the lines about the other uploads.
+        # The log last: a stored log means the results before it were stored.
         return [self._upload(folder / name, self.key(job_id, run, name))
                 for name in sorted(present, key=lambda name: name == LOG_NAME)]
 
