@@ -137,6 +137,7 @@ def test_a_job_end_to_end_with_artifacts_in_a_bucket(tmp_path, s3_server, s3_buc
             _check_streamed_downloads(streaming, artifacts, checkpoint)
             for api in (client, streaming):
                 assert "succeeded" in api.get(f"/v1/jobs/{job_id}/log").text  # read from the bucket
+    assert f"artifacts in s3://{s3_bucket}/erq" in (tmp_path / "serve.log").read_text()  # the worker says where
 
 
 def _check_redirect_downloads(client: httpx.Client, artifacts: dict) -> bytes:
