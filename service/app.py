@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from service.guards import BodySizeLimit, FailedAuthThrottle
 from service.routes import jobs, system
+from storage.artifacts import ArtifactStoreError, open_store
 from storage.queue import make_celery
 from storage.settings import Settings, get_settings
 
@@ -21,6 +22,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                               "Every /v1 route needs `Authorization: Bearer KEY`.")
     app.state.settings = settings
     app.state.celery = make_celery(settings)
+    app.state.artifact_store = open_store(settings)
     app.state.auth_throttle = FailedAuthThrottle()
     app.add_middleware(BodySizeLimit)
     app.include_router(jobs.router)
@@ -35,5 +37,10 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     async def conflicting_write(request: Request, exc: IntegrityError) -> JSONResponse:
         return JSONResponse({"detail": "the request conflicted with a concurrent change and was not stored; "
                                        "send it again"}, status_code=409)
+
+    @app.exception_handler(ArtifactStoreError)
+    async def artifact_store_unavailable(request: Request, exc: ArtifactStoreError) -> JSONResponse:
+        return JSONResponse({"detail": "the artifact store is unreachable; retry later"}, status_code=503,
+                            headers={"Retry-After": "10"})
 
     return app

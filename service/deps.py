@@ -1,4 +1,5 @@
-"""Dependencies of the routes: one database session per request, the settings, the queue client."""
+"""Dependencies of the routes: one database session per request, the settings, the queue client,
+the artifact store."""
 from __future__ import annotations
 
 from typing import Annotated, Iterator
@@ -7,6 +8,7 @@ from celery import Celery
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from storage.artifacts import ArtifactStore
 from storage.db import session_factory
 from storage.settings import Settings
 
@@ -29,6 +31,11 @@ def queue(request: Request) -> Celery:
     return request.app.state.celery
 
 
+def artifact_store(request: Request) -> ArtifactStore:
+    return request.app.state.artifact_store
+
+
 DbSession = Annotated[Session, Depends(db_session)]
 AppSettings = Annotated[Settings, Depends(settings)]
 Queue = Annotated[Celery, Depends(queue)]
+Artifacts = Annotated[ArtifactStore, Depends(artifact_store)]

@@ -13,12 +13,12 @@ import hashlib
 import json
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from storage.artifacts import LOG_NAME, PUBLISHED, sha256_of
+from storage.artifacts import LOG_NAME, PUBLISHED, StoredFile, stored_file
 from storage.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Artifact, Job, JobStatus, Owner, db_now
 
 TERMINAL = TERMINAL_STATUSES
@@ -131,21 +131,24 @@ def report_progress(session: Session, job_id: str, worker: str, stage: str, prog
 
 def finish(session: Session, job_id: str, status: JobStatus, error: Optional[str] = None,
            metrics: Optional[dict] = None, run_dir: Optional[Path] = None, worker: Optional[str] = None,
-           attempt: Optional[int] = None) -> bool:
+           attempt: Optional[int] = None, run: Optional[str] = None, stored: Sequence[StoredFile] = ()) -> bool:
     """End a job (unless it already ended); with `worker`, only while the job is that worker's run,
     or, given its `attempt`, while the job waits re-queued with no newer run started (its lease ran
-    out while the database was unreachable: the finished result still counts). The files of
-    `run_dir` become the job's artifacts. Returns whether this call ended the job."""
+    out while the database was unreachable: the finished result still counts). The `stored` files
+    of `run` (already stored and verified) become the job's artifacts; `run_dir`, a folder store's
+    run folder, stands for both. Returns whether this call ended the job."""
     job = session.get(Job, job_id, populate_existing=True, with_for_update=True)
     if job is None or job.status in TERMINAL or not _is_current_run(job, worker, attempt):
         return False
     if run_dir is not None:
+        run, stored = run_dir.name, [stored_file(run_dir, name) for name in PUBLISHED if (run_dir / name).is_file()]
+    if run is not None:
         # A job that did not succeed publishes only its log: files of an unfinished run are not results.
-        for name in PUBLISHED if status == JobStatus.SUCCEEDED else (LOG_NAME,):
-            path = run_dir / name
-            if path.is_file():
-                session.add(Artifact(job_id=job_id, name=name, size=path.stat().st_size, sha256=sha256_of(path)))
-        job.published_run = run_dir.name
+        published = PUBLISHED if status == JobStatus.SUCCEEDED else (LOG_NAME,)
+        for item in stored:
+            if item.name in published:
+                session.add(Artifact(job_id=job_id, name=item.name, size=item.size, sha256=item.sha256))
+        job.published_run = run
     job.metrics = metrics
     _finish(job, status, error)
     return True

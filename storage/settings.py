@@ -28,6 +28,14 @@ class Settings(BaseSettings):
     database_url: Optional[str] = None  # default: sqlite:///HOME/erq.sqlite
     broker_url: Optional[str] = None  # default: sqla+sqlite:///HOME/broker.sqlite
     artifact_dir: Optional[Path] = None  # default: HOME/artifacts
+    # Where artifacts are stored: unset (the folder ERQ_ARTIFACT_DIR), or s3://BUCKET/PREFIX.
+    artifact_url: Optional[str] = None
+    s3_endpoint_url: Optional[str] = None  # unset: AWS S3; e.g. http://seaweedfs:8333 for MinIO, Ceph, SeaweedFS
+    s3_public_endpoint_url: Optional[str] = None  # what download redirects point to; default: ERQ_S3_ENDPOINT_URL
+    s3_download: Literal["redirect", "stream"] = "redirect"
+    s3_presign_seconds: int = Field(300, ge=10, le=7 * 24 * 3600)
+    s3_multipart_mb: int = Field(64, ge=5, le=5 * 1024)  # files over this go up in parts of this size
+    scratch_dir: Optional[Path] = None  # default: HOME/scratch, where runs write before their upload
     data_roots: str = "./tests/fixtures"  # colon-separated folders jobs may read
     allowed_models: str = DEFAULT_ALLOWED_MODELS  # comma-separated patterns; see model_allowed()
     # Queued + running jobs per owner (all its keys together). ERQ_MAX_ACTIVE_JOBS_PER_KEY is the older name.
@@ -51,11 +59,22 @@ class Settings(BaseSettings):
             self.artifact_dir = self.home / "artifacts"
         if self.worker_health_file is None:
             self.worker_health_file = self.home / "worker.alive"
+        if self.scratch_dir is None:
+            self.scratch_dir = self.home / "scratch"
+        if not self.artifact_url:
+            self.artifact_url = None
+        elif not self.artifact_url.startswith("s3://") or not self.artifact_url[5:].strip("/"):
+            raise ValueError(f"ERQ_ARTIFACT_URL={self.artifact_url!r} is not an s3://BUCKET[/PREFIX] URL; "
+                             "leave it unset to keep artifacts in the folder ERQ_ARTIFACT_DIR")
         return self
 
     @property
     def roots(self) -> list[Path]:
         return [Path(p).resolve() for p in self.data_roots.split(":") if p.strip()]
+
+    @property
+    def s3_artifacts(self) -> bool:
+        return self.artifact_url is not None
 
     @property
     def embedded_broker(self) -> bool:
@@ -86,7 +105,8 @@ def prepare_local_folders(settings: Optional[Settings] = None) -> None:
     """Create the home and artifact folders, and the SQLite folders the URLs point into."""
     settings = settings or get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
-    settings.artifact_dir.mkdir(parents=True, exist_ok=True)
+    if not settings.s3_artifacts:
+        settings.artifact_dir.mkdir(parents=True, exist_ok=True)
     for url in (settings.database_url, settings.broker_url):
         if "sqlite:///" in url:
             Path(url.split("sqlite:///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """The sweeper: the service's background duties, run on the worker side, never in a request.
 
 Each duty is a function run every few seconds: re-queue jobs whose worker went silent (lost
-leases) and re-send the messages of orphaned queued jobs. Every `erq worker` runs one sweeper
+leases) and re-send the messages of orphaned queued jobs; with artifacts in S3, remove this host's
+scratch folders of runs that cannot still be running. Every `erq worker` runs one sweeper
 thread (with `--concurrency N`, its supervising process does); concurrent sweepers are safe
 (rows are taken with SKIP LOCKED, duplicate messages are harmless). More duties are added to
 `standard_duties`.
@@ -24,6 +25,8 @@ from storage.queue import OrphanedJobs, requeue_lost_jobs
 from storage.settings import Settings
 
 SWEEP_SECONDS = 5
+SCRATCH_SWEEP_SECONDS = 600
+SCRATCH_GRACE_SECONDS = 3600  # beyond ERQ_MAX_JOB_SECONDS: no run of a job can be that old
 log = logging.getLogger("erq.sweeper")
 
 
@@ -38,8 +41,14 @@ class Duty:
 
 def standard_duties(app: Celery, settings: Settings) -> list[Duty]:
     orphans = OrphanedJobs(app, settings)
-    return [Duty("lost leases", SWEEP_SECONDS, lambda: requeue_lost_jobs(app, settings)),
-            Duty("orphaned jobs", SWEEP_SECONDS, orphans.reannounce)]
+    duties = [Duty("lost leases", SWEEP_SECONDS, lambda: requeue_lost_jobs(app, settings)),
+              Duty("orphaned jobs", SWEEP_SECONDS, orphans.reannounce)]
+    if settings.s3_artifacts:  # the scratch folders of this host's runs, left by killed workers
+        from storage.s3 import remove_stale_scratch
+
+        duties.append(Duty("stale scratch folders", SCRATCH_SWEEP_SECONDS, lambda: remove_stale_scratch(
+            settings.scratch_dir, settings.max_job_seconds + SCRATCH_GRACE_SECONDS)))
+    return duties
 
 
 class Sweeper(threading.Thread):

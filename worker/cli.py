@@ -108,10 +108,10 @@ def run_worker(args: argparse.Namespace, settings: Settings, sweep: bool) -> int
 
     engine.device = device
     slot = os.environ.get(SLOT_VARIABLE)
-    log.info("erq worker ready: torch %s on %s%s%s", torch.__version__, device,
+    log.info("erq worker ready: torch %s on %s%s%s, artifacts in %s", torch.__version__, device,
              f" (slot {slot}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')})" if slot else "",
              f", {settings.loader_workers} data-loader processes per job" if settings.loader_workers is not None
-             else "")
+             else "", settings.artifact_url or settings.artifact_dir)
     sweeper = _start_sweeper(app, settings) if sweep else None
     try:
         app.worker_main(["worker", "--pool=solo", "--concurrency=1", f"--queues={args.queues or settings.queue}",

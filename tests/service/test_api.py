@@ -376,14 +376,14 @@ def test_a_chunked_body_over_64_kib_answers_413(client, alice):
 def _finished_job(client, headers, settings, size: int | None = None) -> dict:
     """A job submitted through the API and ended by the job-state code the worker uses, with files."""
     from storage import jobs
-    from storage.artifacts import ArtifactStore
+    from storage.folder import FolderStore
     from storage.db import session_scope
     from storage.models import JobStatus
 
     job_id = submit(client, headers).json()["id"]
     with session_scope(settings.database_url) as session:
         attempt = jobs.claim(session, job_id, "w1").attempts
-    folder = ArtifactStore(settings.artifact_dir).fresh_run_dir(job_id, f"attempt-{attempt}")
+    folder = FolderStore(settings.artifact_dir).fresh_run_dir(job_id, f"attempt-{attempt}")
     (folder / "config.json").write_text('{"w_bits": 4}')
     (folder / "job.log").write_text("done\n")
     with open(folder / "quantized.safetensors", "wb") as handle:
@@ -406,10 +406,10 @@ def test_artifacts_answer_head_and_if_none_match(client, alice, settings):
 
 
 def test_an_artifact_whose_file_is_missing_answers_410(client, alice, settings):
-    from storage.artifacts import ArtifactStore
+    from storage.folder import FolderStore
 
     job = _finished_job(client, alice, settings)
-    folder = ArtifactStore(settings.artifact_dir).run_dir(job["id"], "attempt-1")
+    folder = FolderStore(settings.artifact_dir).run_dir(job["id"], "attempt-1")
     (folder / "metrics.json").unlink()
     url = next(a["url"] for a in job["artifacts"] if a["name"] == "metrics.json")
     for method in ("GET", "HEAD"):

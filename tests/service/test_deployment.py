@@ -2,6 +2,7 @@
 an API that runs without torch. No Docker engine is needed (`docker-compose config` only parses)."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -211,3 +212,30 @@ def test_the_hugging_face_cache_volume_is_mounted_where_the_image_user_can_write
     runs = " ".join(args for stage in chain(dockerfile_stages(), "worker") for op, args in stage.instructions
                     if op == "RUN")
     assert f"mkdir -p {target}" in runs and f"chown erq:erq {target}" in runs  # a new volume takes its owner
+
+
+def test_the_s3_override_points_the_api_and_workers_at_the_s3_service():
+    """docker-compose.s3.yml with the s3 profile: a pinned S3 server with a health check, and the API
+    and workers storing artifacts in its bucket once it is healthy (the other services unchanged)."""
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+    import yaml
+
+    command = [binary, "-f", "docker-compose.yml", "-f", "docker-compose.s3.yml", "config"]
+    env = {**os.environ, "COMPOSE_PROFILES": "s3"}
+    subprocess.run([*command, "-q"], cwd=ROOT, check=True, env=env)
+    services = yaml.safe_load(subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True,
+                                             env=env).stdout)["services"]
+    s3 = services["s3"]
+    image, tag = s3["image"].rsplit(":", 1)
+    assert image == "chrislusf/seaweedfs" and tag[0].isdigit()  # pinned, never latest
+    assert "/healthz" in " ".join(s3["healthcheck"]["test"])
+    for name in ("api", "worker"):
+        service = services[name]
+        assert service["environment"]["ERQ_ARTIFACT_URL"].startswith("s3://")
+        assert service["environment"]["ERQ_S3_ENDPOINT_URL"] == "http://s3:8333"
+        assert service["environment"]["ERQ_BROKER_URL"].startswith("redis://")  # the base file's still there
+        assert service["depends_on"]["s3"]["condition"] == service["depends_on"]["postgres"]["condition"] == \
+            "service_healthy"
+    assert s3["profiles"] == ["s3"]  # without the profile, no S3 server starts

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import select
 
 from storage import jobs
-from storage.artifacts import ArtifactStore
+from storage.folder import FolderStore
 from storage.db import session_scope
 from storage.keys import find_key
 from storage.models import Job, JobStatus, db_now
@@ -257,7 +257,7 @@ def test_a_run_that_lost_its_lease_but_kept_working_never_touches_the_published_
     finally:
         proxy.close()
     assert metrics == job["metrics"]
-    folder = ArtifactStore(settings.artifact_dir).job_dir(job_id)
+    folder = FolderStore(settings.artifact_dir).job_dir(job_id)
     assert (folder / "attempt-1" / "metrics.json").is_file()  # A's own result, not published
     with session_scope(settings.database_url) as session:
         assert session.get(Job, job_id).published_run == "attempt-2"

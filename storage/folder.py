@@ -1,0 +1,50 @@
+"""The folder artifact store (the default): ERQ_ARTIFACT_DIR/JOB/attempt-N/. A run writes straight
+into its folder, so storing a run is reading back its files' sizes and checksums."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Iterable, Optional
+
+from storage.artifacts import PUBLISHED, ArtifactStore, StoredFile, stored_file
+
+
+class FolderStore(ArtifactStore):
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.root / job_id
+
+    def run_dir(self, job_id: str, run: Optional[str]) -> Path:
+        """The folder of one run; `None` is the job folder itself (jobs from before attempt folders)."""
+        return self.job_dir(job_id) / run if run else self.job_dir(job_id)
+
+    def fresh_run_dir(self, job_id: str, run: str) -> Path:
+        return self.fresh_workspace(job_id, run)
+
+    def workspace(self, job_id: str, run: str) -> Path:
+        return self.run_dir(job_id, run)
+
+    def path(self, job_id: str, run: Optional[str], name: str) -> Path:
+        if name not in PUBLISHED:
+            raise KeyError(name)
+        return self.run_dir(job_id, run) / name
+
+    def store_run(self, job_id: str, run: str, folder: Path, names: Iterable[str]) -> list[StoredFile]:
+        return [stored_file(folder, name) for name in names if (folder / name).is_file()]
+
+    def read_text(self, job_id: str, run: Optional[str], name: str) -> Optional[str]:
+        path = self.run_dir(job_id, run) / name
+        return path.read_text(errors="replace") if path.is_file() else None
+
+    def remove_other_runs(self, job_id: str, keep: str) -> None:
+        for folder in self.job_dir(job_id).glob("attempt-*"):
+            if folder.name != keep:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def remove_job(self, job_id: str) -> None:
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+
+    def describe(self) -> str:
+        return f"the folder {self.root}"

@@ -1,0 +1,221 @@
+"""The S3 artifact store (ERQ_ARTIFACT_URL=s3://BUCKET/PREFIX): AWS S3 or any S3-compatible server
+(MinIO, Ceph, SeaweedFS) at ERQ_S3_ENDPOINT_URL, with the credentials of the usual AWS variables.
+
+Objects are `PREFIX/JOB/attempt-N/NAME`. A run writes into a scratch folder on its worker's host
+(ERQ_SCRATCH_DIR/JOB/attempt-N), then uploads each file (in parts of ERQ_S3_MULTIPART_MB above that
+size), its sha256 as object metadata, and verifies what the bucket holds (size, sha256, and the
+server's CRC32 where it keeps one) before the run may record the job's end.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shutil
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import boto3
+from boto3.exceptions import Boto3Error
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from storage.artifacts import LOG_NAME, ArtifactStore, ArtifactStoreError, StoredFile, media_type
+from storage.settings import Settings
+
+MiB = 1 << 20
+SHA256_KEY = "sha256"  # object metadata: x-amz-meta-sha256
+MISSING = ("404", "NoSuchKey", "NotFound")
+S3_ERRORS = (BotoCoreError, ClientError, Boto3Error, OSError)
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """s3://bucket/some/prefix -> ('bucket', 'some/prefix')."""
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    return bucket, prefix.strip("/")
+
+
+def make_client(endpoint_url: Optional[str]):
+    """A client for AWS S3 (no endpoint) or a server at `endpoint_url` (path-style addressing: no
+    wildcard DNS needed). Credentials come from boto3's usual chain (AWS_ACCESS_KEY_ID, ...)."""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    config = Config(signature_version="s3v4", connect_timeout=10, read_timeout=60,
+                    retries={"max_attempts": 5, "mode": "standard"},
+                    s3={"addressing_style": "path"} if endpoint_url else None)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config,
+                                          region_name=region or ("us-east-1" if endpoint_url else None))
+
+
+@dataclass(frozen=True)
+class LocalDigest:
+    size: int
+    sha256: str
+    crc32: str  # base64 of the big-endian CRC32, as S3 reports ChecksumCRC32
+
+
+def local_digest(path: Path) -> LocalDigest:
+    sha, crc, size = hashlib.sha256(), 0, 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(MiB), b""):
+            sha.update(block)
+            crc = zlib.crc32(block, crc)
+            size += len(block)
+    return LocalDigest(size, sha.hexdigest(), base64.b64encode(crc.to_bytes(4, "big")).decode())
+
+
+def error_code(exc: BaseException) -> str:
+    return exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
+
+
+class S3Store(ArtifactStore):
+    def __init__(self, url: str, scratch: Path, endpoint_url: Optional[str] = None,
+                 public_endpoint_url: Optional[str] = None, multipart_mb: int = 64, presign_seconds: int = 300):
+        self.url = url.rstrip("/")
+        self.bucket, self.prefix = parse_s3_url(url)
+        self.scratch = Path(scratch)
+        self.client = make_client(endpoint_url)
+        public = public_endpoint_url or endpoint_url
+        # Presigned URLs are signed for the host clients reach, which may not be the one workers use.
+        self.presigner = self.client if public == endpoint_url else make_client(public)
+        self.transfer = TransferConfig(multipart_threshold=multipart_mb * MiB, multipart_chunksize=multipart_mb * MiB)
+        self.presign_seconds = presign_seconds
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "S3Store":
+        return cls(settings.artifact_url, settings.scratch_dir, settings.s3_endpoint_url,
+                   settings.s3_public_endpoint_url, settings.s3_multipart_mb, settings.s3_presign_seconds)
+
+    def key(self, job_id: str, run: Optional[str], name: str = "") -> str:
+        return "/".join(part for part in (self.prefix, job_id, run, name) if part)
+
+    def describe(self) -> str:
+        return self.url
+
+    def workspace(self, job_id: str, run: str) -> Path:
+        return self.scratch / job_id / run
+
+    def release_workspace(self, job_id: str, run: str) -> None:
+        shutil.rmtree(self.workspace(job_id, run), ignore_errors=True)
+        try:
+            (self.scratch / job_id).rmdir()
+        except OSError:
+            pass  # another run of the job is still there
+
+    def store_run(self, job_id: str, run: str, folder: Path, names: Iterable[str]) -> list[StoredFile]:
+        present = [name for name in names if (folder / name).is_file()]
+        # The log last: a stored log means the results before it were stored.
+        return [self._upload(folder / name, self.key(job_id, run, name))
+                for name in sorted(present, key=lambda name: name == LOG_NAME)]
+
+    def _upload(self, path: Path, key: str) -> StoredFile:
+        digest = local_digest(path)
+        where = f"s3://{self.bucket}/{key}"
+        try:
+            self.client.upload_file(str(path), self.bucket, key, Config=self.transfer,
+                                    ExtraArgs={"Metadata": {SHA256_KEY: digest.sha256},
+                                               "ContentType": media_type(path.name)})
+        except S3_ERRORS as exc:
+            raise ArtifactStoreError(f"cannot store {path.name} as {where}: {exc}") from exc
+        self.verify(key, digest)
+        return StoredFile(name=path.name, size=digest.size, sha256=digest.sha256)
+
+    def verify(self, key: str, digest: LocalDigest) -> None:
+        """Raise ArtifactStoreError unless the object `key` holds the bytes `digest` describes: its
+        size, its sha256 metadata, and its full-object CRC32 where the server keeps one."""
+        where = f"s3://{self.bucket}/{key}"
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+        except S3_ERRORS as exc:
+            raise ArtifactStoreError(f"cannot check {where} after its upload: {exc}") from exc
+        problems = []
+        if head.get("ContentLength") != digest.size:
+            problems.append(f"{head.get('ContentLength')} bytes stored, {digest.size} written")
+        if head.get("Metadata", {}).get(SHA256_KEY) != digest.sha256:
+            problems.append("its sha256 metadata differs from the file's")
+        stored_crc = head.get("ChecksumCRC32")
+        if stored_crc and head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT" and stored_crc != digest.crc32:
+            problems.append(f"the server's CRC32 {stored_crc} differs from the file's {digest.crc32}")
+        if problems:
+            raise ArtifactStoreError(f"{where} does not hold what the run wrote: {'; '.join(problems)}")
+
+    def sync_log(self, job_id: str, run: str, folder: Path) -> None:
+        path = folder / LOG_NAME
+        if path.is_file():
+            self.client.upload_file(str(path), self.bucket, self.key(job_id, run, LOG_NAME),
+                                    ExtraArgs={"ContentType": media_type(LOG_NAME)})
+
+    def read_text(self, job_id: str, run: Optional[str], name: str) -> Optional[str]:
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self.key(job_id, run, name))["Body"]
+            with body:
+                return body.read().decode(errors="replace")
+        except ClientError as exc:
+            if error_code(exc) in MISSING:
+                return None
+            raise ArtifactStoreError(f"cannot read {name} of job {job_id} from {self.url}: {exc}") from exc
+        except S3_ERRORS as exc:
+            raise ArtifactStoreError(f"cannot read {name} of job {job_id} from {self.url}: {exc}") from exc
+
+    def head(self, job_id: str, run: Optional[str], name: str) -> Optional[dict[str, Any]]:
+        """The object's headers, None when it is gone."""
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self.key(job_id, run, name))
+        except ClientError as exc:
+            if error_code(exc) in MISSING:
+                return None
+            raise
+
+    def get(self, job_id: str, run: Optional[str], name: str, byte_range: Optional[str] = None) -> dict[str, Any]:
+        """get_object, with an HTTP Range header's value when given (raises ClientError: NoSuchKey,
+        InvalidRange)."""
+        extra = {"Range": byte_range} if byte_range else {}
+        return self.client.get_object(Bucket=self.bucket, Key=self.key(job_id, run, name), **extra)
+
+    def presigned_url(self, job_id: str, run: Optional[str], name: str) -> str:
+        """A GET URL valid ERQ_S3_PRESIGN_SECONDS that needs no credentials (Range works on it)."""
+        return self.presigner.generate_presigned_url(
+            "get_object", ExpiresIn=self.presign_seconds,
+            Params={"Bucket": self.bucket, "Key": self.key(job_id, run, name),
+                    "ResponseContentDisposition": f'attachment; filename="{name}"',
+                    "ResponseContentType": media_type(name)})
+
+    def remove_other_runs(self, job_id: str, keep: str) -> None:
+        kept = self.key(job_id, keep) + "/"
+        self._delete([key for key in self._keys(self.key(job_id, None) + "/") if not key.startswith(kept)])
+
+    def remove_job(self, job_id: str) -> None:
+        self._delete(list(self._keys(self.key(job_id, None) + "/")))
+
+    def _keys(self, prefix: str) -> Iterable[str]:
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                yield item["Key"]
+
+    def _delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            self.client.delete_objects(Bucket=self.bucket, Delete={
+                "Objects": [{"Key": key} for key in keys[start:start + 1000]], "Quiet": True})
+
+
+def remove_stale_scratch(scratch: Path, older_than_seconds: float) -> int:
+    """Remove the scratch folders of runs that cannot still be running (a worker killed mid-run
+    leaves its folder behind); returns how many went. A run's folder changes at least when it
+    starts, and no run lasts longer than ERQ_MAX_JOB_SECONDS (plus a grace)."""
+    removed, cutoff = 0, time.time() - older_than_seconds
+    for folder in scratch.glob("*/attempt-*"):
+        try:
+            stale = folder.stat().st_mtime < cutoff
+        except FileNotFoundError:
+            continue
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+            try:
+                folder.parent.rmdir()
+            except OSError:
+                pass
+    return removed
