@@ -20,7 +20,7 @@ from tests.service.processes import api_client, erq_process, free_port, wait_for
 
 QUICK_JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "calib_size": 32,
              "val_limit": 50}
-NAMES = {"quantized.safetensors", "config.json", "metrics.json", "job.log"}
+NAMES = {"quantized.safetensors", "config.json", "metrics.json", "report.html", "job.log"}
 
 
 @pytest.fixture
