@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from sqlalchemy.exc import IntegrityError, OperationalError
+from fastapi import FastAPI
 
+from service import problems
 from service.guards import BodySizeLimit, FailedAuthThrottle
 from service.routes import jobs, system
 from storage.queue import make_celery
@@ -26,14 +25,5 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(system.router)
 
-    @app.exception_handler(OperationalError)
-    async def database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
-        return JSONResponse({"detail": "the database is unreachable; retry later"}, status_code=503,
-                            headers={"Retry-After": "10"})
-
-    @app.exception_handler(IntegrityError)
-    async def conflicting_write(request: Request, exc: IntegrityError) -> JSONResponse:
-        return JSONResponse({"detail": "the request conflicted with a concurrent change and was not stored; "
-                                       "send it again"}, status_code=409)
-
+    problems.install(app)
     return app

@@ -56,6 +56,8 @@ class JobOut(BaseModel):
     params: dict[str, Any]
     metrics: Optional[dict[str, Any]]
     error: Optional[str]
+    error_code: Optional[str] = Field(None, description="a failed or cancelled job's stable reason code "
+                                                        "(README, \"Error codes\")")
     cancel_requested: bool = Field(description="the client asked to cancel; a running job stops at its next "
                                                "progress step and ends `cancelled`")
     attempts: int

@@ -102,12 +102,13 @@ def claim(session: Session, job_id: str, worker: str) -> Optional[Job]:
     claimed = session.execute(
         update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False))
         .values(status=JobStatus.RUNNING, worker=worker, heartbeat_at=db_now(), started_at=db_now(),
-                attempts=Job.attempts + 1, stage="starting", progress=0.0, error=None)
+                attempts=Job.attempts + 1, stage="starting", progress=0.0, error=None, error_code=None)
     ).rowcount
     if not claimed:  # a cancel that crossed a re-queue: the job ends here instead of waiting forever
         session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED,
                                           Job.cancel_requested.is_(True))
-                        .values(status=JobStatus.CANCELLED, error=CANCELLED, finished_at=db_now()))
+                        .values(status=JobStatus.CANCELLED, error=CANCELLED, error_code="cancelled",
+                                finished_at=db_now()))
     session.flush()
     return session.get(Job, job_id, populate_existing=True) if claimed else None
 
@@ -131,7 +132,7 @@ def report_progress(session: Session, job_id: str, worker: str, stage: str, prog
 
 def finish(session: Session, job_id: str, status: JobStatus, error: Optional[str] = None,
            metrics: Optional[dict] = None, run_dir: Optional[Path] = None, worker: Optional[str] = None,
-           attempt: Optional[int] = None) -> bool:
+           attempt: Optional[int] = None, error_code: Optional[str] = None) -> bool:
     """End a job (unless it already ended); with `worker`, only while the job is that worker's run,
     or, given its `attempt`, while the job waits re-queued with no newer run started (its lease ran
     out while the database was unreachable: the finished result still counts). The files of
@@ -147,7 +148,7 @@ def finish(session: Session, job_id: str, status: JobStatus, error: Optional[str
                 session.add(Artifact(job_id=job_id, name=name, size=path.stat().st_size, sha256=sha256_of(path)))
         job.published_run = run_dir.name
     job.metrics = metrics
-    _finish(job, status, error)
+    _finish(job, status, error, error_code)
     return True
 
 
@@ -160,8 +161,9 @@ def _is_current_run(job: Job, worker: Optional[str], attempt: Optional[int]) -> 
             and not job.cancel_requested)
 
 
-def _finish(job: Job, status: JobStatus, error: Optional[str]) -> None:
+def _finish(job: Job, status: JobStatus, error: Optional[str], error_code: Optional[str] = None) -> None:
     job.status, job.error, job.finished_at = status, error, db_now()
+    job.error_code = error_code if error is not None else None
     if status == JobStatus.SUCCEEDED:
         job.progress, job.stage = 1.0, "done"
 
@@ -173,13 +175,13 @@ def expire_leases(session: Session, lease_seconds: int, max_attempts: int) -> li
             .with_for_update(skip_locked=True))
     for job in session.scalars(lost):  # concurrent sweepers each take different rows
         if job.cancel_requested:
-            _finish(job, JobStatus.CANCELLED, CANCELLED)
+            _finish(job, JobStatus.CANCELLED, CANCELLED, "cancelled")
         elif job.attempts < max_attempts:
             job.status, job.stage, job.progress, job.worker = JobStatus.QUEUED, "requeued after worker loss", 0.0, None
             requeued.append(job.id)
         else:
             _finish(job, JobStatus.FAILED, f"worker {job.worker} stopped answering during attempt {job.attempts} "
-                                           f"of {max_attempts} (no heartbeat for {lease_seconds} s)")
+                                           f"of {max_attempts} (no heartbeat for {lease_seconds} s)", "worker_lost")
     return requeued
 
 
@@ -193,7 +195,8 @@ def release(session: Session, job_id: str, worker: str) -> bool:
     ).rowcount
     if not released:  # cancelled meanwhile
         session.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == JobStatus.RUNNING)
-                        .values(status=JobStatus.CANCELLED, error=CANCELLED, finished_at=db_now()))
+                        .values(status=JobStatus.CANCELLED, error=CANCELLED, error_code="cancelled",
+                                finished_at=db_now()))
     return bool(released)
 
 

@@ -121,6 +121,8 @@ class Job(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     metrics: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
     error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    # Stable machine-readable reason beside `error` (README, "Error codes"); None while the job has no error.
+    error_code: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)

@@ -149,7 +149,8 @@ class Heartbeat(threading.Thread):
         log.error("job %s: %s", self.job_id, reason, extra={"job_id": self.job_id})
         try:
             with session_scope(self.settings.database_url) as session:
-                jobs.finish(session, self.job_id, JobStatus.FAILED, reason, run_dir=self.out, worker=self.worker)
+                jobs.finish(session, self.job_id, JobStatus.FAILED, reason, run_dir=self.out, worker=self.worker,
+                            error_code="job_timed_out")
         finally:
             logging.shutdown()
             os._exit(EXIT_HARD_TIME_LIMIT)
@@ -172,12 +173,14 @@ def execute_job(job_id: str, settings: Settings) -> None:
         try:
             store.fresh_run_dir(job_id, run)
             with _job_log(out, job_id):
-                status, error, metrics = _run_pipeline(job_id, params, out, settings, worker)
+                status, error, metrics, code = _run_pipeline(job_id, params, out, settings, worker)
         except OSError as exc:  # the artifact volume is full, read-only or gone
-            status, error, metrics = JobStatus.FAILED, f"cannot write the job's files in {out}: {exc}", None
+            status, error, metrics, code = (JobStatus.FAILED, f"cannot write the job's files in {out}: {exc}", None,
+                                            "storage_error")
         except Exception as exc:  # never leave the job running until its lease expires
             log.exception("job %s: the worker failed around the pipeline", job_id)
-            status, error, metrics = JobStatus.FAILED, f"internal error in the worker: {type(exc).__name__}: {exc}", None
+            status, error, metrics, code = (JobStatus.FAILED, f"internal error in the worker: {type(exc).__name__}: "
+                                            f"{exc}", None, "internal_error")
         if status == "lost":
             return  # the job is another run's now: that run records the outcome
         if status == JobStatus.QUEUED:  # the worker is shutting down: hand the job to the next worker now
@@ -186,7 +189,7 @@ def execute_job(job_id: str, settings: Settings) -> None:
         recorded = _with_database_retries(
             job_id, "the job's outcome", settings,
             lambda session: jobs.finish(session, job_id, status, error, metrics, run_dir=out, worker=worker,
-                                        attempt=attempt))
+                                        attempt=attempt, error_code=code))
         if recorded and status == JobStatus.SUCCEEDED:
             store.remove_other_runs(job_id, keep=run)
     finally:
@@ -261,8 +264,21 @@ def _job_log(out: Path, job_id: str) -> Iterator[None]:
         handler.close()
 
 
+def error_code_of(exc: BaseException) -> str:
+    """The stable `error_code` (README, "Error codes") a failed job carries for `exc`."""
+    from erq_core.errors import CheckpointError, ConfigError, DatasetError, ErqError, ModelLoadError
+
+    for kind, code in ((JobTimedOut, "job_timed_out"), (ConfigError, "invalid_parameter"),
+                       (DatasetError, "invalid_dataset"), (ModelLoadError, "model_load_failed"),
+                       (CheckpointError, "invalid_checkpoint"), (ErqError, "engine_error"), (OSError, "storage_error")):
+        if isinstance(exc, kind):
+            return code
+    return "internal_error"
+
+
 def _run_pipeline(job_id: str, params: dict, out: Path, settings: Settings,
-                  worker: str) -> tuple[str, str | None, dict | None]:
+                  worker: str) -> tuple[str, str | None, dict | None, str | None]:
+    """(status, error, metrics, error_code) of one run."""
     import erq_core
 
     log.info("job %s on %s: %s", job_id, worker, params)
@@ -275,21 +291,21 @@ def _run_pipeline(job_id: str, params: dict, out: Path, settings: Settings,
                                device=engine.device, loader_workers=workers)
     except LeaseLost:
         log.warning("job %s was re-queued while this worker ran it (late heartbeat); stopping this run", job_id)
-        return "lost", None, None
+        return "lost", None, None, None
     except WorkerShuttingDown:
         log.info("job %s interrupted: its worker is shutting down; re-queued", job_id)
-        return JobStatus.QUEUED, None, None
+        return JobStatus.QUEUED, None, None, None
     except JobCancelled:
         log.info("job %s cancelled", job_id)
-        return JobStatus.CANCELLED, jobs.CANCELLED, None
+        return JobStatus.CANCELLED, jobs.CANCELLED, None, "cancelled"
     except (JobTimedOut, erq_core.ErqError) as exc:
         log.error("job %s failed: %s", job_id, exc)
-        return JobStatus.FAILED, str(exc), None
+        return JobStatus.FAILED, str(exc), None, error_code_of(exc)
     except OSError as exc:  # e.g. the artifact volume is full or read-only
         log.error("job %s failed: %s", job_id, exc)
-        return JobStatus.FAILED, f"storage error: {exc}", None
+        return JobStatus.FAILED, f"storage error: {exc}", None, "storage_error"
     except Exception as exc:
         log.error("job %s failed with an internal error:\n%s", job_id, traceback.format_exc())
-        return JobStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}", None
+        return JobStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error"
     log.info("job %s succeeded: top-1 %s", job_id, metrics["quantized"]["top1"])
-    return JobStatus.SUCCEEDED, None, metrics
+    return JobStatus.SUCCEEDED, None, metrics, None

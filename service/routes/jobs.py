@@ -7,12 +7,13 @@ import logging
 import os
 from typing import Optional
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import FileResponse, PlainTextResponse
 from sqlalchemy.exc import IntegrityError
 
 from service.auth import CurrentCaller
 from service.deps import AppSettings, DbSession, Queue
+from service.problems import Problem
 from service.schemas import ArtifactOut, JobList, JobOut, JobRequest
 from service.validation import InvalidJob, validate_job
 from storage import jobs
@@ -31,13 +32,13 @@ def job_out(request: Request, job: Job) -> JobOut:
                              url=str(request.url_for("download_artifact", job_id=job.id, name=a.name)))
                  for a in (job.artifacts if job.status in jobs.TERMINAL else [])]
     return JobOut(id=job.id, status=job.status, stage=job.stage, progress=job.progress, params=job.params,
-                  metrics=job.metrics, error=job.error, cancel_requested=job.cancel_requested,
+                  metrics=job.metrics, error=job.error, error_code=job.error_code, cancel_requested=job.cancel_requested,
                   attempts=job.attempts, heartbeat_at=job.heartbeat_at, created_at=job.created_at,
                   started_at=job.started_at, finished_at=job.finished_at, artifacts=artifacts)
 
 
-def _not_found(job_id: str) -> HTTPException:
-    return HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r} for this API key's owner")
+def _not_found(job_id: str) -> Problem:
+    return Problem(status.HTTP_404_NOT_FOUND, "job_not_found", f"no job {job_id!r} for this API key's owner")
 
 
 def _owned_job(session, job_id: str, caller) -> Job:
@@ -65,15 +66,15 @@ def submit_job(body: JobRequest, request: Request, response: Response, caller: C
     try:
         params = validate_job(submitted, settings)
     except InvalidJob as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        raise Problem(status.HTTP_422_UNPROCESSABLE_CONTENT, exc.code, str(exc), field=exc.field) from None
     try:
         jobs.lock_owner(session, caller.owner_id)  # held until the commit: the count below cannot go stale
         limit = settings.max_active_jobs_per_owner
         if jobs.active_job_count(session, caller.owner_id) >= limit:
-            raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
-                                f"this key's owner already has {limit} queued or running jobs "
-                                "(ERQ_MAX_ACTIVE_JOBS_PER_OWNER); wait for one to finish",
-                                headers={"Retry-After": "30"})
+            raise Problem(status.HTTP_429_TOO_MANY_REQUESTS, "too_many_active_jobs",
+                          f"this key's owner already has {limit} queued or running jobs "
+                          "(ERQ_MAX_ACTIVE_JOBS_PER_OWNER); wait for one to finish",
+                          headers={"Retry-After": "30"})
         job = jobs.create_job(session, caller.owner_id, params, idempotency_key, caller.key_id, fingerprint)
         session.commit()
     except IntegrityError:
@@ -81,25 +82,25 @@ def submit_job(body: JobRequest, request: Request, response: Response, caller: C
         if idempotency_key and (existing := jobs.job_by_idempotency(session, caller.owner_id, idempotency_key)):
             return _replayed(request, response, existing, fingerprint, idempotency_key)  # a concurrent retry won
         log.warning("job submission conflicted with a concurrent write", exc_info=True)
-        raise HTTPException(status.HTTP_409_CONFLICT, "the job conflicted with a concurrent change and was not "
-                                                      "stored; send the request again") from None
+        raise Problem(status.HTTP_409_CONFLICT, "conflict", "the job conflicted with a concurrent change and was "
+                                                            "not stored; send the request again") from None
     try:
         enqueue(queue, job.id)
     except Exception:
         log.warning("job %s not accepted: the broker is unreachable", job.id, exc_info=True)
         jobs.discard_unqueued(session, job.id)
         session.commit()
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the job queue is unreachable; retry later",
-                            headers={"Retry-After": "10"}) from None
+        raise Problem(status.HTTP_503_SERVICE_UNAVAILABLE, "queue_unavailable", "the job queue is unreachable; "
+                      "retry later", headers={"Retry-After": "10"}) from None
     return _accepted(request, response, job)
 
 
 def _replayed(request: Request, response: Response, job: Job, fingerprint: str, idempotency_key: str) -> JobOut:
     """The job an earlier request with this Idempotency-Key created, if the body is the same."""
     if job.request_sha256 is not None and job.request_sha256 != fingerprint:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                            f"Idempotency-Key {idempotency_key!r} was already used for a different request "
-                            f"(job {job.id}); send a new key for a new job")
+        raise Problem(status.HTTP_422_UNPROCESSABLE_CONTENT, "idempotency_key_reused",
+                      f"Idempotency-Key {idempotency_key!r} was already used for a different request "
+                      f"(job {job.id}); send a new key for a new job", field="Idempotency-Key")
     return _accepted(request, response, job)
 
 
@@ -115,7 +116,8 @@ def list_jobs(request: Request, caller: CurrentCaller, session: DbSession,
     try:
         page, next_cursor = jobs.list_jobs(session, caller.owner_id, status_, limit, cursor)
     except ValueError:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "cursor is not one this API returned") from None
+        raise Problem(status.HTTP_422_UNPROCESSABLE_CONTENT, "invalid_cursor", "cursor is not one this API returned",
+                      field="cursor") from None
     return JobList(jobs=[job_out(request, job) for job in page], next_cursor=next_cursor)
 
 
@@ -134,7 +136,7 @@ def get_job(job_id: str, request: Request, caller: CurrentCaller, session: DbSes
 def cancel_job(job_id: str, request: Request, caller: CurrentCaller, session: DbSession) -> JobOut:
     job = _owned_job(session, job_id, caller)
     if job.status in jobs.TERMINAL:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already {job.status}")
+        raise Problem(status.HTTP_409_CONFLICT, "job_finished", f"job {job_id} already {job.status}")
     jobs.request_cancel(session, job.id)
     session.commit()
     session.refresh(job)
@@ -153,8 +155,8 @@ def download_artifact(job_id: str, name: str, caller: CurrentCaller, session: Db
     job = _owned_job(session, job_id, caller)
     artifact = next((a for a in job.artifacts if a.name == name), None)
     if artifact is None or name not in PUBLISHED:
-        raise HTTPException(status.HTTP_404_NOT_FOUND,
-                            f"job {job_id} has no artifact {name!r} (artifacts appear when the job has finished)")
+        raise Problem(status.HTTP_404_NOT_FOUND, "artifact_not_found",
+                      f"job {job_id} has no artifact {name!r} (artifacts appear when the job has finished)")
     etag = f'"{artifact.sha256}"'
     if _matches(if_none_match, etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
@@ -163,8 +165,8 @@ def download_artifact(job_id: str, name: str, caller: CurrentCaller, session: Db
         stat = os.stat(path)
     except FileNotFoundError:
         log.error("job %s: artifact %s is recorded but %s is missing", job_id, name, path)
-        raise HTTPException(status.HTTP_410_GONE, f"the file of artifact {name!r} of job {job_id} is no longer in "
-                                                  "the artifact store") from None
+        raise Problem(status.HTTP_410_GONE, "artifact_missing", f"the file of artifact {name!r} of job {job_id} is "
+                                                                "no longer in the artifact store") from None
     media = "application/json" if name.endswith(".json") else (
         "text/plain; charset=utf-8" if name.endswith(".log") else "application/octet-stream")
     return FileResponse(path, media_type=media, filename=name, stat_result=stat, headers={"ETag": etag})
