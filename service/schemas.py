@@ -84,3 +84,12 @@ class ModelOut(BaseModel):
     kind: Literal["alias", "timm", "hf-hub", "local-dir"]
     allowed: bool = Field(description="whether this service accepts it (ERQ_ALLOWED_MODELS)")
     note: Optional[str] = None
+
+
+class LogChunk(BaseModel):
+    """A piece of a job's log (`GET /v1/jobs/{id}/log?offset=N` with `Accept: application/json`)."""
+
+    offset: int = Field(description="the byte offset `text` starts at")
+    next_offset: int = Field(description="send this as `offset` to continue")
+    complete: bool = Field(description="the job has ended and the log has been sent to its end")
+    text: str

@@ -5,16 +5,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from pathlib import Path
 from typing import Optional
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
-from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from sqlalchemy.exc import IntegrityError
 
 from service.auth import CurrentCaller
 from service.deps import AppSettings, DbSession, Queue
 from service.problems import Problem
-from service.schemas import ArtifactOut, JobList, JobOut, JobRequest
+from service.schemas import ArtifactOut, JobList, JobOut, JobRequest, LogChunk
 from service.validation import InvalidJob, validate_job
 from storage import jobs
 from storage.artifacts import LOG_NAME, PUBLISHED, ArtifactStore, run_name
@@ -172,13 +173,67 @@ def download_artifact(job_id: str, name: str, caller: CurrentCaller, session: Db
     return FileResponse(path, media_type=media, filename=name, stat_result=stat, headers={"ETag": etag})
 
 
-@router.get("/{job_id}/log", response_class=PlainTextResponse)
-def job_log(job_id: str, caller: CurrentCaller, session: DbSession, settings: AppSettings) -> str:
-    """The log of the job's published run, or of its latest run while it has none."""
+LOG_CHUNK_BYTES = 1 << 20
+
+
+@router.get("/{job_id}/log", response_class=PlainTextResponse,
+            responses={200: {"model": LogChunk, "description": "the log (text), or with `offset` and "
+                                                               "`Accept: application/json` a LogChunk"}})
+def job_log(job_id: str, request: Request, caller: CurrentCaller, session: DbSession, settings: AppSettings,
+            offset: Optional[int] = Query(None, ge=0, description="return the log from this byte on (at most 1 MiB); "
+                                                                   "the answer says the next offset")):
+    """The log of the job's published run, or of its latest run while it has none. With `offset`, the
+    bytes from there on: `Erq-Next-Offset` is where to continue, `Erq-Log-Complete: true` once the
+    job has ended and everything was sent; `Accept: application/json` gives the same as a LogChunk."""
     job = _owned_job(session, job_id, caller)
-    store = ArtifactStore(settings.artifact_dir)
+    path = log_file(ArtifactStore(settings.artifact_dir), job)
+    start = offset or 0
+    data, size = read_log(path, start, LOG_CHUNK_BYTES if offset is not None else None)
+    if start > size:
+        raise Problem(status.HTTP_416_RANGE_NOT_SATISFIABLE, "offset_past_end",
+                      f"offset {start} is past the end of the log ({size} bytes); a job that was re-run starts a "
+                      "new log: continue from 0", field="offset")
+    if offset is not None and (job.status not in jobs.TERMINAL or start + len(data) < size):
+        data = _whole_utf8(data)  # a character cut by the chunk's end or still being written comes next time
+    next_offset = start + len(data)
+    complete = job.status in jobs.TERMINAL and next_offset >= size
+    text = data.decode(errors="replace")
+    headers = {"Erq-Next-Offset": str(next_offset), "Erq-Log-Complete": "true" if complete else "false"}
+    if offset is not None and "application/json" in request.headers.get("accept", ""):
+        return JSONResponse(LogChunk(offset=start, next_offset=next_offset, complete=complete, text=text).model_dump(),
+                            headers=headers)
+    return PlainTextResponse(text, headers=headers)
+
+
+def log_file(store: ArtifactStore, job: Job) -> Optional[Path]:
+    """The job's log file: its published run's, its latest run's, or (jobs before attempts) the job folder's."""
     run = job.published_run or (run_name(job.attempts) if job.attempts else None)
-    for path in (store.run_dir(job_id, run) / LOG_NAME, store.job_dir(job_id) / LOG_NAME):  # then: before attempts
+    for path in (store.run_dir(job.id, run) / LOG_NAME, store.job_dir(job.id) / LOG_NAME):
         if path.is_file():
-            return path.read_text(errors="replace")
-    return ""
+            return path
+    return None
+
+
+def read_log(path: Optional[Path], offset: int, limit: Optional[int]) -> tuple[bytes, int]:
+    """(the bytes from `offset`, at most `limit`; the file's size). A missing log is empty."""
+    if path is None:
+        return b"", 0
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if offset > size:
+                return b"", size
+            handle.seek(offset)
+            return handle.read(limit if limit is not None else -1), size
+    except FileNotFoundError:
+        return b"", 0
+
+
+def _whole_utf8(data: bytes) -> bytes:
+    """`data` without a trailing, incomplete UTF-8 character (a line being written): it comes next time."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # the start of the last character
+            need = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
+            return data if need <= back else data[:-back]
+    return data
