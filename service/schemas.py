@@ -67,6 +67,9 @@ class JobOut(BaseModel):
     created_at: dt.datetime
     started_at: Optional[dt.datetime]
     finished_at: Optional[dt.datetime]
+    artifacts_expired_at: Optional[dt.datetime] = Field(
+        None, description="when the retention sweep (ERQ_ARTIFACT_TTL_DAYS) removed the job's files; its "
+                          "downloads answer 410 from then on")
     artifacts: list[ArtifactOut]
 
 

@@ -43,6 +43,10 @@ class ArtifactStore:
             raise KeyError(name)
         return self.run_dir(job_id, run) / name
 
+    def remove_job(self, job_id: str) -> None:
+        """Remove every file of the job (deletion, retention). Raises OSError when some remain."""
+        shutil.rmtree(self.job_dir(job_id), onerror=_ignore_missing)
+
     def remove_other_runs(self, job_id: str, keep: str) -> None:
         """Best effort: clear the folders of runs that lost the job to `keep`."""
         for folder in self.job_dir(job_id).glob("attempt-*"):
@@ -56,3 +60,8 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _ignore_missing(function, path, exc_info) -> None:
+    if not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]

@@ -223,3 +223,18 @@ def finished_durations(session: Session) -> list[float]:
     rows = session.execute(select(Job.started_at, Job.finished_at).where(
         Job.status == JobStatus.SUCCEEDED, Job.started_at.is_not(None))).all()
     return [(end - start).total_seconds() for start, end in rows]
+
+
+def delete_job(session: Session, job: Job) -> None:
+    """Delete an ended job's rows (its artifacts and webhook deliveries with it)."""
+    session.delete(job)
+    session.flush()
+
+
+def jobs_past_retention(session: Session, ttl_seconds: float, limit: int = 100) -> list[Job]:
+    """Ended jobs whose files are older than the retention and not removed yet, locked for this
+    sweeper (concurrent sweepers take other rows)."""
+    return list(session.scalars(
+        select(Job).where(Job.status.in_(TERMINAL_STATUSES), Job.artifacts_expired_at.is_(None),
+                          Job.finished_at < db_now(-ttl_seconds))
+        .order_by(Job.finished_at).limit(limit).with_for_update(skip_locked=True)))

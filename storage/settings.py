@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = "auto"  # what a worker runs jobs on
     loader_workers: Optional[int] = Field(None, ge=0, le=64)  # data-loader processes per job; None: the engine's choice
     worker_health_file: Optional[Path] = None  # default: HOME/worker.alive
+    # Ended jobs' files are removed this many days after the job ended (None: kept forever).
+    artifact_ttl_days: Optional[float] = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _fill_from_home(self) -> "Settings":

@@ -20,6 +20,10 @@ from typing import Callable, Optional
 
 from celery import Celery
 
+from storage import jobs
+from storage.artifacts import ArtifactStore
+from storage.db import session_scope
+from storage.models import db_now
 from storage.queue import OrphanedJobs, requeue_lost_jobs
 from storage.settings import Settings
 
@@ -36,10 +40,37 @@ class Duty:
     ok: bool = True  # whether its last run succeeded
 
 
+RETENTION_SWEEP_SECONDS = 60
+
+
 def standard_duties(app: Celery, settings: Settings) -> list[Duty]:
     orphans = OrphanedJobs(app, settings)
-    return [Duty("lost leases", SWEEP_SECONDS, lambda: requeue_lost_jobs(app, settings)),
-            Duty("orphaned jobs", SWEEP_SECONDS, orphans.reannounce)]
+    duties = [Duty("lost leases", SWEEP_SECONDS, lambda: requeue_lost_jobs(app, settings)),
+              Duty("orphaned jobs", SWEEP_SECONDS, orphans.reannounce)]
+    if settings.artifact_ttl_days is not None:
+        duties.append(Duty("artifact retention", RETENTION_SWEEP_SECONDS, lambda: expire_artifacts(settings)))
+    return duties
+
+
+def expire_artifacts(settings: Settings) -> list[str]:
+    """Remove the files of jobs that ended more than ERQ_ARTIFACT_TTL_DAYS ago; the jobs stay, with
+    `artifacts_expired_at`. Returns the jobs whose files were removed."""
+    expired = []
+    store = ArtifactStore(settings.artifact_dir)
+    with session_scope(settings.database_url) as session:
+        for job in jobs.jobs_past_retention(session, settings.artifact_ttl_days * 86400):
+            try:
+                store.remove_job(job.id)
+            except OSError:
+                log.warning("job %s: its expired artifacts could not be removed; retrying later", job.id,
+                            exc_info=True)
+                continue
+            job.artifacts_expired_at = db_now()
+            expired.append(job.id)
+    if expired:
+        log.info("removed the artifacts of %d job(s) past ERQ_ARTIFACT_TTL_DAYS=%s", len(expired),
+                 settings.artifact_ttl_days)
+    return expired
 
 
 class Sweeper(threading.Thread):

@@ -35,7 +35,8 @@ def job_out(request: Request, job: Job) -> JobOut:
     return JobOut(id=job.id, status=job.status, stage=job.stage, progress=job.progress, params=job.params,
                   metrics=job.metrics, error=job.error, error_code=job.error_code, cancel_requested=job.cancel_requested,
                   attempts=job.attempts, heartbeat_at=job.heartbeat_at, created_at=job.created_at,
-                  started_at=job.started_at, finished_at=job.finished_at, artifacts=artifacts)
+                  started_at=job.started_at, finished_at=job.finished_at,
+                  artifacts_expired_at=job.artifacts_expired_at, artifacts=artifacts)
 
 
 def _not_found(job_id: str) -> Problem:
@@ -144,6 +145,28 @@ def cancel_job(job_id: str, request: Request, caller: CurrentCaller, session: Db
     return job_out(request, job)
 
 
+@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response)
+def delete_job(job_id: str, caller: CurrentCaller, session: DbSession, settings: AppSettings) -> Response:
+    """Delete an ended job: its files first, then the job, which answers 404 from then on. An active
+    job answers 409: cancel it first."""
+    job = _owned_job(session, job_id, caller)
+    if job.status not in jobs.TERMINAL:
+        raise Problem(status.HTTP_409_CONFLICT, "job_active",
+                      f"job {job_id} is {job.status}: cancel it first (POST /v1/jobs/{job_id}/cancel), then delete "
+                      "it once it has ended")
+    ArtifactStore(settings.artifact_dir).remove_job(job.id)  # files first: a failure leaves the job to retry
+    jobs.delete_job(session, job)
+    session.commit()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def _check_not_expired(job: Job) -> None:
+    if job.artifacts_expired_at is not None:
+        raise Problem(status.HTTP_410_GONE, "artifacts_expired",
+                      f"the files of job {job.id} were removed on {job.artifacts_expired_at.isoformat()} "
+                      "(the service keeps them for ERQ_ARTIFACT_TTL_DAYS after a job ends)")
+
+
 ARTIFACT_RESPONSES = {304: {"description": "If-None-Match holds the artifact's ETag (its sha256)"},
                       410: {"description": "the artifact is recorded but its file is gone"}}
 
@@ -154,6 +177,7 @@ ARTIFACT_RESPONSES = {304: {"description": "If-None-Match holds the artifact's E
 def download_artifact(job_id: str, name: str, caller: CurrentCaller, session: DbSession, settings: AppSettings,
                       if_none_match: Optional[str] = IfNoneMatch):
     job = _owned_job(session, job_id, caller)
+    _check_not_expired(job)
     artifact = next((a for a in job.artifacts if a.name == name), None)
     if artifact is None or name not in PUBLISHED:
         raise Problem(status.HTTP_404_NOT_FOUND, "artifact_not_found",
@@ -186,6 +210,7 @@ def job_log(job_id: str, request: Request, caller: CurrentCaller, session: DbSes
     bytes from there on: `Erq-Next-Offset` is where to continue, `Erq-Log-Complete: true` once the
     job has ended and everything was sent; `Accept: application/json` gives the same as a LogChunk."""
     job = _owned_job(session, job_id, caller)
+    _check_not_expired(job)
     path = log_file(ArtifactStore(settings.artifact_dir), job)
     start = offset or 0
     data, size = read_log(path, start, LOG_CHUNK_BYTES if offset is not None else None)
