@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
 from erq_core.config import FieldSpec
 from erq_core.config import fields as config_fields
@@ -41,6 +41,23 @@ JobRequest = create_model(
 )
 
 
+METADATA_MAX_PAIRS, METADATA_KEY_LENGTH, METADATA_VALUE_LENGTH = 16, 64, 512
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=METADATA_KEY_LENGTH,
+                                               pattern=r"^[A-Za-z0-9_.:-]+$")]
+MetadataValue = Annotated[str, StringConstraints(max_length=METADATA_VALUE_LENGTH)]
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(
+    max_length=METADATA_MAX_PAIRS,
+    description=f"your labels for the job: at most {METADATA_MAX_PAIRS} pairs, keys of 1 to {METADATA_KEY_LENGTH} "
+                f"characters among letters, digits and `_.:-`, string values of at most {METADATA_VALUE_LENGTH} "
+                "characters; returned with the job, and `GET /v1/jobs?metadata[KEY]=VALUE` filters on them")]
+
+
+class JobSubmission(JobRequest):
+    """The body of `POST /v1/jobs`: the job's parameters, and what is not a parameter of the run."""
+
+    metadata: Optional[Metadata] = None
+
+
 class ArtifactOut(BaseModel):
     name: str
     size: int
@@ -55,6 +72,7 @@ class JobOut(BaseModel):
     progress: float
     params: dict[str, Any]
     metrics: Optional[dict[str, Any]]
+    metadata: Optional[dict[str, str]] = Field(None, description="the labels sent with the job")
     error: Optional[str]
     error_code: Optional[str] = Field(None, description="a failed or cancelled job's stable reason code "
                                                         "(README, \"Error codes\")")
@@ -75,7 +93,9 @@ class JobOut(BaseModel):
 
 class JobList(BaseModel):
     jobs: list[JobOut]
-    next_cursor: Optional[str]
+    has_more: bool = Field(False, description="more jobs match: ask again with `after` (the last job's id) or "
+                                              "`cursor`")
+    next_cursor: Optional[str] = Field(description="send as `cursor` for the next page; None on the last")
 
 
 class ModelOut(BaseModel):

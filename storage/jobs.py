@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,10 +32,11 @@ def request_fingerprint(body: dict[str, Any]) -> str:
 
 
 def create_job(session: Session, owner_id: int, params: dict[str, Any], idempotency_key: Optional[str] = None,
-               key_id: Optional[int] = None, request_sha256: Optional[str] = None) -> Job:
+               key_id: Optional[int] = None, request_sha256: Optional[str] = None,
+               metadata: Optional[dict[str, str]] = None, webhook: Optional[dict[str, Any]] = None) -> Job:
     job = Job(id=uuid.uuid4().hex, owner_id=owner_id, key_id=key_id, params=params, idempotency_key=idempotency_key,
               request_sha256=request_sha256, status=JobStatus.QUEUED, progress=0.0, cancel_requested=False,
-              attempts=0, created_at=db_now())
+              attempts=0, created_at=db_now(), job_metadata=metadata, webhook=webhook)
     session.add(job)
     session.flush()
     return job
@@ -75,14 +77,36 @@ def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
     return (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)), job_id
 
 
-def list_jobs(session: Session, owner_id: int, status: Optional[str], limit: int,
-              cursor: Optional[str]) -> tuple[list[Job], Optional[str]]:
-    """The owner's jobs, newest first; returns (page, cursor of the next page or None)."""
+@dataclass(frozen=True)
+class JobFilter:
+    """What a listing keeps: any of `statuses`, the exact `model`, created in [created_after,
+    created_before), and every `metadata` pair."""
+
+    statuses: tuple[str, ...] = ()
+    model: Optional[str] = None
+    created_after: Optional[dt.datetime] = None
+    created_before: Optional[dt.datetime] = None
+    metadata: tuple[tuple[str, str], ...] = ()
+
+
+def list_jobs(session: Session, owner_id: int, status: Optional[str] | JobFilter, limit: int,
+              cursor: Optional[str], after: Optional[Job] = None) -> tuple[list[Job], Optional[str]]:
+    """The owner's jobs, newest first, after `cursor` (or the job `after`); returns (page, cursor of the
+    next page or None). Raises ValueError for a cursor this code did not make."""
+    where = status if isinstance(status, JobFilter) else JobFilter(statuses=(status,) if status else ())
     query = select(Job).where(Job.owner_id == owner_id)
-    if status:
-        query = query.where(Job.status == status)
-    if cursor:
-        created, job_id = decode_cursor(cursor)
+    if where.statuses:
+        query = query.where(Job.status.in_(where.statuses))
+    if where.model is not None:
+        query = query.where(Job.params["model"].as_string() == where.model)
+    if where.created_after is not None:
+        query = query.where(Job.created_at >= where.created_after)
+    if where.created_before is not None:
+        query = query.where(Job.created_at < where.created_before)
+    for key, value in where.metadata:
+        query = query.where(Job.job_metadata[key].as_string() == value)
+    if cursor or after is not None:
+        created, job_id = decode_cursor(cursor) if cursor else (after.created_at, after.id)
         query = query.where((Job.created_at < created) | ((Job.created_at == created) & (Job.id < job_id)))
     rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
     return rows[:limit], (encode_cursor(rows[limit - 1]) if len(rows) > limit else None)

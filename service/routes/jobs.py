@@ -2,8 +2,10 @@
 jobs are repaired by the sweeper on the worker side (storage/sweeper.py)."""
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
+import re
 import os
 from pathlib import Path
 from typing import Optional
@@ -15,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from service.auth import CurrentCaller
 from service.deps import AppSettings, DbSession, Queue
 from service.problems import Problem
-from service.schemas import ArtifactOut, JobList, JobOut, JobRequest, LogChunk
+from service.schemas import ArtifactOut, JobList, JobOut, JobSubmission, LogChunk
 from service.validation import InvalidJob, validate_job
 from storage import jobs
 from storage.artifacts import LOG_NAME, PUBLISHED, ArtifactStore, run_name
@@ -24,6 +26,8 @@ from storage.queue import enqueue
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("erq")
+METADATA_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+NOT_PARAMETERS = {"metadata"}  # fields of the body that are not parameters of the run
 IfNoneMatch = Header(None, max_length=200, description="an ETag from an earlier answer: 304 if unchanged")
 
 
@@ -33,7 +37,7 @@ def job_out(request: Request, job: Job) -> JobOut:
                              url=str(request.url_for("download_artifact", job_id=job.id, name=a.name)))
                  for a in (job.artifacts if job.status in jobs.TERMINAL else [])]
     return JobOut(id=job.id, status=job.status, stage=job.stage, progress=job.progress, params=job.params,
-                  metrics=job.metrics, error=job.error, error_code=job.error_code, cancel_requested=job.cancel_requested,
+                  metrics=job.metrics, metadata=job.job_metadata, error=job.error, error_code=job.error_code, cancel_requested=job.cancel_requested,
                   attempts=job.attempts, heartbeat_at=job.heartbeat_at, created_at=job.created_at,
                   started_at=job.started_at, finished_at=job.finished_at,
                   artifacts_expired_at=job.artifacts_expired_at, artifacts=artifacts)
@@ -58,11 +62,12 @@ def _matches(if_none_match: Optional[str], etag: str) -> bool:
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
              responses={409: {"description": "a concurrent request conflicted; retry"},
                         429: {"description": "the owner has ERQ_MAX_ACTIVE_JOBS_PER_OWNER active jobs"}})
-def submit_job(body: JobRequest, request: Request, response: Response, caller: CurrentCaller, session: DbSession,
+def submit_job(body: JobSubmission, request: Request, response: Response, caller: CurrentCaller, session: DbSession,
                settings: AppSettings, queue: Queue,
                idempotency_key: Optional[str] = Header(None, max_length=200)) -> JobOut:
-    submitted = body.model_dump()
-    fingerprint = jobs.request_fingerprint(submitted)
+    submitted = body.model_dump(exclude=NOT_PARAMETERS)
+    extras = {name: value for name in NOT_PARAMETERS if (value := getattr(body, name, None)) is not None}
+    fingerprint = jobs.request_fingerprint({**submitted, **extras})  # as before for a body of parameters only
     if idempotency_key and (existing := jobs.job_by_idempotency(session, caller.owner_id, idempotency_key)):
         return _replayed(request, response, existing, fingerprint, idempotency_key)
     try:
@@ -77,7 +82,8 @@ def submit_job(body: JobRequest, request: Request, response: Response, caller: C
                           f"this key's owner already has {limit} queued or running jobs "
                           "(ERQ_MAX_ACTIVE_JOBS_PER_OWNER); wait for one to finish",
                           headers={"Retry-After": "30"})
-        job = jobs.create_job(session, caller.owner_id, params, idempotency_key, caller.key_id, fingerprint)
+        job = jobs.create_job(session, caller.owner_id, params, idempotency_key, caller.key_id, fingerprint,
+                              metadata=body.metadata)
         session.commit()
     except IntegrityError:
         session.rollback()
@@ -113,14 +119,48 @@ def _accepted(request: Request, response: Response, job: Job) -> JobOut:
 
 @router.get("", response_model=JobList)
 def list_jobs(request: Request, caller: CurrentCaller, session: DbSession,
-              status_: Optional[JobStatus] = Query(None, alias="status"),
+              status_: Optional[list[JobStatus]] = Query(None, alias="status",
+                                                         description="only these statuses (repeat the parameter)"),
+              model: Optional[str] = Query(None, max_length=1000, description="only jobs of this `model` as stored "
+                                                                              "(local folders resolved)"),
+              created_after: Optional[dt.datetime] = Query(None, description="created at or after (ISO 8601)"),
+              created_before: Optional[dt.datetime] = Query(None, description="created before (ISO 8601)"),
+              after: Optional[str] = Query(None, max_length=64, description="the page after this job (its id)"),
               limit: int = Query(20, ge=1, le=100), cursor: Optional[str] = Query(None, max_length=200)) -> JobList:
-    try:
-        page, next_cursor = jobs.list_jobs(session, caller.owner_id, status_, limit, cursor)
-    except ValueError:
-        raise Problem(status.HTTP_422_UNPROCESSABLE_CONTENT, "invalid_cursor", "cursor is not one this API returned",
-                      field="cursor") from None
-    return JobList(jobs=[job_out(request, job) for job in page], next_cursor=next_cursor)
+    """The owner's jobs, newest first. `metadata[KEY]=VALUE` (repeatable) keeps the jobs labelled so."""
+    where = jobs.JobFilter(statuses=tuple(status_ or ()), model=model, created_after=_aware(created_after),
+                           created_before=_aware(created_before), metadata=_metadata_filters(request))
+    if cursor:
+        try:
+            jobs.decode_cursor(cursor)
+        except ValueError:
+            raise Problem(status.HTTP_422_UNPROCESSABLE_CONTENT, "invalid_cursor", "cursor is not one this API "
+                          "returned", field="cursor") from None
+    after_job = None
+    if after is not None and (after_job := jobs.job_for_owner(session, after, caller.owner_id)) is None:
+        raise Problem(status.HTTP_422_UNPROCESSABLE_CONTENT, "invalid_cursor",
+                      f"after={after!r} is not a job of this owner (send the id of the last job of the previous page)",
+                      field="after")
+    page, next_cursor = jobs.list_jobs(session, caller.owner_id, where, limit, cursor, after_job)
+    return JobList(jobs=[job_out(request, job) for job in page], has_more=next_cursor is not None,
+                   next_cursor=next_cursor)
+
+
+def _aware(moment: Optional[dt.datetime]) -> Optional[dt.datetime]:
+    """A time without an offset is UTC."""
+    return moment.replace(tzinfo=dt.timezone.utc) if moment is not None and moment.tzinfo is None else moment
+
+
+def _metadata_filters(request: Request) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for name, value in request.query_params.multi_items():
+        if name.startswith("metadata[") and name.endswith("]"):
+            key = name[len("metadata["):-1]
+            if not METADATA_KEY.match(key):
+                raise Problem(status.HTTP_422_UNPROCESSABLE_CONTENT, "validation_error",
+                              f"{name}: a metadata key is 1 to 64 letters, digits or _.:-", field=name)
+            pairs.append((key, value))
+    return tuple(pairs)
 
 
 @router.get("/{job_id}", response_model=JobOut,
