@@ -6,12 +6,13 @@ import datetime as dt
 import hashlib
 import logging
 import re
+import tarfile
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from sqlalchemy.exc import IntegrityError
 
 from service.auth import CurrentCaller
@@ -205,6 +206,64 @@ def _check_not_expired(job: Job) -> None:
         raise Problem(status.HTTP_410_GONE, "artifacts_expired",
                       f"the files of job {job.id} were removed on {job.artifacts_expired_at.isoformat()} "
                       "(the service keeps them for ERQ_ARTIFACT_TTL_DAYS after a job ends)")
+
+
+RESULT_FOLDER = ("quantized.safetensors", "config.json", "metrics.json")  # what erq_core.load_quantized reads
+TAR_BLOCK = 512
+
+
+@router.get("/{job_id}/artifacts.tar", response_class=StreamingResponse,
+            responses={200: {"content": {"application/x-tar": {}},
+                             "description": "a tar of quantized.safetensors, config.json and metrics.json"},
+                       304: {"description": "If-None-Match holds the tar's ETag"}})
+def download_result_folder(job_id: str, caller: CurrentCaller, session: DbSession, settings: AppSettings,
+                           if_none_match: Optional[str] = IfNoneMatch):
+    """The whole result folder of a succeeded job as one tar, streamed: extract it and hand the folder
+    to `erq_core.load_quantized`."""
+    job = _owned_job(session, job_id, caller)
+    _check_not_expired(job)
+    if job.status != JobStatus.SUCCEEDED:
+        raise Problem(status.HTTP_409_CONFLICT, "no_result", f"job {job_id} is {job.status}: only a succeeded job "
+                                                             "has a result folder")
+    recorded = {a.name: a for a in job.artifacts}
+    store = ArtifactStore(settings.artifact_dir)
+    members = []
+    for name in RESULT_FOLDER:
+        path = store.path(job_id, job.published_run, name)
+        if name not in recorded or not path.is_file():
+            raise Problem(status.HTTP_410_GONE, "artifact_missing", f"the file of artifact {name!r} of job {job_id} "
+                                                                    "is no longer in the artifact store")
+        members.append((path, _tar_header(name, recorded[name].size, job)))
+    etag = '"' + hashlib.sha256("".join(recorded[n].sha256 for n in RESULT_FOLDER).encode()).hexdigest()[:32] + '"'
+    if _matches(if_none_match, etag):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
+    length = sum(len(header) + _padded(recorded[n].size) for n, (_, header) in zip(RESULT_FOLDER, members))
+    return StreamingResponse(_tar_stream(members), media_type="application/x-tar",
+                             headers={"Content-Length": str(length + 2 * TAR_BLOCK), "ETag": etag,
+                                      "Content-Disposition": f'attachment; filename="erq-{job_id}.tar"'})
+
+
+def _tar_header(name: str, size: int, job: Job) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = size, 0o644
+    info.mtime = int(job.finished_at.timestamp()) if job.finished_at else 0
+    return info.tobuf(format=tarfile.GNU_FORMAT)  # sizes past 8 GiB fit its header
+
+
+def _padded(size: int) -> int:
+    return -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+def _tar_stream(members: list[tuple[Path, bytes]]) -> Iterator[bytes]:
+    for path, header in members:
+        yield header
+        sent = 0
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                sent += len(block)
+                yield block
+        yield b"\0" * (_padded(sent) - sent)
+    yield b"\0" * (2 * TAR_BLOCK)
 
 
 ARTIFACT_RESPONSES = {304: {"description": "If-None-Match holds the artifact's ETag (its sha256)"},
