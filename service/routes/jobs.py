@@ -11,10 +11,12 @@ import os
 from pathlib import Path
 from typing import Iterator, Optional
 
+import anyio
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from sqlalchemy.exc import IntegrityError
 
+from service import events
 from service.auth import CurrentCaller
 from service.deps import AppSettings, DbSession, Queue
 from service.problems import Problem
@@ -206,6 +208,32 @@ def _check_not_expired(job: Job) -> None:
         raise Problem(status.HTTP_410_GONE, "artifacts_expired",
                       f"the files of job {job.id} were removed on {job.artifacts_expired_at.isoformat()} "
                       "(the service keeps them for ERQ_ARTIFACT_TTL_DAYS after a job ends)")
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}},
+                             "description": "Server-Sent Events: `status`, `progress` and `log` events, each with "
+                                            "an `id` and JSON `data`; the stream ends after the terminal status"}})
+async def job_events(job_id: str, request: Request, caller: CurrentCaller, session: DbSession,
+                     last_event_id: Optional[str] = Header(None, max_length=100, description="resume after this "
+                                                                                             "event")):
+    """Follow a job live: its status, progress and log lines as Server-Sent Events. The first events
+    are the current status and progress, then the log from the start (or from `Last-Event-ID`)."""
+    job = await anyio.to_thread.run_sync(jobs.job_for_owner, session, job_id, caller.owner_id)
+    await anyio.to_thread.run_sync(session.close)  # no connection held while the stream lasts
+    if job is None:
+        raise _not_found(job_id)
+    hub = event_hub(request.app)
+    follower = hub.follow(job_id, last_event_id)
+    return StreamingResponse(events.stream(hub, follower), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def event_hub(app) -> events.EventHub:
+    """The process's one event poller (made in the event loop, on first use)."""
+    if getattr(app.state, "event_hub", None) is None:
+        app.state.event_hub = events.EventHub(app.state.settings)
+    return app.state.event_hub
 
 
 RESULT_FOLDER = ("quantized.safetensors", "config.json", "metrics.json")  # what erq_core.load_quantized reads

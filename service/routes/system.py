@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy.orm import Session
 
 from erq_core.registry import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, MODEL_ALIASES, supported_timm_names
@@ -89,8 +89,24 @@ class JobCollector:
                                     buckets=buckets, sum_value=sum(durations))
 
 
+class EventStreamCollector:
+    """This API process's event streams: followers now, and database polls so far (one per tick,
+    whatever the number of followers)."""
+
+    def __init__(self, hub):
+        self.hub = hub
+
+    def collect(self):
+        followers = sum(len(f) for f in self.hub.followers.values()) if self.hub else 0
+        yield GaugeMetricFamily("erq_event_stream_followers", "Clients following job events in this process",
+                                value=followers)
+        yield CounterMetricFamily("erq_event_stream_polls", "Database polls of the event streams in this process",
+                                  value=self.hub.ticks if self.hub else 0)
+
+
 @router.get("/metrics", tags=["health"])
-def metrics(session: DbSession) -> Response:
+def metrics(request: Request, session: DbSession) -> Response:
     registry = CollectorRegistry()
     registry.register(JobCollector(session))
+    registry.register(EventStreamCollector(getattr(request.app.state, "event_hub", None)))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
