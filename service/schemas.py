@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_mod
 from erq_core.config import FieldSpec
 from erq_core.config import fields as config_fields
 from storage.models import JobStatus
+from storage.webhooks import DEFAULT_EVENTS as DEFAULT_WEBHOOK_EVENTS
+from storage.webhooks import EVENTS as WEBHOOK_EVENTS
 
 
 def _job_field(spec: FieldSpec) -> tuple[Any, Any]:
@@ -52,10 +54,39 @@ Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(
                 "characters; returned with the job, and `GET /v1/jobs?metadata[KEY]=VALUE` filters on them")]
 
 
+WebhookEvent = Literal[WEBHOOK_EVENTS]  # type: ignore[valid-type]
+
+
+class WebhookIn(BaseModel):
+    """Where to POST the job (signed with the owner's secret) when one of `events` happens."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(max_length=2048, description="http(s) URL on a host ERQ_WEBHOOK_ALLOWED_HOSTS allows")
+    events: list[WebhookEvent] = Field(list(DEFAULT_WEBHOOK_EVENTS), min_length=1, max_length=len(WEBHOOK_EVENTS),
+                                       description="the statuses to be told about")
+
+
+class WebhookDeliveryOut(BaseModel):
+    id: int
+    event: str
+    state: Literal["pending", "delivered", "given_up"]
+    attempts: int
+    status_code: Optional[int] = Field(description="the receiver's answer to the last attempt")
+    error: Optional[str] = Field(description="why the last attempt failed")
+    created_at: Optional[dt.datetime]
+    delivered_at: Optional[dt.datetime]
+    given_up_at: Optional[dt.datetime]
+
+
+class WebhookOut(WebhookIn):
+    deliveries: list[WebhookDeliveryOut] = Field(description="one per event that happened, oldest first")
+
+
 class JobSubmission(JobRequest):
     """The body of `POST /v1/jobs`: the job's parameters, and what is not a parameter of the run."""
 
     metadata: Optional[Metadata] = None
+    webhook: Optional[WebhookIn] = None
 
 
 class ArtifactOut(BaseModel):
@@ -89,6 +120,7 @@ class JobOut(BaseModel):
         None, description="when the retention sweep (ERQ_ARTIFACT_TTL_DAYS) removed the job's files; its "
                           "downloads answer 410 from then on")
     artifacts: list[ArtifactOut]
+    webhook: Optional[WebhookOut] = None
 
 
 class JobList(BaseModel):

@@ -25,6 +25,7 @@ from storage.artifacts import ArtifactStore
 from storage.db import session_scope
 from storage.models import db_now
 from storage.queue import OrphanedJobs, requeue_lost_jobs
+from storage.webhooks import WebhookDuty
 from storage.settings import Settings
 
 SWEEP_SECONDS = 5
@@ -41,6 +42,7 @@ class Duty:
 
 
 RETENTION_SWEEP_SECONDS = 60
+WEBHOOK_SWEEP_SECONDS = 1
 
 
 def standard_duties(app: Celery, settings: Settings) -> list[Duty]:
@@ -49,6 +51,8 @@ def standard_duties(app: Celery, settings: Settings) -> list[Duty]:
               Duty("orphaned jobs", SWEEP_SECONDS, orphans.reannounce)]
     if settings.artifact_ttl_days is not None:
         duties.append(Duty("artifact retention", RETENTION_SWEEP_SECONDS, lambda: expire_artifacts(settings)))
+    if settings.webhook_allowed_hosts.strip():
+        duties.append(Duty("webhooks", WEBHOOK_SWEEP_SECONDS, WebhookDuty(settings)))
     return duties
 
 

@@ -20,17 +20,18 @@ from service import events
 from service.auth import CurrentCaller
 from service.deps import AppSettings, DbSession, Queue
 from service.problems import Problem
-from service.schemas import ArtifactOut, JobList, JobOut, JobSubmission, LogChunk
+from service.schemas import ArtifactOut, JobList, JobOut, JobSubmission, LogChunk, WebhookOut
 from service.validation import InvalidJob, validate_job
 from storage import jobs
 from storage.artifacts import LOG_NAME, PUBLISHED, ArtifactStore, run_name
-from storage.models import Job, JobStatus
+from storage.models import Job, JobStatus, Owner
+from storage.webhooks import WebhookRefused, check_webhook, delivery_document
 from storage.queue import enqueue
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("erq")
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-NOT_PARAMETERS = {"metadata"}  # fields of the body that are not parameters of the run
+NOT_PARAMETERS = {"metadata", "webhook"}  # fields of the body that are not parameters of the run
 IfNoneMatch = Header(None, max_length=200, description="an ETag from an earlier answer: 304 if unchanged")
 
 
@@ -39,11 +40,14 @@ def job_out(request: Request, job: Job) -> JobOut:
     artifacts = [ArtifactOut(name=a.name, size=a.size, sha256=a.sha256,
                              url=str(request.url_for("download_artifact", job_id=job.id, name=a.name)))
                  for a in (job.artifacts if job.status in jobs.TERMINAL else [])]
+    webhook = None
+    if job.webhook is not None:
+        webhook = WebhookOut(**job.webhook, deliveries=[delivery_document(d) for d in job.deliveries])
     return JobOut(id=job.id, status=job.status, stage=job.stage, progress=job.progress, params=job.params,
                   metrics=job.metrics, metadata=job.job_metadata, error=job.error, error_code=job.error_code, cancel_requested=job.cancel_requested,
                   attempts=job.attempts, heartbeat_at=job.heartbeat_at, created_at=job.created_at,
                   started_at=job.started_at, finished_at=job.finished_at,
-                  artifacts_expired_at=job.artifacts_expired_at, artifacts=artifacts)
+                  artifacts_expired_at=job.artifacts_expired_at, artifacts=artifacts, webhook=webhook)
 
 
 def _not_found(job_id: str) -> Problem:
@@ -69,7 +73,7 @@ def submit_job(body: JobSubmission, request: Request, response: Response, caller
                settings: AppSettings, queue: Queue,
                idempotency_key: Optional[str] = Header(None, max_length=200)) -> JobOut:
     submitted = body.model_dump(exclude=NOT_PARAMETERS)
-    extras = {name: value for name in NOT_PARAMETERS if (value := getattr(body, name, None)) is not None}
+    extras = body.model_dump(include=NOT_PARAMETERS, exclude_none=True)
     fingerprint = jobs.request_fingerprint({**submitted, **extras})  # as before for a body of parameters only
     if idempotency_key and (existing := jobs.job_by_idempotency(session, caller.owner_id, idempotency_key)):
         return _replayed(request, response, existing, fingerprint, idempotency_key)
@@ -77,6 +81,13 @@ def submit_job(body: JobSubmission, request: Request, response: Response, caller
         params = validate_job(submitted, settings)
     except InvalidJob as exc:
         raise Problem(status.HTTP_422_UNPROCESSABLE_CONTENT, exc.code, str(exc), field=exc.field) from None
+    webhook = None
+    if body.webhook is not None:
+        try:
+            check_webhook(body.webhook.url, session.get(Owner, caller.owner_id), settings)
+        except WebhookRefused as exc:
+            raise Problem(status.HTTP_422_UNPROCESSABLE_CONTENT, exc.code, str(exc), field="webhook.url") from None
+        webhook = {"url": body.webhook.url, "events": list(dict.fromkeys(body.webhook.events))}
     try:
         jobs.lock_owner(session, caller.owner_id)  # held until the commit: the count below cannot go stale
         limit = settings.max_active_jobs_per_owner
@@ -86,7 +97,7 @@ def submit_job(body: JobSubmission, request: Request, response: Response, caller
                           "(ERQ_MAX_ACTIVE_JOBS_PER_OWNER); wait for one to finish",
                           headers={"Retry-After": "30"})
         job = jobs.create_job(session, caller.owner_id, params, idempotency_key, caller.key_id, fingerprint,
-                              metadata=body.metadata)
+                              metadata=body.metadata, webhook=webhook)
         session.commit()
     except IntegrityError:
         session.rollback()
