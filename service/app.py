@@ -17,7 +17,9 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(title="erq", version="0.1.0",
                   description="Quantization-as-a-service for Vision Transformers (ERQ). "
-                              "Every /v1 route needs `Authorization: Bearer KEY`.")
+                              "Every /v1 route needs `Authorization: Bearer KEY`. Errors are RFC 9457 "
+                              "problems (`application/problem+json`) with a stable `code`.",
+                  generate_unique_id_function=lambda route: route.name)  # operation ids: the handlers' names
     app.state.settings = settings
     app.state.celery = make_celery(settings)
     app.state.auth_throttle = FailedAuthThrottle()
@@ -26,4 +28,11 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.include_router(system.router)
 
     problems.install(app)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = problems.add_schemas(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

@@ -139,6 +139,15 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
                     416: "offset past the end", 422: "invalid request (see `field`)",
                     429: "too many failed authentications, or too many active jobs",
                     500: "internal error", 503: "the database or the queue is unreachable; retry later"}
-    return {status: {"model": ProblemOut, "description": descriptions.get(status, _title(status)),
+    return {status: {"description": descriptions.get(status, _title(status)),
                      "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemOut"}}}}
             for status in statuses}
+
+
+def add_schemas(openapi: dict[str, Any]) -> dict[str, Any]:
+    """Put ProblemOut (referenced by every error response) into the document's components."""
+    schema = ProblemOut.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = openapi.setdefault("components", {}).setdefault("schemas", {})
+    components.update(schema.pop("$defs", {}))
+    components["ProblemOut"] = schema
+    return openapi

@@ -6,6 +6,7 @@ import datetime as dt
 from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from pydantic_core import PydanticUndefined
 
 from erq_core.config import FieldSpec
 from erq_core.config import fields as config_fields
@@ -89,6 +90,22 @@ class JobSubmission(JobRequest):
     webhook: Optional[WebhookIn] = None
 
 
+def _stored_field(spec: FieldSpec) -> tuple[Any, Any]:
+    """The type of a parameter as a job shows it: the request's, without bounds (a job stored
+    before a bound changed still reads), defaults filled for fields added since."""
+    annotation, field = _job_field(spec)
+    default = field.default if field.default is not PydanticUndefined else ...
+    return annotation, Field(default, description=spec.option.help)
+
+
+JobParams = create_model(
+    "JobParams",
+    __config__=ConfigDict(extra="allow"),
+    __doc__="The job's parameters as it runs them (paths resolved, defaults filled in).",
+    **{spec.name: _stored_field(spec) for spec in config_fields() if spec.option.rest},
+)
+
+
 class ArtifactOut(BaseModel):
     name: str
     size: int
@@ -101,7 +118,7 @@ class JobOut(BaseModel):
     status: JobStatus
     stage: Optional[str]
     progress: float
-    params: dict[str, Any]
+    params: JobParams
     metrics: Optional[dict[str, Any]]
     metadata: Optional[dict[str, str]] = Field(None, description="the labels sent with the job")
     error: Optional[str]

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from sqlalchemy.exc import IntegrityError
 
-from service import events
+from service import events, problems
 from service.auth import CurrentCaller
 from service.deps import AppSettings, DbSession, Queue
 from service.problems import Problem
@@ -28,7 +28,9 @@ from storage.models import Job, JobStatus, Owner
 from storage.webhooks import WebhookRefused, check_webhook, delivery_document
 from storage.queue import enqueue
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+# Every route: no or a bad key, throttled key guessing, bad parameters, an outage, a bug.
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problems.responses(401, 422, 429, 500, 503))
+JOB_ROUTE_ERRORS = problems.responses(404)
 log = logging.getLogger("erq")
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 NOT_PARAMETERS = {"metadata", "webhook"}  # fields of the body that are not parameters of the run
@@ -67,8 +69,7 @@ def _matches(if_none_match: Optional[str], etag: str) -> bool:
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
-             responses={409: {"description": "a concurrent request conflicted; retry"},
-                        429: {"description": "the owner has ERQ_MAX_ACTIVE_JOBS_PER_OWNER active jobs"}})
+             responses=problems.responses(409, 413))
 def submit_job(body: JobSubmission, request: Request, response: Response, caller: CurrentCaller, session: DbSession,
                settings: AppSettings, queue: Queue,
                idempotency_key: Optional[str] = Header(None, max_length=200)) -> JobOut:
@@ -178,7 +179,8 @@ def _metadata_filters(request: Request) -> tuple[tuple[str, str], ...]:
 
 
 @router.get("/{job_id}", response_model=JobOut,
-            responses={304: {"description": "the job has not changed since the ETag sent in If-None-Match"}})
+            responses={304: {"description": "the job has not changed since the ETag sent in If-None-Match"},
+                       **JOB_ROUTE_ERRORS})
 def get_job(job_id: str, request: Request, caller: CurrentCaller, session: DbSession,
             if_none_match: Optional[str] = IfNoneMatch):
     body = job_out(request, _owned_job(session, job_id, caller)).model_dump_json()
@@ -188,7 +190,7 @@ def get_job(job_id: str, request: Request, caller: CurrentCaller, session: DbSes
     return Response(body, media_type="application/json", headers={"ETag": etag})
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
+@router.post("/{job_id}/cancel", response_model=JobOut, responses={**JOB_ROUTE_ERRORS, **problems.responses(409)})
 def cancel_job(job_id: str, request: Request, caller: CurrentCaller, session: DbSession) -> JobOut:
     job = _owned_job(session, job_id, caller)
     if job.status in jobs.TERMINAL:
@@ -199,7 +201,8 @@ def cancel_job(job_id: str, request: Request, caller: CurrentCaller, session: Db
     return job_out(request, job)
 
 
-@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response)
+@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
+               responses={**JOB_ROUTE_ERRORS, **problems.responses(409)})
 def delete_job(job_id: str, caller: CurrentCaller, session: DbSession, settings: AppSettings) -> Response:
     """Delete an ended job: its files first, then the job, which answers 404 from then on. An active
     job answers 409: cancel it first."""
@@ -224,7 +227,8 @@ def _check_not_expired(job: Job) -> None:
 @router.get("/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "Server-Sent Events: `status`, `progress` and `log` events, each with "
-                                            "an `id` and JSON `data`; the stream ends after the terminal status"}})
+                                            "an `id` and JSON `data`; the stream ends after the terminal status"},
+                       **JOB_ROUTE_ERRORS})
 async def job_events(job_id: str, request: Request, caller: CurrentCaller, session: DbSession,
                      last_event_id: Optional[str] = Header(None, max_length=100, description="resume after this "
                                                                                              "event")):
@@ -254,7 +258,8 @@ TAR_BLOCK = 512
 @router.get("/{job_id}/artifacts.tar", response_class=StreamingResponse,
             responses={200: {"content": {"application/x-tar": {}},
                              "description": "a tar of quantized.safetensors, config.json and metrics.json"},
-                       304: {"description": "If-None-Match holds the tar's ETag"}})
+                       304: {"description": "If-None-Match holds the tar's ETag"},
+                       **JOB_ROUTE_ERRORS, **problems.responses(409, 410)})
 def download_result_folder(job_id: str, caller: CurrentCaller, session: DbSession, settings: AppSettings,
                            if_none_match: Optional[str] = IfNoneMatch):
     """The whole result folder of a succeeded job as one tar, streamed: extract it and hand the folder
@@ -306,7 +311,7 @@ def _tar_stream(members: list[tuple[Path, bytes]]) -> Iterator[bytes]:
 
 
 ARTIFACT_RESPONSES = {304: {"description": "If-None-Match holds the artifact's ETag (its sha256)"},
-                      410: {"description": "the artifact is recorded but its file is gone"}}
+                      **JOB_ROUTE_ERRORS, **problems.responses(410)}
 
 
 @router.get("/{job_id}/artifacts/{name}", name="download_artifact", responses=ARTIFACT_RESPONSES)
@@ -340,7 +345,8 @@ LOG_CHUNK_BYTES = 1 << 20
 
 @router.get("/{job_id}/log", response_class=PlainTextResponse,
             responses={200: {"model": LogChunk, "description": "the log (text), or with `offset` and "
-                                                               "`Accept: application/json` a LogChunk"}})
+                                                               "`Accept: application/json` a LogChunk"},
+                       **JOB_ROUTE_ERRORS, **problems.responses(410, 416)})
 def job_log(job_id: str, request: Request, caller: CurrentCaller, session: DbSession, settings: AppSettings,
             offset: Optional[int] = Query(None, ge=0, description="return the log from this byte on (at most 1 MiB); "
                                                                    "the answer says the next offset")):

@@ -7,6 +7,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from sqlalchemy.orm import Session
 
 from erq_core.registry import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, MODEL_ALIASES, supported_timm_names
+from service import problems
 from service.auth import CurrentCaller
 from service.deps import AppSettings, DbSession
 from service.schemas import ModelOut
@@ -19,7 +20,8 @@ router = APIRouter()
 DURATION_BUCKETS = (10, 30, 60, 300, 900, 1800, 3600, 7200, 21600)
 
 
-@router.get("/v1/models", response_model=list[ModelOut], tags=["models"])
+@router.get("/v1/models", response_model=list[ModelOut], tags=["models"],
+            responses=problems.responses(401, 429, 500, 503))
 def list_models(caller: CurrentCaller, settings: AppSettings) -> list[ModelOut]:
     """Every value of a job's `model` this service knows, and whether ERQ_ALLOWED_MODELS accepts it:
     the aliases, the supported timm names, and the hf-hub: and local-dir: forms."""
@@ -43,12 +45,13 @@ def accepted_models(settings: Settings) -> list[ModelOut]:
     return models
 
 
-@router.get("/healthz", tags=["health"])
+@router.get("/healthz", tags=["health"], responses=problems.responses(500))
 def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["health"])
+@router.get("/readyz", tags=["health"], responses={
+    503: {"description": "the database or the broker is unreachable (the body says which)"}, **problems.responses(500)})
 def readyz(request: Request, response: Response, settings: AppSettings) -> dict:
     checks = {}
     try:
@@ -104,7 +107,8 @@ class EventStreamCollector:
                                   value=self.hub.ticks if self.hub else 0)
 
 
-@router.get("/metrics", tags=["health"])
+@router.get("/metrics", tags=["health"], responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}},
+                                                    **problems.responses(500, 503)})
 def metrics(request: Request, session: DbSession) -> Response:
     registry = CollectorRegistry()
     registry.register(JobCollector(session))
