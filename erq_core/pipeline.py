@@ -1,8 +1,12 @@
-"""The ERQ pipeline: quantize(model, calibration data, config) -> QuantizedModel.
+"""The pipeline: quantize(model, calibration data, config) -> QuantizedModel.
 
-Order (ERQ_ALGORITHM.md section 2): activation quantizers calibrated on 32 images with FP
-weights; RepQ-ViT reparameterization; FP statistics of every layer streamed over the whole
-calibration set; per layer Aqer, weight-quantizer calibration on the updated weights, Wqer.
+Every method starts alike: the model's matrix products are swapped for quantized ones and the
+activation quantizers are calibrated on 32 images with FP weights; erq, erq+ and repq then fold
+the RepQ-ViT reparameterization. After that:
+- rtn, repq: each layer's weights rounded to nearest;
+- erq (the paper, docs/algorithm.md): FP statistics of every layer streamed over the calibration
+  set, then per layer Aqer, weight-quantizer calibration on the updated weights, Wqer;
+- erq+: block by block on the partly quantized model (erq_core/erq_plus.py).
 """
 from __future__ import annotations
 
@@ -15,13 +19,11 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from erq_core.aqer import aqer_update
-from erq_core.config import ErqConfig
+from erq_core.config import REPARAMETERIZED, ErqConfig
+from erq_core.layer import LayerPlan, solve_layer
 from erq_core.qmodules import QuantConv2d, QuantLinear, convert_model, set_quant_state, weight_layers
-from erq_core.quantizers import WeightQuantizer
 from erq_core.reparam import find_norm_linear_pairs, reparameterize
 from erq_core.stats import LayerStats
-from erq_core.wqer import wqer_update
 
 log = logging.getLogger("erq")
 Progress = Callable[[str, int, int], None]
@@ -82,7 +84,7 @@ def quantize(
     seconds: dict[str, float] = {}
     device = next(model.parameters()).device
     model.eval()
-    repq = config.method in ("erq", "repq")
+    repq = config.method in REPARAMETERIZED
 
     with _timed(seconds, "calibrate_activations"):
         progress("calibrate_activations", 0, 1)
@@ -97,8 +99,16 @@ def quantize(
 
     if repq:
         with _timed(seconds, "reparameterize"):
-            reparameterize(model, pairs)
+            # the papers' code keeps the fractional mean zero point; erq+ keeps true b-bit quantizers
+            reparameterize(model, pairs, integer_zero_point=config.method == "erq+")
             log.info("reparameterized %d LayerNorm -> linear pairs", len(pairs))
+
+    if config.method == "erq+":
+        from erq_core.erq_plus import quantize_plus
+
+        layers = quantize_plus(model, calibration, config, seconds, progress)
+        set_quant_state(model, activations=True, weights=True)
+        return QuantizedModel(model, config, pairs, sorted(pairs), layers, seconds)
 
     with _timed(seconds, "collect_statistics"):
         stats = collect_statistics(model, calibration, progress)
@@ -108,7 +118,9 @@ def quantize(
     for stage in ("aqer", "calibrate_weights", "wqer"):
         seconds.setdefault(stage, 0.0)
     for index, (name, layer) in enumerate(named):
-        layers.append(_quantize_layer(name, layer, stats.pop(name), config, seconds))
+        layer_stats = stats.pop(name)
+        layers.append(solve_layer(name, layer, layer_stats, paper_plan(layer, layer_stats.token_input, config),
+                                  seconds))
         for stage in ("aqer", "calibrate_weights", "wqer"):
             progress(stage, index + 1, len(named))
     set_quant_state(model, activations=True, weights=True)
@@ -154,67 +166,12 @@ def _conv_hook(stats: LayerStats):
     return hook
 
 
-def _augmented_weight(layer: nn.Module) -> Tensor:
-    w = layer.weight.detach().reshape(layer.weight.shape[0], -1).double()
-    if layer.bias is None:
-        return w
-    return torch.cat([w, layer.bias.detach().double()[:, None]], dim=1)
-
-
-def _write_weight(layer: nn.Module, weight: Tensor) -> None:
-    d_in = layer.weight[0].numel()
-    layer.weight.copy_(weight[:, :d_in].reshape(layer.weight.shape))
-    if layer.bias is not None:
-        layer.bias.copy_(weight[:, d_in])
-
-
-def _quantized_view(quantizer: WeightQuantizer, weight: Tensor) -> Tensor:
-    """The augmented weight with its weight columns fake-quantized (the bias stays FP)."""
-    d_in = quantizer.column_group.numel()
-    out = weight.clone()
-    out[:, :d_in] = quantizer(weight[:, :d_in].float()).double()
-    return out
-
-
-def relative_output_error(weight: Tensor, H: Tensor, output_cross: Tensor, output_sq: float) -> float:
-    """||Xqa A^T - Y||^2 / ||Y||^2 from the statistics alone (A = weight, Y the FP output).
-
-    Expanded: tr(A H A^T) - 2 tr(A Xqa^T Y) + ||Y||^2.
-    """
-    err = ((weight @ H) * weight).sum() - 2 * (weight * output_cross.T).sum() + output_sq
-    return float(err.clamp(min=0) / max(output_sq, 1e-30))
-
-
-def _quantize_layer(name: str, layer: nn.Module, stats: LayerStats, config: ErqConfig, seconds: dict) -> dict:
-    has_bias = layer.bias is not None
-    reference = _augmented_weight(layer)
-    H, cross = stats.gram(has_bias), stats.output_cross(reference, has_bias)
-    weight = reference
-    quantizer = layer.weight_quantizer
-    d_out, d_in = reference.shape[0], layer.weight[0].numel()
-    is_linear = isinstance(layer, QuantLinear)
-
-    def error(w: Tensor) -> float:
-        return relative_output_error(w, H, cross, stats.output_sq)
-
-    round_to_nearest = WeightQuantizer(quantizer.bits, d_out, d_in, quantizer.groups).to(reference.device)
-    round_to_nearest.calibrate(reference[:, :d_in])
-    report = {"name": name, "rtn": error(_quantized_view(round_to_nearest, reference)), "aqer": None, "wqer": None}
-
-    if config.uses_aqer and is_linear:
-        with _timed(seconds, "aqer"):
-            lam = 0.1 * config.coe if stats.token_input else HEAD_AQER_LAMBDA
-            weight = aqer_update(weight, H, cross, lam)
-            _write_weight(layer, weight)
-    with _timed(seconds, "calibrate_weights"):
-        quantizer.calibrate(weight[:, :d_in])
-    if config.uses_aqer and is_linear:
-        report["aqer"] = error(_quantized_view(quantizer, weight))
-    if config.uses_wqer:
-        with _timed(seconds, "wqer"):
-            lam = 0.1 * config.coe if is_linear else config.coe
-            # the paper's code refines the rounding of linear layers only, not the patch embedding
-            weight = wqer_update(weight, H, quantizer, lam, stats.count, refine=is_linear)
-            _write_weight(layer, weight)
-        report["wqer"] = error(_quantized_view(quantizer, weight))
-    return report
+def paper_plan(layer: nn.Module, token_input: bool, config: ErqConfig) -> LayerPlan:
+    """ERQ's ridge strengths from coe (0.1 coe; Aqer 0.1 for the head's per-image input; the patch
+    embedding gets Wqer only, with coe and no rounding refinement, as in the paper's code)."""
+    if config.method != "erq":
+        return LayerPlan(None, None)
+    if not isinstance(layer, QuantLinear):
+        return LayerPlan(None, config.coe if config.wqer else None, refine_rounding=False)
+    aqer = (0.1 * config.coe if token_input else HEAD_AQER_LAMBDA) if config.aqer else None
+    return LayerPlan(aqer, 0.1 * config.coe if config.wqer else None)

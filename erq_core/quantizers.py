@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 WEIGHT_PERCENTILES = (0.97, 0.98, 0.99, 0.995, 0.9995, 0.9997, 0.9999, 0.99995, 0.99999, 1.0)
 ACTIVATION_PERCENTILES = (0.999, 0.9999, 0.99999)
+# Output-aware weight clipping also tries each row's min and max shrunk by these factors.
+CLIP_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
 _MIN_SCALE = 1e-8
 
 
@@ -242,7 +244,10 @@ class WeightQuantizer(nn.Module):
         return self.scale[:, self.column_group], self.zero_point[:, self.column_group]
 
     @torch.no_grad()
-    def calibrate(self, weight: Tensor) -> None:
+    def calibrate(self, weight: Tensor, hessian: Optional[Tensor] = None) -> None:
+        """Each row's range by least squared error over the percentile candidates; with `hessian`
+        (the layer's input Gram matrix H) then refined per row and group by least output error
+        d H d^T (d the row's rounding error) among finer candidates."""
         w = weight.detach().reshape(weight.shape[0], -1).float()
         if self.groups == 2:
             column_group = torch.zeros(w.shape[1], dtype=torch.long, device=w.device)
@@ -253,7 +258,32 @@ class WeightQuantizer(nn.Module):
             scale, zero = self._search_range(w[:, cols])
             self.scale[:, group] = scale
             self.zero_point[:, group] = zero
+        if hessian is not None:
+            self._search_output_aware(w, hessian.float())
         self.calibrated.fill_(True)
+
+    def _search_output_aware(self, w: Tensor, H: Tensor) -> None:
+        H = H / torch.diagonal(H).mean().clamp(min=1e-30)
+        for group in range(self.groups):
+            cols = (self.column_group == group).nonzero().squeeze(1)
+            error = self.forward(w) - w
+            best = ((error @ H) * error).sum(dim=1)
+            part = w[:, cols]
+            uppers, lowers = percentile_bounds(part, WEIGHT_PERCENTILES, dim=1)
+            shrink = torch.tensor(CLIP_SHRINK, device=w.device)[:, None]
+            uppers = torch.cat([uppers, part.max(dim=1).values[None] * shrink])
+            lowers = torch.cat([lowers, part.min(dim=1).values[None] * shrink])
+            for upper, lower in zip(uppers, lowers):
+                scale, zero = range_to_scale(upper, lower, self.bits)
+                trial = error.clone()
+                trial[:, cols] = fake_quantize(part, scale[:, None], zero[:, None], self.bits) - part
+                err = ((trial @ H) * trial).sum(dim=1)
+                better = err < best
+                if bool(better.any()):
+                    best = torch.where(better, err, best)
+                    self.scale[better, group] = scale[better].to(self.scale)
+                    self.zero_point[better, group] = zero[better].to(self.zero_point)
+                    error[better] = trial[better]
 
     def _search_range(self, w: Tensor) -> tuple[Tensor, Tensor]:
         uppers, lowers = percentile_bounds(w, WEIGHT_PERCENTILES, dim=1)  # (P, d_out)

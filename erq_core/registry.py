@@ -2,8 +2,9 @@
 
 Light on purpose (no torch, no timm) so that the API can validate a model spec at submit time.
 `timm_models.txt` is the list of timm architectures built from the blocks erq_core quantizes
-(the vision_transformer, deit and swin_transformer families); `tests/test_registry.py` checks it
-against the installed timm.
+(the vision_transformer, deit and swin_transformer families) less those whose attention erq cannot
+quantize (SigLIP's attention pooling, the _xp, wee and dlittle variants: convert_model refuses them);
+`tests/test_registry.py` checks it against the installed timm.
 """
 from __future__ import annotations
 

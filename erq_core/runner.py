@@ -61,7 +61,7 @@ def run(config: ErqConfig, out_dir: str | Path, *, device: Optional[str] = None,
 
     transform = build_transform(loaded.pretrained_cfg)
     workers = _loader_workers(device) if loader_workers is None else loader_workers
-    calibration = calibration_loader(config.dataset, transform, config.calib_size, config.batch_size,
+    calibration = calibration_loader(config.dataset, transform, config.images_needed, config.batch_size,
                                      config.seed, workers)
     validation = (validation_loader(config.dataset, transform, config.batch_size, config.val_limit, workers)
                   if config.evaluate else None)

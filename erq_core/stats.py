@@ -10,6 +10,7 @@ Xqa^T Y costs N (d_in+1) d_out per batch against N (d_in+1)^2 for K, so a layer 
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -51,6 +52,16 @@ class LayerStats:
         self.output_sq += float(y.double().pow(2).sum())
         self.count += x.shape[0]
 
+    def merged(self, other: "LayerStats") -> "LayerStats":
+        """The statistics of both sets of rows."""
+        total = copy.copy(self)
+        total.H = self.H + other.H
+        total.K = None if self.K is None else self.K + other.K
+        total.XqY = None if self.XqY is None else self.XqY + other.XqY
+        total.output_sq = self.output_sq + other.output_sq
+        total.count = self.count + other.count
+        return total
+
     def gram(self, with_bias: bool) -> Tensor:
         return self.H if with_bias else self.H[:-1, :-1]
 
@@ -66,3 +77,34 @@ class LayerStats:
         if self.XqY is not None:
             return self.XqY if with_bias else self.XqY[:-1]
         return self.cross(with_bias) @ reference.T
+
+
+class FoldedStats:
+    """LayerStats of two halves of the calibration images (alternate images) and their sum.
+
+    Each half can check a solve fitted on the other one, which is how ridge strengths are chosen
+    without a hand-tuned knob.
+    """
+
+    def __init__(self, in_features: int, out_features: int, device: torch.device | str = "cpu",
+                 input_quantized: bool = True):
+        self.folds = tuple(LayerStats(in_features, out_features, device, input_quantized) for _ in range(2))
+
+    @torch.no_grad()
+    def add_batch(self, x: Tensor, xq: Tensor, y: Tensor) -> None:
+        """x, xq, y with the images along dim 0: (images, tokens, features) or (images, features)."""
+        for start, fold in enumerate(self.folds):
+            if x[start::2].shape[0]:
+                fold.add_batch(x[start::2], xq[start::2], y[start::2])
+
+    @property
+    def token_input(self) -> bool:
+        return self.folds[0].token_input
+
+    @token_input.setter
+    def token_input(self, value: bool) -> None:
+        for fold in self.folds:
+            fold.token_input = value
+
+    def total(self) -> LayerStats:
+        return self.folds[0].merged(self.folds[1])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from erq_core.aqer import aqer_update
-from erq_core.pipeline import _augmented_weight, _quantized_view, relative_output_error
+from erq_core.layer import augmented_weight as _augmented_weight, quantized_view as _quantized_view, relative_output_error
 from erq_core.qmodules import QuantLinear
 from erq_core.quantizers import WeightQuantizer
 from erq_core.wqer import refine_rounding, rounding_proxy, wqer_update

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from erq_core.aqer import aqer_update
-from erq_core.pipeline import relative_output_error
+from erq_core.layer import relative_output_error
 from erq_core.quantizers import UniformQuantizer, WeightQuantizer
 from erq_core.stats import LayerStats
 from erq_core.wqer import rounding_proxy, wqer_step, wqer_update

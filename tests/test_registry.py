@@ -1,15 +1,36 @@
 import pytest
 import timm
+import torch
 
 from erq_core import ConfigError, ErqConfig
+from erq_core.errors import ModelLoadError
+from erq_core.qmodules import convert_model
 from erq_core.registry import MODEL_ALIASES, supported_timm_names, validate_model_spec
 
 
-def test_timm_name_list_matches_the_installed_timm():
+def conversion_refused(name: str) -> bool:
+    """Whether convert_model would refuse this architecture (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    try:
+        convert_model(model, 4, 4, set(), set(), True)
+    except ModelLoadError:
+        return True
+    return False
+
+
+def test_timm_name_list_is_the_installed_families_less_what_conversion_refuses():
     installed = set()
     for module in ("vision_transformer", "deit", "swin_transformer"):
         installed |= set(timm.list_models(module=module))
-    assert supported_timm_names() == installed
+    listed = supported_timm_names()
+    assert listed <= installed
+    left_out = installed - listed
+    assert left_out and all(conversion_refused(name) for name in sorted(left_out))
+    # building all 160 listed architectures takes minutes: the aliases and the left-out names' siblings
+    siblings = {entry.timm_name for entry in MODEL_ALIASES.values()} | {
+        "test_vit", "vit_base_patch16_224", "vit_so150m_patch16_reg4_gap_256", "vit_base_patch16_reg4_gap_256"}
+    assert siblings <= listed and not [name for name in sorted(siblings) if conversion_refused(name)]
 
 
 def test_aliases_name_real_timm_models():
