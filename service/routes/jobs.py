@@ -1,13 +1,13 @@
-"""/v1/jobs: submit, follow, list, cancel, download. Reads only read: lost leases and orphaned
+"""/v1/jobs: submit, follow (poll, events, log), list, cancel, delete, download. Reads only read: lost leases and orphaned
 jobs are repaired by the sweeper on the worker side (storage/sweeper.py)."""
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
 import logging
+import os
 import re
 import tarfile
-import os
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -25,8 +25,8 @@ from service.validation import InvalidJob, validate_job
 from storage import jobs
 from storage.artifacts import LOG_NAME, PUBLISHED, ArtifactStore, run_name
 from storage.models import Job, JobStatus, Owner
-from storage.webhooks import WebhookRefused, check_webhook, delivery_document
 from storage.queue import enqueue
+from storage.webhooks import WebhookRefused, check_webhook, delivery_document
 
 # Every route: no or a bad key, throttled key guessing, bad parameters, an outage, a bug.
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problems.responses(401, 422, 429, 500, 503))
@@ -46,7 +46,8 @@ def job_out(request: Request, job: Job) -> JobOut:
     if job.webhook is not None:
         webhook = WebhookOut(**job.webhook, deliveries=[delivery_document(d) for d in job.deliveries])
     return JobOut(id=job.id, status=job.status, stage=job.stage, progress=job.progress, params=job.params,
-                  metrics=job.metrics, metadata=job.job_metadata, error=job.error, error_code=job.error_code, cancel_requested=job.cancel_requested,
+                  metrics=job.metrics, metadata=job.job_metadata, error=job.error, error_code=job.error_code,
+                  cancel_requested=job.cancel_requested,
                   attempts=job.attempts, heartbeat_at=job.heartbeat_at, created_at=job.created_at,
                   started_at=job.started_at, finished_at=job.finished_at,
                   artifacts_expired_at=job.artifacts_expired_at, artifacts=artifacts, webhook=webhook)

@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import httpx
-import pytest
 
 from storage import jobs
 from storage.artifacts import ArtifactStore
