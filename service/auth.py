@@ -28,8 +28,14 @@ def current_caller(request: Request, session: DbSession,
         raise Problem(status.HTTP_401_UNAUTHORIZED, "missing_api_key",
                       "missing API key: send 'Authorization: Bearer KEY'", headers={"WWW-Authenticate": "Bearer"})
     key = find_key(session, credentials.credentials)
-    if key is not None:
-        return Caller(owner_id=key.owner_id, key_id=key.id)
+    caller = Caller(owner_id=key.owner_id, key_id=key.id) if key is not None else None
+    # End the read now (the ids are read before: a rollback expires the key): the connection goes back
+    # to the pool before the route waits for a worker thread. Held across that wait, a burst of
+    # requests (event streams reconnecting together) held every connection while every thread waited
+    # for one.
+    session.rollback()
+    if caller is not None:
+        return caller
     throttle = request.app.state.auth_throttle
     client = request.client.host if request.client else "unknown"
     if throttle.failed(client):

@@ -41,16 +41,18 @@ def check_model_allowed(spec: str, settings: Settings) -> None:
 
 
 def validate_job(params: dict, settings: Settings) -> dict:
-    """Check a job's parameters; return them with paths resolved. Raises InvalidJob."""
+    """Check a job's parameters; return them with paths resolved and derived defaults filled in.
+    Raises InvalidJob."""
     try:
-        ErqConfig.from_dict(params).validate()
+        config = ErqConfig.from_dict(params).validate()
     except ConfigError as exc:
         message = str(exc)
         raise InvalidJob(message, "unknown_model" if message.startswith("unknown model") else "invalid_parameter",
                          _field_named_in(message)) from None
     check_model_allowed(params["model"], settings)
     roots = settings.roots
-    params = dict(params)
+    # Defaults the config derives (calib_size from the method) are filled in: the job shows what it runs.
+    params = {name: config.to_dict()[name] if params[name] is None else value for name, value in params.items()}
     dataset = resolve_under_roots(params["dataset"], "dataset", roots, "dataset")
     for split in ("train", "val"):
         if not (dataset / split).is_dir():

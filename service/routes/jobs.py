@@ -235,8 +235,13 @@ async def job_events(job_id: str, request: Request, caller: CurrentCaller, sessi
                                                                                              "event")):
     """Follow a job live: its status, progress and log lines as Server-Sent Events. The first events
     are the current status and progress, then the log from the start (or from `Last-Event-ID`)."""
-    job = await anyio.to_thread.run_sync(jobs.job_for_owner, session, job_id, caller.owner_id)
-    await anyio.to_thread.run_sync(session.close)  # no connection held while the stream lasts
+    def owned_then_close() -> Optional[Job]:
+        try:
+            return jobs.job_for_owner(session, job_id, caller.owner_id)
+        finally:
+            session.close()  # in the same thread: no connection held while the stream lasts
+
+    job = await anyio.to_thread.run_sync(owned_then_close)
     if job is None:
         raise _not_found(job_id)
     hub = event_hub(request.app)

@@ -157,3 +157,32 @@ def test_events_of_a_real_worker_run(tmp_path, settings):
     assert len(stages) >= 3
     lines = [e["data"]["line"] for e in events if e["event"] == "log"]
     assert "\n".join(lines) + "\n" == whole_log
+
+
+@ON_SQLITE
+def test_a_burst_of_followers_connecting_at_once_is_served(tmp_path, settings):
+    """Hundreds of streams (re)connecting together, as when the jobs they followed end: every one is
+    answered, no request waits out the connection pool (a connection held across the wait for a
+    worker thread made such bursts time out with 500s)."""
+    import asyncio
+
+    async def first_event(client: httpx.AsyncClient, job_id: str) -> int:
+        async with client.stream("GET", f"/v1/jobs/{job_id}/events") as answer:
+            async for line in answer.aiter_lines():
+                if line.startswith("event:"):
+                    return answer.status_code
+            return answer.status_code
+
+    async def burst(url: str, key: str, job_ids: list[str]) -> list:
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=25,
+                                     limits=httpx.Limits(max_connections=300)) as client:
+            return await asyncio.gather(*(first_event(client, job_ids[i % len(job_ids)]) for i in range(200)),
+                                        return_exceptions=True)
+
+    with api_only(tmp_path, settings) as client:
+        job_ids = [client.post("/v1/jobs", json=JOB).json()["id"] for _ in range(3)]
+        key = client.headers["Authorization"].split()[1]
+        start = time.monotonic()
+        answers = asyncio.run(burst(str(client.base_url), key, job_ids))
+        assert answers == [200] * 200, [a for a in answers if a != 200][:5]
+        assert time.monotonic() - start < 25
