@@ -237,21 +237,29 @@ async def poll_forever(client: httpx.AsyncClient, job_ids: list[str], stop: asyn
 
 
 async def follow_forever(client: httpx.AsyncClient, job_ids: list[str], stop: asyncio.Event, stats: dict) -> None:
-    """One SSE client: follows a job's events to its end, then the next job's, until stopped."""
+    """One SSE client, as a user would: follows a job's events to its end, then a job that has not
+    ended yet (the followers spread over the jobs), until every job has ended."""
     index = secrets.randbelow(len(job_ids))
-    while not stop.is_set():
+    ended = stats["ended"]
+    while not stop.is_set() and len(ended) < len(job_ids):
         index += 1
+        job_id = job_ids[index % len(job_ids)]
+        if job_id in ended:
+            continue
         try:
-            async with client.stream("GET", f"/v1/jobs/{job_ids[index % len(job_ids)]}/events") as answer:
+            async with client.stream("GET", f"/v1/jobs/{job_id}/events") as answer:
                 stats["5xx"] += answer.status_code >= 500
                 stats["streams"] += 1
                 async for line in answer.aiter_lines():
                     stats["events"] += line.startswith("event:")
                     if stop.is_set():
                         break
+                else:
+                    ended.add(job_id)  # the server ends a stream after the job's terminal status
         except httpx.TransportError as exc:
             stats["get_transport_errors"][type(exc).__name__] += 1
             await asyncio.sleep(0.5)
+    await stop.wait()
 
 
 def run_seconds(job: dict) -> float:
@@ -272,7 +280,7 @@ async def scenario(service: Service, jobs: int, clients: int, pollers: int, time
                    drill_name: str | None = None, followers: int = 0) -> dict:
     stats = {"post_latency": [], "get_latency": [], "poll_latency": [], "rejected": Counter(), "5xx": 0,
              "get_transport_errors": Counter(), "answered": 0, "post_retries": 0,
-             "http_503": 0, "streams": 0, "events": 0}
+             "http_503": 0, "streams": 0, "events": 0, "ended": set()}
     limits = httpx.Limits(max_connections=max(clients, pollers) + followers + 10)
     async with httpx.AsyncClient(base_url=service.url, headers={"Authorization": f"Bearer {service.key}"},
                                  timeout=60, limits=limits) as client:
