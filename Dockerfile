@@ -27,6 +27,7 @@ COPY erq_core ./erq_core
 COPY storage ./storage
 COPY service ./service
 COPY worker ./worker
+COPY erq_client ./erq_client
 RUN pip install --no-deps . && rm -rf build *.egg-info
 USER erq
 EXPOSE 8000
@@ -44,6 +45,7 @@ COPY erq_core ./erq_core
 COPY storage ./storage
 COPY service ./service
 COPY worker ./worker
+COPY erq_client ./erq_client
 RUN pip install --no-deps . && rm -rf build *.egg-info
 USER erq
 # Healthy while the worker's sweeper reaches the database and the broker (it touches the health file).

@@ -1,7 +1,7 @@
 """The `erq` command: a thin dispatcher.
 
 `quantize` and `evaluate` go to the engine (erq_core); `serve`, `api`, `worker` and `admin`
-go to the service side. Each side parses its own arguments.
+go to the service side; `submit` and `jobs` to the HTTP client (erq_client). Each side parses its own arguments.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ COMMANDS = {
     "worker": ("worker.cli", "worker_main", "run a Celery worker alone"),
     "admin": ("service.cli", "admin_main", "manage owners and their API keys"),
     "migrate": ("service.cli", "migrate_main", "apply the database migrations and exit"),
+    "submit": ("erq_client.cli", "submit_main", "submit a job to an erq service (--wait, --out DIR)"),
+    "jobs": ("erq_client.cli", "jobs_main", "list, show, cancel, delete jobs of an erq service; logs; downloads"),
 }
 
 

@@ -3,6 +3,7 @@
     .venv/bin/python bench/load.py --mode embedded --jobs 500 --clients 20 --workers 2
     .venv/bin/python bench/load.py --mode redis    --jobs 500 --clients 20 --workers 2
     .venv/bin/python bench/load.py --mode embedded --jobs 100 --pollers 200 --split-cpus  # polling cost
+    .venv/bin/python bench/load.py --mode embedded --jobs 100 --followers 200 --split-cpus  # event streams
     .venv/bin/python bench/load.py --mode embedded --jobs 200 --drill kill-api       # fault drills
     .venv/bin/python bench/load.py --mode redis    --jobs 200 --drill restart-redis
     .venv/bin/python bench/load.py --mode redis    --jobs 500 --store s3             # artifacts in S3
@@ -271,6 +272,32 @@ async def check_artifacts(client: httpx.AsyncClient, service: Service, final: di
             "downloads_with_wrong_sha256": mismatched}
 
 
+async def follow_forever(client: httpx.AsyncClient, job_ids: list[str], stop: asyncio.Event, stats: dict) -> None:
+    """One SSE client, as a user would: follows a job's events to its end, then a job that has not
+    ended yet (the followers spread over the jobs), until every job has ended."""
+    index = secrets.randbelow(len(job_ids))
+    ended = stats["ended"]
+    while not stop.is_set() and len(ended) < len(job_ids):
+        index += 1
+        job_id = job_ids[index % len(job_ids)]
+        if job_id in ended:
+            continue
+        try:
+            async with client.stream("GET", f"/v1/jobs/{job_id}/events") as answer:
+                stats["5xx"] += answer.status_code >= 500
+                stats["streams"] += 1
+                async for line in answer.aiter_lines():
+                    stats["events"] += line.startswith("event:")
+                    if stop.is_set():
+                        break
+                else:
+                    ended.add(job_id)  # the server ends a stream after the job's terminal status
+        except httpx.TransportError as exc:
+            stats["get_transport_errors"][type(exc).__name__] += 1
+            await asyncio.sleep(0.5)
+    await stop.wait()
+
+
 def run_seconds(job: dict) -> float:
     from datetime import datetime
 
@@ -286,11 +313,11 @@ async def drill(service: Service, name: str, jobs: int, stats: dict) -> None:
 
 
 async def scenario(service: Service, jobs: int, clients: int, pollers: int, timeout: float,
-                   drill_name: str | None = None) -> dict:
+                   drill_name: str | None = None, followers: int = 0) -> dict:
     stats = {"post_latency": [], "get_latency": [], "poll_latency": [], "rejected": Counter(), "5xx": 0,
              "get_transport_errors": Counter(), "answered": 0, "post_retries": 0,
-             "http_503": 0}
-    limits = httpx.Limits(max_connections=max(clients, pollers) + 10)
+             "http_503": 0, "streams": 0, "events": 0, "ended": set()}
+    limits = httpx.Limits(max_connections=max(clients, pollers) + followers + 10)
     async with httpx.AsyncClient(base_url=service.url, headers={"Authorization": f"Bearer {service.key}"},
                                  timeout=60, limits=limits) as client:
         start = time.monotonic()
@@ -301,17 +328,22 @@ async def scenario(service: Service, jobs: int, clients: int, pollers: int, time
         stop = asyncio.Event()
         poll_tasks = [asyncio.create_task(poll_forever(client, accepted, stop, stats)) for _ in range(pollers)] \
             if accepted and pollers else []
+        poll_tasks += [asyncio.create_task(follow_forever(client, accepted, stop, stats)) for _ in range(followers)] \
+            if accepted and followers else []
         polling_start = time.monotonic()
         final = await wait_all(client, accepted, stats, timeout)
         polling_seconds = time.monotonic() - polling_start
         stop.set()
-        await asyncio.gather(*poll_tasks)
+        for task in poll_tasks[pollers:]:  # event streams wait on the server: end them now
+            task.cancel()
+        await asyncio.gather(*poll_tasks, return_exceptions=True)
         elapsed = time.monotonic() - start
         bucket = await check_artifacts(client, service, final) if service.s3 is not None else {}
     statuses = Counter(job["status"] for job in final.values())
     runs = [run_seconds(j) for j in final.values() if j["status"] == "succeeded"]
     return {
-        "submitted": jobs, "clients": clients, "pollers": pollers, "accepted": len(accepted),
+        "submitted": jobs, "clients": clients, "pollers": pollers, "followers": followers,
+        "event_streams": stats["streams"], "events_received": stats["events"], "accepted": len(accepted),
         "rejected": dict(stats["rejected"]), "completed": statuses.get("succeeded", 0),
         "failed": statuses.get("failed", 0),
         "failure_reasons": dict(Counter((j["error"] or "")[:120] for j in final.values() if j["status"] == "failed")),
@@ -338,6 +370,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--pollers", type=int, default=0, help="also measure job run time under this many pollers")
+    parser.add_argument("--followers", type=int, default=0,
+                        help="also measure job run time under this many clients following GET /v1/jobs/{id}/events")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--drill", choices=["kill-api", "restart-redis"], default=None,
                         help="SIGKILL the API, or restart Redis empty, half-way through the submissions")
@@ -363,10 +397,19 @@ def main() -> None:
             print(json.dumps(polled), flush=True)
             print(f"job run time {base} s without pollers, {loaded} s with {args.pollers}: "
                   f"{100 * results['job_slowdown_under_polling']:+.1f}%")
+        if args.followers:
+            followed = asyncio.run(scenario(service, args.jobs, args.clients, 0, args.timeout,
+                                            followers=args.followers))
+            results["followed"] = followed
+            base, loaded = results["load"]["mean_job_run_seconds"], followed["mean_job_run_seconds"]
+            results["job_slowdown_under_followers"] = round(loaded / base - 1, 3) if base and loaded else None
+            print(json.dumps(followed), flush=True)
+            print(f"job run time {base} s without followers, {loaded} s with {args.followers} event streams: "
+                  f"{100 * results['job_slowdown_under_followers']:+.1f}%")
     finally:
         service.stop()
     suffix = (("-s3" if args.store == "s3" else "") + (f"-pollers{args.pollers}" if args.pollers else "")
-              + ("-split" if args.split_cpus else "")
+              + (f"-followers{args.followers}" if args.followers else "") + ("-split" if args.split_cpus else "")
               + (f"-{args.drill}" if args.drill else ""))
     out = ROOT / "bench" / "results" / f"load-{args.mode}{suffix}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from sqlalchemy.exc import IntegrityError, OperationalError
+from fastapi import FastAPI
 
+from service import problems
 from service.guards import BodySizeLimit, FailedAuthThrottle
 from service.routes import jobs, system
-from storage.artifacts import ArtifactStoreError, open_store
+from storage.artifacts import open_store
 from storage.queue import make_celery
 from storage.settings import Settings, get_settings
 
@@ -19,7 +18,9 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(title="erq", version="0.1.0",
                   description="Quantization-as-a-service for Vision Transformers (ERQ). "
-                              "Every /v1 route needs `Authorization: Bearer KEY`.")
+                              "Every /v1 route needs `Authorization: Bearer KEY`. Errors are RFC 9457 "
+                              "problems (`application/problem+json`) with a stable `code`.",
+                  generate_unique_id_function=lambda route: route.name)  # operation ids: the handlers' names
     app.state.settings = settings
     app.state.celery = make_celery(settings)
     app.state.artifact_store = open_store(settings)
@@ -28,19 +29,12 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(system.router)
 
-    @app.exception_handler(OperationalError)
-    async def database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
-        return JSONResponse({"detail": "the database is unreachable; retry later"}, status_code=503,
-                            headers={"Retry-After": "10"})
+    problems.install(app)
 
-    @app.exception_handler(IntegrityError)
-    async def conflicting_write(request: Request, exc: IntegrityError) -> JSONResponse:
-        return JSONResponse({"detail": "the request conflicted with a concurrent change and was not stored; "
-                                       "send it again"}, status_code=409)
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = problems.add_schemas(FastAPI.openapi(app))
+        return app.openapi_schema
 
-    @app.exception_handler(ArtifactStoreError)
-    async def artifact_store_unavailable(request: Request, exc: ArtifactStoreError) -> JSONResponse:
-        return JSONResponse({"detail": "the artifact store is unreachable; retry later"}, status_code=503,
-                            headers={"Retry-After": "10"})
-
+    app.openapi = openapi
     return app

@@ -4,10 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.deps import DbSession
+from service.problems import Problem
 from storage.keys import find_key
 
 _bearer = HTTPBearer(auto_error=False)
@@ -24,19 +25,25 @@ def current_caller(request: Request, session: DbSession,
     """The key is checked first: a valid key is never throttled. Failed attempts are counted per
     client address, and past the limit that address's failures answer 429 instead of 401."""
     if credentials is None or credentials.scheme.lower() != "bearer":
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing API key: send 'Authorization: Bearer KEY'",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise Problem(status.HTTP_401_UNAUTHORIZED, "missing_api_key",
+                      "missing API key: send 'Authorization: Bearer KEY'", headers={"WWW-Authenticate": "Bearer"})
     key = find_key(session, credentials.credentials)
-    if key is not None:
-        return Caller(owner_id=key.owner_id, key_id=key.id)
+    caller = Caller(owner_id=key.owner_id, key_id=key.id) if key is not None else None
+    # End the read now (the ids are read before: a rollback expires the key): the connection goes back
+    # to the pool before the route waits for a worker thread. Held across that wait, a burst of
+    # requests (event streams reconnecting together) held every connection while every thread waited
+    # for one.
+    session.rollback()
+    if caller is not None:
+        return caller
     throttle = request.app.state.auth_throttle
     client = request.client.host if request.client else "unknown"
     if throttle.failed(client):
-        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
-                            "too many failed authentications from this address; wait a minute",
-                            headers={"Retry-After": str(int(throttle.window))})
-    raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or revoked API key",
-                        headers={"WWW-Authenticate": "Bearer"})
+        raise Problem(status.HTTP_429_TOO_MANY_REQUESTS, "too_many_failed_authentications",
+                      "too many failed authentications from this address; wait a minute",
+                      headers={"Retry-After": str(int(throttle.window))})
+    raise Problem(status.HTTP_401_UNAUTHORIZED, "invalid_api_key", "invalid or revoked API key",
+                  headers={"WWW-Authenticate": "Bearer"})
 
 
 CurrentCaller = Annotated[Caller, Depends(current_caller)]

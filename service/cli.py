@@ -121,13 +121,17 @@ class EmbeddedWorker(threading.Thread):
 
 
 def admin_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="erq admin", description="Manage owners and their API keys.")
+    parser = argparse.ArgumentParser(prog="erq admin", description="Manage owners, their API keys and webhook "
+                                                                   "secrets.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("create-key", help="add a key for OWNER (created on first use) and print it alone on "
                                            "the last line").add_argument("owner")
     commands.add_parser("list-keys", help="list keys: id, owner, prefix, created, revoked")
     commands.add_parser("revoke-key", help="revoke one key for good").add_argument(
         "key", metavar="KEY_ID_OR_PREFIX", help=f"the key's id or its first {PREFIX_LENGTH} characters")
+    commands.add_parser("webhook-secret", help="make a new webhook signing secret for OWNER (replacing its "
+                                               "old one) and print it alone on the last line, once").add_argument(
+        "owner")
     args = parser.parse_args(argv)
     settings = get_settings()
     _prepare(settings)
@@ -136,7 +140,23 @@ def admin_main(argv: list[str]) -> int:
             return _create_key(session, args.owner)
         if args.command == "list-keys":
             return _list_keys(session)
+        if args.command == "webhook-secret":
+            return _webhook_secret(session, args.owner)
         return _revoke_key(session, args.key)
+
+
+def _webhook_secret(session, owner: str) -> int:
+    from storage.webhooks import new_secret
+
+    try:
+        secret = new_secret(session, owner)
+    except ValueError as exc:
+        print(f"erq admin: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"new webhook secret for owner {owner!r} (its webhooks are signed with it from now on; the old one no "
+          "longer verifies); store it now, it is not shown again:")
+    print(secret)
+    return 0
 
 
 def _create_key(session, owner: str) -> int:

@@ -2,7 +2,7 @@
 the artifact store."""
 from __future__ import annotations
 
-from typing import Annotated, Iterator
+from typing import Annotated, AsyncIterator
 
 from celery import Celery
 from fastapi import Depends, Request
@@ -13,9 +13,14 @@ from storage.db import session_factory
 from storage.settings import Settings
 
 
-def db_session(request: Request) -> Iterator[Session]:
+async def db_session(request: Request) -> AsyncIterator[Session]:
     """The request's one session. Routes that write commit it themselves, before they answer;
-    whatever is not committed is rolled back when the request ends."""
+    whatever is not committed is rolled back when the request ends.
+
+    Async on purpose: it is closed in the event loop (a rollback, sub-millisecond), not after
+    waiting for a worker thread. A connection held while waiting for a thread lets a burst of
+    requests hold every pooled connection while every thread waits for one (a deadlock that ends
+    in pool time-outs)."""
     session = session_factory(request.app.state.settings.database_url)()
     try:
         yield session

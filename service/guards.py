@@ -1,6 +1,7 @@
 """Protections in front of the routes: request size, and slowing down key guessing."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import OrderedDict, deque
@@ -43,9 +44,12 @@ class BodySizeLimit:
 
 
 async def _too_large(send: Send, limit: int) -> None:
-    body = f'{{"detail":"request body over {limit // 1024} KiB"}}'.encode()
+    from service.problems import PROBLEM_MEDIA_TYPE, problem_body
+
+    body = json.dumps(problem_body(413, "body_too_large", f"request body over {limit // 1024} KiB")).encode()
     await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+                            (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 

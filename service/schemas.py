@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from pydantic_core import PydanticUndefined
 
 from erq_core.config import FieldSpec
 from erq_core.config import fields as config_fields
 from storage.models import JobStatus
+from storage.webhooks import DEFAULT_EVENTS as DEFAULT_WEBHOOK_EVENTS
+from storage.webhooks import EVENTS as WEBHOOK_EVENTS
 
 
 def _job_field(spec: FieldSpec) -> tuple[Any, Any]:
@@ -41,6 +44,68 @@ JobRequest = create_model(
 )
 
 
+METADATA_MAX_PAIRS, METADATA_KEY_LENGTH, METADATA_VALUE_LENGTH = 16, 64, 512
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=METADATA_KEY_LENGTH,
+                                               pattern=r"^[A-Za-z0-9_.:-]+$")]
+MetadataValue = Annotated[str, StringConstraints(max_length=METADATA_VALUE_LENGTH)]
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(
+    max_length=METADATA_MAX_PAIRS,
+    description=f"your labels for the job: at most {METADATA_MAX_PAIRS} pairs, keys of 1 to {METADATA_KEY_LENGTH} "
+                f"characters among letters, digits and `_.:-`, string values of at most {METADATA_VALUE_LENGTH} "
+                "characters; returned with the job, and `GET /v1/jobs?metadata[KEY]=VALUE` filters on them")]
+
+
+WebhookEvent = Literal[WEBHOOK_EVENTS]  # type: ignore[valid-type]
+
+
+class WebhookIn(BaseModel):
+    """Where to POST the job (signed with the owner's secret) when one of `events` happens."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(max_length=2048, description="http(s) URL on a host ERQ_WEBHOOK_ALLOWED_HOSTS allows")
+    events: list[WebhookEvent] = Field(list(DEFAULT_WEBHOOK_EVENTS), min_length=1, max_length=len(WEBHOOK_EVENTS),
+                                       description="the statuses to be told about")
+
+
+class WebhookDeliveryOut(BaseModel):
+    id: int
+    event: str
+    state: Literal["pending", "delivered", "given_up"]
+    attempts: int
+    status_code: Optional[int] = Field(description="the receiver's answer to the last attempt")
+    error: Optional[str] = Field(description="why the last attempt failed")
+    created_at: Optional[dt.datetime]
+    delivered_at: Optional[dt.datetime]
+    given_up_at: Optional[dt.datetime]
+
+
+class WebhookOut(WebhookIn):
+    deliveries: list[WebhookDeliveryOut] = Field(description="one per event that happened, oldest first")
+
+
+class JobSubmission(JobRequest):
+    """The body of `POST /v1/jobs`: the job's parameters, and what is not a parameter of the run."""
+
+    metadata: Optional[Metadata] = None
+    webhook: Optional[WebhookIn] = None
+
+
+def _stored_field(spec: FieldSpec) -> tuple[Any, Any]:
+    """The type of a parameter as a job shows it: the request's, without bounds (a job stored
+    before a bound changed still reads), defaults filled for fields added since."""
+    annotation, field = _job_field(spec)
+    default = field.default if field.default is not PydanticUndefined else ...
+    return annotation, Field(default, description=spec.option.help)
+
+
+JobParams = create_model(
+    "JobParams",
+    __config__=ConfigDict(extra="allow"),
+    __doc__="The job's parameters as it runs them (paths resolved, defaults filled in).",
+    **{spec.name: _stored_field(spec) for spec in config_fields() if spec.option.rest},
+)
+
+
 class ArtifactOut(BaseModel):
     name: str
     size: int
@@ -53,9 +118,12 @@ class JobOut(BaseModel):
     status: JobStatus
     stage: Optional[str]
     progress: float
-    params: dict[str, Any]
+    params: JobParams
     metrics: Optional[dict[str, Any]]
+    metadata: Optional[dict[str, str]] = Field(None, description="the labels sent with the job")
     error: Optional[str]
+    error_code: Optional[str] = Field(None, description="a failed or cancelled job's stable reason code "
+                                                        "(README, \"Error codes\")")
     cancel_requested: bool = Field(description="the client asked to cancel; a running job stops at its next "
                                                "progress step and ends `cancelled`")
     attempts: int
@@ -65,12 +133,18 @@ class JobOut(BaseModel):
     created_at: dt.datetime
     started_at: Optional[dt.datetime]
     finished_at: Optional[dt.datetime]
+    artifacts_expired_at: Optional[dt.datetime] = Field(
+        None, description="when the retention sweep (ERQ_ARTIFACT_TTL_DAYS) removed the job's files; its "
+                          "downloads answer 410 from then on")
     artifacts: list[ArtifactOut]
+    webhook: Optional[WebhookOut] = None
 
 
 class JobList(BaseModel):
     jobs: list[JobOut]
-    next_cursor: Optional[str]
+    has_more: bool = Field(False, description="more jobs match: ask again with `after` (the last job's id) or "
+                                              "`cursor`")
+    next_cursor: Optional[str] = Field(description="send as `cursor` for the next page; None on the last")
 
 
 class ModelOut(BaseModel):
@@ -82,3 +156,12 @@ class ModelOut(BaseModel):
     kind: Literal["alias", "timm", "hf-hub", "local-dir"]
     allowed: bool = Field(description="whether this service accepts it (ERQ_ALLOWED_MODELS)")
     note: Optional[str] = None
+
+
+class LogChunk(BaseModel):
+    """A piece of a job's log (`GET /v1/jobs/{id}/log?offset=N` with `Accept: application/json`)."""
+
+    offset: int = Field(description="the byte offset `text` starts at")
+    next_offset: int = Field(description="send this as `offset` to continue")
+    complete: bool = Field(description="the job has ended and the log has been sent to its end")
+    text: str

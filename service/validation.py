@@ -4,59 +4,81 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from erq_core.config import ErqConfig
+from erq_core.config import ErqConfig, fields
 from erq_core.errors import ConfigError
 from erq_core.registry import MODEL_ALIASES, local_dir_path
 from storage.settings import Settings
 
 
 class InvalidJob(ValueError):
-    """The job cannot run as submitted; the message says what to fix."""
+    """The job cannot run as submitted; the message says what to fix, `code` is stable (README, "Error
+    codes") and `field` names the offending job field."""
+
+    def __init__(self, message: str, code: str = "invalid_parameter", field: str | None = None):
+        super().__init__(message)
+        self.code, self.field = code, field
 
 
-def resolve_under_roots(raw: str, what: str, roots: list[Path]) -> Path:
+def resolve_under_roots(raw: str, what: str, roots: list[Path], field: str | None = None) -> Path:
     """The path with links resolved, if it lies under one of the roots; else InvalidJob."""
     if "\x00" in raw:
-        raise InvalidJob(f"{what} contains a NUL byte")
+        raise InvalidJob(f"{what} contains a NUL byte", "invalid_path", field)
     if not os.path.isabs(raw):
-        raise InvalidJob(f"{what} {raw!r} must be an absolute path under ERQ_DATA_ROOTS")
+        raise InvalidJob(f"{what} {raw!r} must be an absolute path under ERQ_DATA_ROOTS", "invalid_path", field)
     resolved = Path(raw).resolve()
     if not any(resolved == root or root in resolved.parents for root in roots):
         allowed = ", ".join(str(r) for r in roots) or "(none configured)"
-        raise InvalidJob(f"{what} {raw!r} is outside the allowed data roots ({allowed}); set ERQ_DATA_ROOTS")
+        raise InvalidJob(f"{what} {raw!r} is outside the allowed data roots ({allowed}); set ERQ_DATA_ROOTS",
+                         "path_outside_roots", field)
     return resolved
 
 
 def check_model_allowed(spec: str, settings: Settings) -> None:
     if not settings.model_allowed(spec, frozenset(MODEL_ALIASES)):
         raise InvalidJob(f"model {spec!r} is not enabled on this service (ERQ_ALLOWED_MODELS="
-                         f"{settings.allowed_models!r}); GET /v1/models lists what is accepted")
+                         f"{settings.allowed_models!r}); GET /v1/models lists what is accepted",
+                         "model_not_allowed", "model")
 
 
 def validate_job(params: dict, settings: Settings) -> dict:
-    """Check a job's parameters; return them with paths resolved. Raises InvalidJob."""
+    """Check a job's parameters; return them with paths resolved and derived defaults filled in.
+    Raises InvalidJob."""
     try:
-        ErqConfig.from_dict(params).validate()
+        config = ErqConfig.from_dict(params).validate()
     except ConfigError as exc:
-        raise InvalidJob(str(exc)) from None
+        message = str(exc)
+        raise InvalidJob(message, "unknown_model" if message.startswith("unknown model") else "invalid_parameter",
+                         _field_named_in(message)) from None
     check_model_allowed(params["model"], settings)
     roots = settings.roots
-    params = dict(params)
-    dataset = resolve_under_roots(params["dataset"], "dataset", roots)
+    # Defaults the config derives (calib_size from the method) are filled in: the job shows what it runs.
+    params = {name: config.to_dict()[name] if params[name] is None else value for name, value in params.items()}
+    dataset = resolve_under_roots(params["dataset"], "dataset", roots, "dataset")
     for split in ("train", "val"):
         if not (dataset / split).is_dir():
             raise InvalidJob(f"dataset {params['dataset']!r} has no {split!r} folder (expected an ImageFolder root "
-                             "with train/<class>/<image> and val/<class>/<image>)")
+                             "with train/<class>/<image> and val/<class>/<image>)", "invalid_dataset", "dataset")
     params["dataset"] = str(dataset)
     folder = local_dir_path(params["model"])
     if folder is not None:
-        resolved = resolve_under_roots(folder, "local model folder", roots)
+        resolved = resolve_under_roots(folder, "local model folder", roots, "model")
         if not (resolved / "config.json").is_file():
-            raise InvalidJob(f"local model folder {folder!r} has no config.json")
+            raise InvalidJob(f"local model folder {folder!r} has no config.json", "invalid_model", "model")
         params["model"] = f"local-dir:{resolved}"
     if params.get("checkpoint"):
-        checkpoint = resolve_under_roots(params["checkpoint"], "checkpoint", roots)
+        checkpoint = resolve_under_roots(params["checkpoint"], "checkpoint", roots, "checkpoint")
         if not checkpoint.is_file() or checkpoint.suffix != ".safetensors":
-            raise InvalidJob(f"checkpoint {params['checkpoint']!r} must be an existing .safetensors file")
+            raise InvalidJob(f"checkpoint {params['checkpoint']!r} must be an existing .safetensors file",
+                             "invalid_checkpoint", "checkpoint")
         params["checkpoint"] = str(checkpoint)
     return params
+
+
+def _field_named_in(message: str) -> str | None:
+    """The ErqConfig field a ConfigError message starts with ('w_bits must be ...'), if any."""
+    for spec in sorted(fields(), key=lambda s: -len(s.name)):
+        if message.startswith(spec.name + " ") or message.startswith(spec.name + ":"):
+            return spec.name
+    if "model" in message.split(" ", 3)[:3]:
+        return "model"
+    return None

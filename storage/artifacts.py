@@ -15,7 +15,7 @@ import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import Iterator, TYPE_CHECKING, Iterable, Optional
 
 if TYPE_CHECKING:
     from storage.settings import Settings
@@ -73,6 +73,22 @@ class ArtifactStore(ABC):
     @abstractmethod
     def read_text(self, job_id: str, run: Optional[str], name: str) -> Optional[str]:
         """A stored file as text, None when absent; run None: the job's own folder (before attempts)."""
+
+    @abstractmethod
+    def read_range(self, job_id: str, run: Optional[str], name: str, offset: int = 0,
+                   limit: Optional[int] = None) -> Optional[tuple[bytes, int]]:
+        """(at most `limit` bytes of a stored file from `offset`, the file's size); None when absent.
+        An offset past the end gives no bytes."""
+
+    def iter_bytes(self, job_id: str, run: Optional[str], name: str, block: int = 1 << 20) -> Iterator[bytes]:
+        """A stored file in blocks (for streaming it through the API)."""
+        offset = 0
+        while True:
+            found = self.read_range(job_id, run, name, offset, block)
+            if found is None or not found[0]:
+                return
+            yield found[0]
+            offset += len(found[0])
 
     @abstractmethod
     def remove_other_runs(self, job_id: str, keep: str) -> None:

@@ -2,6 +2,7 @@
 into its folder, so storing a run is reading back its files' sizes and checksums."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Iterable, Optional
@@ -38,13 +39,31 @@ class FolderStore(ArtifactStore):
         path = self.run_dir(job_id, run) / name
         return path.read_text(errors="replace") if path.is_file() else None
 
+    def read_range(self, job_id: str, run: Optional[str], name: str, offset: int = 0,
+                   limit: Optional[int] = None) -> Optional[tuple[bytes, int]]:
+        try:
+            with open(self.run_dir(job_id, run) / name, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if offset >= size:
+                    return b"", size
+                handle.seek(offset)
+                return handle.read(-1 if limit is None else limit), size
+        except FileNotFoundError:
+            return None
+
     def remove_other_runs(self, job_id: str, keep: str) -> None:
         for folder in self.job_dir(job_id).glob("attempt-*"):
             if folder.name != keep:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def remove_job(self, job_id: str) -> None:
-        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        """Remove every file of the job (deletion, retention). Raises OSError when some remain."""
+        shutil.rmtree(self.job_dir(job_id), onerror=_ignore_missing)
 
     def describe(self) -> str:
         return f"the folder {self.root}"
+
+
+def _ignore_missing(function, path, exc_info) -> None:
+    if not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]

@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -31,10 +32,11 @@ def request_fingerprint(body: dict[str, Any]) -> str:
 
 
 def create_job(session: Session, owner_id: int, params: dict[str, Any], idempotency_key: Optional[str] = None,
-               key_id: Optional[int] = None, request_sha256: Optional[str] = None) -> Job:
+               key_id: Optional[int] = None, request_sha256: Optional[str] = None,
+               metadata: Optional[dict[str, str]] = None, webhook: Optional[dict[str, Any]] = None) -> Job:
     job = Job(id=uuid.uuid4().hex, owner_id=owner_id, key_id=key_id, params=params, idempotency_key=idempotency_key,
               request_sha256=request_sha256, status=JobStatus.QUEUED, progress=0.0, cancel_requested=False,
-              attempts=0, created_at=db_now())
+              attempts=0, created_at=db_now(), job_metadata=metadata, webhook=webhook)
     session.add(job)
     session.flush()
     return job
@@ -75,14 +77,36 @@ def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
     return (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)), job_id
 
 
-def list_jobs(session: Session, owner_id: int, status: Optional[str], limit: int,
-              cursor: Optional[str]) -> tuple[list[Job], Optional[str]]:
-    """The owner's jobs, newest first; returns (page, cursor of the next page or None)."""
+@dataclass(frozen=True)
+class JobFilter:
+    """What a listing keeps: any of `statuses`, the exact `model`, created in [created_after,
+    created_before), and every `metadata` pair."""
+
+    statuses: tuple[str, ...] = ()
+    model: Optional[str] = None
+    created_after: Optional[dt.datetime] = None
+    created_before: Optional[dt.datetime] = None
+    metadata: tuple[tuple[str, str], ...] = ()
+
+
+def list_jobs(session: Session, owner_id: int, status: Optional[str] | JobFilter, limit: int,
+              cursor: Optional[str], after: Optional[Job] = None) -> tuple[list[Job], Optional[str]]:
+    """The owner's jobs, newest first, after `cursor` (or the job `after`); returns (page, cursor of the
+    next page or None). Raises ValueError for a cursor this code did not make."""
+    where = status if isinstance(status, JobFilter) else JobFilter(statuses=(status,) if status else ())
     query = select(Job).where(Job.owner_id == owner_id)
-    if status:
-        query = query.where(Job.status == status)
-    if cursor:
-        created, job_id = decode_cursor(cursor)
+    if where.statuses:
+        query = query.where(Job.status.in_(where.statuses))
+    if where.model is not None:
+        query = query.where(Job.params["model"].as_string() == where.model)
+    if where.created_after is not None:
+        query = query.where(Job.created_at >= where.created_after)
+    if where.created_before is not None:
+        query = query.where(Job.created_at < where.created_before)
+    for key, value in where.metadata:
+        query = query.where(Job.job_metadata[key].as_string() == value)
+    if cursor or after is not None:
+        created, job_id = decode_cursor(cursor) if cursor else (after.created_at, after.id)
         query = query.where((Job.created_at < created) | ((Job.created_at == created) & (Job.id < job_id)))
     rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
     return rows[:limit], (encode_cursor(rows[limit - 1]) if len(rows) > limit else None)
@@ -102,12 +126,13 @@ def claim(session: Session, job_id: str, worker: str) -> Optional[Job]:
     claimed = session.execute(
         update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False))
         .values(status=JobStatus.RUNNING, worker=worker, heartbeat_at=db_now(), started_at=db_now(),
-                attempts=Job.attempts + 1, stage="starting", progress=0.0, error=None)
+                attempts=Job.attempts + 1, stage="starting", progress=0.0, error=None, error_code=None)
     ).rowcount
     if not claimed:  # a cancel that crossed a re-queue: the job ends here instead of waiting forever
         session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED,
                                           Job.cancel_requested.is_(True))
-                        .values(status=JobStatus.CANCELLED, error=CANCELLED, finished_at=db_now()))
+                        .values(status=JobStatus.CANCELLED, error=CANCELLED, error_code="cancelled",
+                                finished_at=db_now()))
     session.flush()
     return session.get(Job, job_id, populate_existing=True) if claimed else None
 
@@ -131,7 +156,8 @@ def report_progress(session: Session, job_id: str, worker: str, stage: str, prog
 
 def finish(session: Session, job_id: str, status: JobStatus, error: Optional[str] = None,
            metrics: Optional[dict] = None, run_dir: Optional[Path] = None, worker: Optional[str] = None,
-           attempt: Optional[int] = None, run: Optional[str] = None, stored: Sequence[StoredFile] = ()) -> bool:
+           attempt: Optional[int] = None, run: Optional[str] = None, stored: Sequence[StoredFile] = (),
+           error_code: Optional[str] = None) -> bool:
     """End a job (unless it already ended); with `worker`, only while the job is that worker's run,
     or, given its `attempt`, while the job waits re-queued with no newer run started (its lease ran
     out while the database was unreachable: the finished result still counts). The `stored` files
@@ -150,7 +176,7 @@ def finish(session: Session, job_id: str, status: JobStatus, error: Optional[str
                 session.add(Artifact(job_id=job_id, name=item.name, size=item.size, sha256=item.sha256))
         job.published_run = run
     job.metrics = metrics
-    _finish(job, status, error)
+    _finish(job, status, error, error_code)
     return True
 
 
@@ -163,8 +189,9 @@ def _is_current_run(job: Job, worker: Optional[str], attempt: Optional[int]) -> 
             and not job.cancel_requested)
 
 
-def _finish(job: Job, status: JobStatus, error: Optional[str]) -> None:
+def _finish(job: Job, status: JobStatus, error: Optional[str], error_code: Optional[str] = None) -> None:
     job.status, job.error, job.finished_at = status, error, db_now()
+    job.error_code = error_code if error is not None else None
     if status == JobStatus.SUCCEEDED:
         job.progress, job.stage = 1.0, "done"
 
@@ -176,13 +203,13 @@ def expire_leases(session: Session, lease_seconds: int, max_attempts: int) -> li
             .with_for_update(skip_locked=True))
     for job in session.scalars(lost):  # concurrent sweepers each take different rows
         if job.cancel_requested:
-            _finish(job, JobStatus.CANCELLED, CANCELLED)
+            _finish(job, JobStatus.CANCELLED, CANCELLED, "cancelled")
         elif job.attempts < max_attempts:
             job.status, job.stage, job.progress, job.worker = JobStatus.QUEUED, "requeued after worker loss", 0.0, None
             requeued.append(job.id)
         else:
             _finish(job, JobStatus.FAILED, f"worker {job.worker} stopped answering during attempt {job.attempts} "
-                                           f"of {max_attempts} (no heartbeat for {lease_seconds} s)")
+                                           f"of {max_attempts} (no heartbeat for {lease_seconds} s)", "worker_lost")
     return requeued
 
 
@@ -196,7 +223,8 @@ def release(session: Session, job_id: str, worker: str) -> bool:
     ).rowcount
     if not released:  # cancelled meanwhile
         session.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == JobStatus.RUNNING)
-                        .values(status=JobStatus.CANCELLED, error=CANCELLED, finished_at=db_now()))
+                        .values(status=JobStatus.CANCELLED, error=CANCELLED, error_code="cancelled",
+                                finished_at=db_now()))
     return bool(released)
 
 
@@ -223,3 +251,18 @@ def finished_durations(session: Session) -> list[float]:
     rows = session.execute(select(Job.started_at, Job.finished_at).where(
         Job.status == JobStatus.SUCCEEDED, Job.started_at.is_not(None))).all()
     return [(end - start).total_seconds() for start, end in rows]
+
+
+def delete_job(session: Session, job: Job) -> None:
+    """Delete an ended job's rows (its artifacts and webhook deliveries with it)."""
+    session.delete(job)
+    session.flush()
+
+
+def jobs_past_retention(session: Session, ttl_seconds: float, limit: int = 100) -> list[Job]:
+    """Ended jobs whose files are older than the retention and not removed yet, locked for this
+    sweeper (concurrent sweepers take other rows)."""
+    return list(session.scalars(
+        select(Job).where(Job.status.in_(TERMINAL_STATUSES), Job.artifacts_expired_at.is_(None),
+                          Job.finished_at < db_now(-ttl_seconds))
+        .order_by(Job.finished_at).limit(limit).with_for_update(skip_locked=True)))

@@ -87,6 +87,8 @@ class Owner(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # Signs the owner's webhooks (HMAC-SHA256); shown once by `erq admin webhook-secret OWNER`.
+    webhook_secret: Mapped[Optional[str]] = mapped_column(String(100), nullable=True)
 
 
 class ApiKey(Base):
@@ -121,6 +123,8 @@ class Job(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     metrics: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
     error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    # Stable machine-readable reason beside `error` (README, "Error codes"); None while the job has no error.
+    error_code: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
@@ -129,10 +133,21 @@ class Job(Base):
     heartbeat_at: Mapped[Optional[dt.datetime]] = mapped_column(nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[Optional[dt.datetime]] = mapped_column(nullable=True)
-    finished_at: Mapped[Optional[dt.datetime]] = mapped_column(nullable=True)
+    finished_at: Mapped[Optional[dt.datetime]] = mapped_column(nullable=True, index=True)
+
+    # When the retention sweep (ERQ_ARTIFACT_TTL_DAYS) removed the job's files; downloads answer 410 after.
+    artifacts_expired_at: Mapped[Optional[dt.datetime]] = mapped_column(nullable=True)
+    # The client's labels: a small string map (bounds in service/schemas.py), returned and filterable.
+    job_metadata: Mapped[Optional[dict[str, Any]]] = mapped_column("metadata", JSON, nullable=True)
+    # {"url", "events"}: where to POST the job when one of its events happens (storage/webhooks.py).
+    webhook: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+    # The last status the webhook sweep has seen (and announced, if subscribed).
+    webhook_seen_status: Mapped[Optional[str]] = mapped_column(String(16), nullable=True)
 
     artifacts: Mapped[list["Artifact"]] = relationship(back_populates="job", order_by="Artifact.name",
                                                        cascade="all, delete-orphan")
+    deliveries: Mapped[list["WebhookDelivery"]] = relationship(back_populates="job", order_by="WebhookDelivery.id",
+                                                               cascade="all, delete-orphan")
 
 
 class Artifact(Base):
@@ -146,3 +161,25 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64))
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
+
+
+class WebhookDelivery(Base):
+    """One webhook event of a job, and its delivery: an outbox row written by the sweeper and sent by
+    it, retried with backoff until delivered or given up (storage/webhooks.py)."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    url: Mapped[str] = mapped_column(String(2048))
+    body: Mapped[str] = mapped_column(Text)  # the job's JSON when the event happened; each attempt signs it anew
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    next_attempt_at: Mapped[Optional[dt.datetime]] = mapped_column(nullable=True, index=True)  # None: done
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    status_code: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)  # of the last attempt
+    last_error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    delivered_at: Mapped[Optional[dt.datetime]] = mapped_column(nullable=True)
+    given_up_at: Mapped[Optional[dt.datetime]] = mapped_column(nullable=True)
+
+    job: Mapped[Job] = relationship(back_populates="deliveries")

@@ -160,6 +160,25 @@ class S3Store(ArtifactStore):
         except S3_ERRORS as exc:
             raise ArtifactStoreError(f"cannot read {name} of job {job_id} from {self.url}: {exc}") from exc
 
+    def read_range(self, job_id: str, run: Optional[str], name: str, offset: int = 0,
+                   limit: Optional[int] = None) -> Optional[tuple[bytes, int]]:
+        end = "" if limit is None else str(offset + limit - 1)
+        try:
+            answer = self.get(job_id, run, name, f"bytes={offset}-{end}")
+            with answer["Body"] as body:
+                data = body.read()
+            total = answer.get("ContentRange", "").rpartition("/")[2]
+            return data, int(total) if total.isdigit() else offset + len(data)
+        except ClientError as exc:
+            if error_code(exc) in MISSING:
+                return None
+            if error_code(exc) == "InvalidRange":  # offset at or past the end
+                found = self.head(job_id, run, name)
+                return None if found is None else (b"", int(found["ContentLength"]))
+            raise ArtifactStoreError(f"cannot read {name} of job {job_id} from {self.url}: {exc}") from exc
+        except S3_ERRORS as exc:
+            raise ArtifactStoreError(f"cannot read {name} of job {job_id} from {self.url}: {exc}") from exc
+
     def head(self, job_id: str, run: Optional[str], name: str) -> Optional[dict[str, Any]]:
         """The object's headers, None when it is gone."""
         try:

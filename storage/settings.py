@@ -48,6 +48,13 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = "auto"  # what a worker runs jobs on
     loader_workers: Optional[int] = Field(None, ge=0, le=64)  # data-loader processes per job; None: the engine's choice
     worker_health_file: Optional[Path] = None  # default: HOME/worker.alive
+    # Ended jobs' files are removed this many days after the job ended (None: kept forever).
+    artifact_ttl_days: Optional[float] = Field(None, gt=0)
+    # Comma-separated host patterns (`hooks.example.com`, `*.example.com`, `10.0.0.5:8080`) webhooks may
+    # call; empty: webhooks are off.
+    webhook_allowed_hosts: str = ""
+    webhook_retry_seconds: float = Field(3600, gt=0)  # a failing delivery is retried this long after its event
+    webhook_timeout_seconds: float = Field(5, gt=0, le=60)  # per attempt: connecting, sending, reading the answer
 
     @model_validator(mode="after")
     def _fill_from_home(self) -> "Settings":

@@ -21,7 +21,12 @@ from typing import Callable, Optional
 
 from celery import Celery
 
+from storage import jobs
+from storage.artifacts import open_store
+from storage.db import session_scope
+from storage.models import db_now
 from storage.queue import OrphanedJobs, requeue_lost_jobs
+from storage.webhooks import WebhookDuty
 from storage.settings import Settings
 
 SWEEP_SECONDS = 5
@@ -39,6 +44,10 @@ class Duty:
     ok: bool = True  # whether its last run succeeded
 
 
+RETENTION_SWEEP_SECONDS = 60
+WEBHOOK_SWEEP_SECONDS = 1
+
+
 def standard_duties(app: Celery, settings: Settings) -> list[Duty]:
     orphans = OrphanedJobs(app, settings)
     duties = [Duty("lost leases", SWEEP_SECONDS, lambda: requeue_lost_jobs(app, settings)),
@@ -48,7 +57,32 @@ def standard_duties(app: Celery, settings: Settings) -> list[Duty]:
 
         duties.append(Duty("stale scratch folders", SCRATCH_SWEEP_SECONDS, lambda: remove_stale_scratch(
             settings.scratch_dir, settings.max_job_seconds + SCRATCH_GRACE_SECONDS)))
+    if settings.artifact_ttl_days is not None:
+        duties.append(Duty("artifact retention", RETENTION_SWEEP_SECONDS, lambda: expire_artifacts(settings)))
+    if settings.webhook_allowed_hosts.strip():
+        duties.append(Duty("webhooks", WEBHOOK_SWEEP_SECONDS, WebhookDuty(settings)))
     return duties
+
+
+def expire_artifacts(settings: Settings) -> list[str]:
+    """Remove the files of jobs that ended more than ERQ_ARTIFACT_TTL_DAYS ago; the jobs stay, with
+    `artifacts_expired_at`. Returns the jobs whose files were removed."""
+    expired = []
+    store = open_store(settings)
+    with session_scope(settings.database_url) as session:
+        for job in jobs.jobs_past_retention(session, settings.artifact_ttl_days * 86400):
+            try:
+                store.remove_job(job.id)
+            except OSError:
+                log.warning("job %s: its expired artifacts could not be removed; retrying later", job.id,
+                            exc_info=True)
+                continue
+            job.artifacts_expired_at = db_now()
+            expired.append(job.id)
+    if expired:
+        log.info("removed the artifacts of %d job(s) past ERQ_ARTIFACT_TTL_DAYS=%s", len(expired),
+                 settings.artifact_ttl_days)
+    return expired
 
 
 class Sweeper(threading.Thread):

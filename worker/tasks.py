@@ -174,7 +174,7 @@ class Heartbeat(threading.Thread):
                 stored = []
             with session_scope(self.settings.database_url) as session:
                 jobs.finish(session, self.job_id, JobStatus.FAILED, reason, worker=self.worker, run=self.job_run,
-                            stored=stored)
+                            stored=stored, error_code="job_timed_out")
         finally:
             logging.shutdown()
             os._exit(EXIT_HARD_TIME_LIMIT)
@@ -197,23 +197,25 @@ def execute_job(job_id: str, settings: Settings) -> None:
         try:
             store.fresh_workspace(job_id, run)
             with _job_log(out, job_id):
-                status, error, metrics = _run_pipeline(job_id, params, out, settings, worker)
+                status, error, metrics, code = _run_pipeline(job_id, params, out, settings, worker)
         except OSError as exc:  # the artifact volume is full, read-only or gone
-            status, error, metrics = JobStatus.FAILED, f"cannot write the job's files in {out}: {exc}", None
+            status, error, metrics, code = (JobStatus.FAILED, f"cannot write the job's files in {out}: {exc}", None,
+                                            "storage_error")
         except Exception as exc:  # never leave the job running until its lease expires
             log.exception("job %s: the worker failed around the pipeline", job_id)
-            status, error, metrics = JobStatus.FAILED, f"internal error in the worker: {type(exc).__name__}: {exc}", None
+            status, error, metrics, code = (JobStatus.FAILED, f"internal error in the worker: {type(exc).__name__}: "
+                                            f"{exc}", None, "internal_error")
         if status in ("lost", JobStatus.QUEUED):
             store.release_workspace(job_id, run)
             if status == JobStatus.QUEUED:  # the worker is shutting down: hand the job to the next worker now
                 _hand_back(job_id, worker, settings)
             return  # lost: the job is another run's now, that run records the outcome
         heartbeat.stop_log_sync()  # from here on only the final log is stored
-        stored, (status, error, metrics) = _store_outcome(store, job_id, run, out, (status, error, metrics))
+        stored, (status, error, metrics, code) = _store_outcome(store, job_id, run, out, (status, error, metrics, code))
         recorded = _with_database_retries(
             job_id, "the job's outcome", settings,
             lambda session: jobs.finish(session, job_id, status, error, metrics, worker=worker, attempt=attempt,
-                                        run=run, stored=stored))
+                                        run=run, stored=stored, error_code=code))
         store.release_workspace(job_id, run)
         if recorded and status == JobStatus.SUCCEEDED:
             store.remove_other_runs(job_id, keep=run)
@@ -248,7 +250,8 @@ def _store_outcome(store: ArtifactStore, job_id: str, run: str, out: Path,
         log.error("job %s: its files were not stored in %s: %s", job_id, store.describe(), exc)
         if status != JobStatus.SUCCEEDED:
             return [], outcome  # its log alone could not be stored: the outcome stands
-        failed = (JobStatus.FAILED, f"the job's files could not be stored in the artifact store: {exc}", None)
+        failed = (JobStatus.FAILED, f"the job's files could not be stored in the artifact store: {exc}", None,
+                  "storage_error")
     try:
         return _store_files(store, job_id, run, out, JobStatus.FAILED), failed
     except (ArtifactStoreError, OSError):
@@ -323,8 +326,21 @@ def _job_log(out: Path, job_id: str) -> Iterator[None]:
         handler.close()
 
 
+def error_code_of(exc: BaseException) -> str:
+    """The stable `error_code` (README, "Error codes") a failed job carries for `exc`."""
+    from erq_core.errors import CheckpointError, ConfigError, DatasetError, ErqError, ModelLoadError
+
+    for kind, code in ((JobTimedOut, "job_timed_out"), (ConfigError, "invalid_parameter"),
+                       (DatasetError, "invalid_dataset"), (ModelLoadError, "model_load_failed"),
+                       (CheckpointError, "invalid_checkpoint"), (ErqError, "engine_error"), (OSError, "storage_error")):
+        if isinstance(exc, kind):
+            return code
+    return "internal_error"
+
+
 def _run_pipeline(job_id: str, params: dict, out: Path, settings: Settings,
-                  worker: str) -> tuple[str, str | None, dict | None]:
+                  worker: str) -> tuple[str, str | None, dict | None, str | None]:
+    """(status, error, metrics, error_code) of one run."""
     import erq_core
 
     log.info("job %s on %s: %s", job_id, worker, params)
@@ -337,21 +353,21 @@ def _run_pipeline(job_id: str, params: dict, out: Path, settings: Settings,
                                device=engine.device, loader_workers=workers)
     except LeaseLost:
         log.warning("job %s was re-queued while this worker ran it (late heartbeat); stopping this run", job_id)
-        return "lost", None, None
+        return "lost", None, None, None
     except WorkerShuttingDown:
         log.info("job %s interrupted: its worker is shutting down; re-queued", job_id)
-        return JobStatus.QUEUED, None, None
+        return JobStatus.QUEUED, None, None, None
     except JobCancelled:
         log.info("job %s cancelled", job_id)
-        return JobStatus.CANCELLED, jobs.CANCELLED, None
+        return JobStatus.CANCELLED, jobs.CANCELLED, None, "cancelled"
     except (JobTimedOut, erq_core.ErqError) as exc:
         log.error("job %s failed: %s", job_id, exc)
-        return JobStatus.FAILED, str(exc), None
+        return JobStatus.FAILED, str(exc), None, error_code_of(exc)
     except OSError as exc:  # e.g. the artifact volume is full or read-only
         log.error("job %s failed: %s", job_id, exc)
-        return JobStatus.FAILED, f"storage error: {exc}", None
+        return JobStatus.FAILED, f"storage error: {exc}", None, "storage_error"
     except Exception as exc:
         log.error("job %s failed with an internal error:\n%s", job_id, traceback.format_exc())
-        return JobStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}", None
+        return JobStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error"
     log.info("job %s succeeded: top-1 %s", job_id, metrics["quantized"]["top1"])
-    return JobStatus.SUCCEEDED, None, metrics
+    return JobStatus.SUCCEEDED, None, metrics, None

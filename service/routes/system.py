@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy.orm import Session
 
 from erq_core.registry import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, MODEL_ALIASES, supported_timm_names
+from service import problems
 from service.auth import CurrentCaller
 from service.deps import AppSettings, DbSession
 from service.schemas import ModelOut
@@ -19,7 +20,8 @@ router = APIRouter()
 DURATION_BUCKETS = (10, 30, 60, 300, 900, 1800, 3600, 7200, 21600)
 
 
-@router.get("/v1/models", response_model=list[ModelOut], tags=["models"])
+@router.get("/v1/models", response_model=list[ModelOut], tags=["models"],
+            responses=problems.responses(401, 429, 500, 503))
 def list_models(caller: CurrentCaller, settings: AppSettings) -> list[ModelOut]:
     """Every value of a job's `model` this service knows, and whether ERQ_ALLOWED_MODELS accepts it:
     the aliases, the supported timm names, and the hf-hub: and local-dir: forms."""
@@ -43,12 +45,13 @@ def accepted_models(settings: Settings) -> list[ModelOut]:
     return models
 
 
-@router.get("/healthz", tags=["health"])
+@router.get("/healthz", tags=["health"], responses=problems.responses(500))
 def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["health"])
+@router.get("/readyz", tags=["health"], responses={
+    503: {"description": "the database or the broker is unreachable (the body says which)"}, **problems.responses(500)})
 def readyz(request: Request, response: Response, settings: AppSettings) -> dict:
     checks = {}
     try:
@@ -89,8 +92,25 @@ class JobCollector:
                                     buckets=buckets, sum_value=sum(durations))
 
 
-@router.get("/metrics", tags=["health"])
-def metrics(session: DbSession) -> Response:
+class EventStreamCollector:
+    """This API process's event streams: followers now, and database polls so far (one per tick,
+    whatever the number of followers)."""
+
+    def __init__(self, hub):
+        self.hub = hub
+
+    def collect(self):
+        followers = sum(len(f) for f in self.hub.followers.values()) if self.hub else 0
+        yield GaugeMetricFamily("erq_event_stream_followers", "Clients following job events in this process",
+                                value=followers)
+        yield CounterMetricFamily("erq_event_stream_polls", "Database polls of the event streams in this process",
+                                  value=self.hub.ticks if self.hub else 0)
+
+
+@router.get("/metrics", tags=["health"], responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}},
+                                                    **problems.responses(500, 503)})
+def metrics(request: Request, session: DbSession) -> Response:
     registry = CollectorRegistry()
     registry.register(JobCollector(session))
+    registry.register(EventStreamCollector(getattr(request.app.state, "event_hub", None)))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -87,7 +87,7 @@ def test_another_keys_job_is_not_found(client, alice, bob):
     ({"model": "resnet50"}, "unknown model"),
     ({"w_bits": 9}, "less than or equal to 8"),
     ({"a_bits": 1}, "greater than or equal to 2"),
-    ({"method": "gptq"}, "'erq', 'repq' or 'rtn'"),
+    ({"method": "gptq"}, "'erq', 'erq+', 'repq' or 'rtn'"),  # the choices of ErqConfig.method
     ({"colour": "blue"}, "Extra inputs are not permitted"),
     ({"calib_size": "many"}, "valid integer"),
 ])

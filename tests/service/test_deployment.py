@@ -149,7 +149,7 @@ def test_the_wheel_holds_the_migrations_and_the_engine_data(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     versions = {f"storage/migrations/versions/{p.name}" for p in (ROOT / "storage/migrations/versions").glob("*.py")}
     assert {"storage/migrations/env.py", "storage/migrations/script.py.mako", "erq_core/timm_models.txt",
-            "storage/queue.py", "erq_cli.py"} | versions <= names
+            "storage/queue.py", "erq_cli.py", "erq_client/client.py", "erq_client/cli.py"} | versions <= names
     assert not any(name.startswith(("jobspec/", "migrations/", "tests/")) for name in names)
 
 

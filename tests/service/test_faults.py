@@ -81,6 +81,7 @@ def test_a_job_past_erq_max_job_seconds_fails_with_the_reason(tmp_path, settings
         job_id = client.post("/v1/jobs", json=SLOW_JOB).json()["id"]
         job = wait_for_job(client, job_id, ("succeeded", "failed", "cancelled"), 120)
         assert job["status"] == "failed" and "ERQ_MAX_JOB_SECONDS=1" in job["error"], job
+        assert job["error_code"] == "job_timed_out"
         assert "ERQ_MAX_JOB_SECONDS=1" in client.get(f"/v1/jobs/{job_id}/log").text
 
 
@@ -121,7 +122,7 @@ def test_an_expired_lease_on_the_last_attempt_fails_the_job_with_a_reason(settin
         assert jobs.expire_leases(session, lease_seconds=30, max_attempts=1) == []
     with session_scope(settings.database_url) as session:
         job = session.get(Job, job_id)
-        assert job.status == "failed" and "host:1 stopped answering" in job.error
+        assert job.status == "failed" and "host:1 stopped answering" in job.error and job.error_code == "worker_lost"
         assert jobs.claim(session, job_id, "host:2") is None  # a late redelivery does not run it again
 
 
@@ -150,7 +151,7 @@ def test_a_full_artifact_volume_fails_the_job_with_a_reason_and_lists_nothing_pa
     execute_job(job_id, settings)
     with session_scope(settings.database_url) as session:
         job = session.get(Job, job_id)
-        assert job.status == "failed" and "No space left on device" in job.error
+        assert job.status == "failed" and "No space left on device" in job.error and job.error_code == "storage_error"
         assert [a.name for a in job.artifacts] == ["job.log"]
     assert not list((full_volume / job_id).rglob("*.tmp"))  # in the attempt folder too
 
@@ -178,4 +179,5 @@ def test_dataset_trouble_found_while_running_fails_the_job_naming_the_file(setti
     with session_scope(settings.database_url) as session:
         job = session.get(Job, broken)
         assert job.status == "failed" and str(corrupt) in job.error and "cannot read image" in job.error
+        assert job.error_code == "invalid_dataset"
         assert session.get(Job, healthy).status == "succeeded"

@@ -1,0 +1,206 @@
+"""ErqClient: submit, follow (Server-Sent Events), list, cancel, delete, logs and downloads."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import httpx
+
+API_KEY_VARIABLE = "ERQ_API_KEY"
+TERMINAL = ("succeeded", "failed", "cancelled")
+RECONNECTS = 20  # an event stream that drops is resumed (Last-Event-ID) this many times in a row
+
+
+class ErqClientError(Exception):
+    """An error answer of the API (an RFC 9457 problem), or no answer at all (`status` None)."""
+
+    def __init__(self, detail: str, status: Optional[int] = None, code: Optional[str] = None,
+                 field: Optional[str] = None):
+        super().__init__(detail)
+        self.detail, self.status, self.code, self.field = detail, status, code, field
+
+    def __str__(self) -> str:
+        where = f" (field {self.field})" if self.field else ""
+        return f"{self.detail}{where}" + (f" [{self.code}]" if self.code else "")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One Server-Sent Event of a job: `kind` status, progress or log; `data` its JSON."""
+
+    id: Optional[str]
+    kind: str
+    data: dict[str, Any]
+
+
+class ErqClient:
+    def __init__(self, server: str, api_key: Optional[str] = None, timeout: float = 30.0,
+                 transport: Optional[httpx.BaseTransport] = None):
+        api_key = api_key or os.environ.get(API_KEY_VARIABLE)
+        if not api_key:
+            raise ErqClientError(f"no API key: set {API_KEY_VARIABLE} (an administrator makes one with "
+                                 "`erq admin create-key OWNER`)")
+        self.http = httpx.Client(base_url=server.rstrip("/"), timeout=timeout, transport=transport,
+                                 headers={"Authorization": f"Bearer {api_key}", "User-Agent": "erq-client/1"})
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "ErqClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            answer = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ErqClientError(f"cannot reach {self.http.base_url}: {exc}") from None
+        _raise_for_problem(answer)
+        return answer
+
+    # Jobs.
+    def submit(self, params: dict[str, Any], metadata: Optional[dict[str, str]] = None,
+               webhook: Optional[dict[str, Any]] = None, idempotency_key: Optional[str] = None) -> dict:
+        body = {**params, **({"metadata": metadata} if metadata else {}), **({"webhook": webhook} if webhook else {})}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._request("POST", "/v1/jobs", json=body, headers=headers).json()
+
+    def get(self, job_id: str) -> dict:
+        return self._request("GET", f"/v1/jobs/{job_id}").json()
+
+    def list(self, status: Optional[list[str] | str] = None, model: Optional[str] = None,
+             metadata: Optional[dict[str, str]] = None, limit: int = 20, after: Optional[str] = None,
+             created_after: Optional[str] = None, created_before: Optional[str] = None) -> dict:
+        """One page: {jobs, has_more, next_cursor}."""
+        params: list[tuple[str, Any]] = [("limit", limit)]
+        params += [("status", s) for s in ([status] if isinstance(status, str) else status or [])]
+        params += [(name, value) for name, value in (("model", model), ("after", after),
+                                                     ("created_after", created_after),
+                                                     ("created_before", created_before)) if value is not None]
+        params += [(f"metadata[{key}]", value) for key, value in (metadata or {}).items()]
+        return self._request("GET", "/v1/jobs", params=params).json()
+
+    def iter_jobs(self, **filters) -> Iterator[dict]:
+        """Every job matching the filters, newest first, page after page."""
+        after = None
+        while True:
+            page = self.list(**filters, after=after)
+            yield from page["jobs"]
+            if not page["has_more"] or not page["jobs"]:
+                return
+            after = page["jobs"][-1]["id"]
+
+    def cancel(self, job_id: str) -> dict:
+        return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
+
+    def delete(self, job_id: str) -> None:
+        self._request("DELETE", f"/v1/jobs/{job_id}")
+
+    def log(self, job_id: str, offset: Optional[int] = None) -> tuple[str, int, bool]:
+        """(text from `offset`, the next offset, whether the log is complete)."""
+        answer = self._request("GET", f"/v1/jobs/{job_id}/log", params={"offset": offset or 0})
+        return answer.text, int(answer.headers["Erq-Next-Offset"]), answer.headers["Erq-Log-Complete"] == "true"
+
+    # Following.
+    def events(self, job_id: str, last_event_id: Optional[str] = None) -> Iterator[Event]:
+        """The job's events until its terminal status; a dropped stream is resumed where it stopped."""
+        failures = 0
+        while True:
+            headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+            try:
+                with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
+                                      timeout=httpx.Timeout(self.http.timeout.connect, read=60)) as answer:
+                    if answer.status_code >= 400:
+                        answer.read()
+                        _raise_for_problem(answer)
+                    for event in _parse_events(answer.iter_lines()):
+                        failures = 0
+                        last_event_id = event.id or last_event_id
+                        yield event
+                        if event.kind == "status" and event.data.get("status") in TERMINAL:
+                            return
+            except httpx.TransportError as exc:
+                failures += 1
+                if failures > RECONNECTS:
+                    raise ErqClientError(f"the event stream of job {job_id} keeps dropping: {exc}") from None
+                time.sleep(min(5.0, 0.5 * failures))
+
+    def wait(self, job_id: str, on_event: Optional[Callable[[Event], None]] = None) -> dict:
+        """Follow the job to its end; returns the ended job."""
+        for event in self.events(job_id):
+            if on_event is not None:
+                on_event(event)
+        return self.get(job_id)
+
+    # Results.
+    def download(self, job_id: str, out: str | os.PathLike) -> Path:
+        """The result folder (quantized.safetensors, config.json, metrics.json) into `out`, each file
+        checked against the sha256 the job lists; returns the folder."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        job = self.get(job_id)
+        sums = {a["name"]: a["sha256"] for a in job["artifacts"]}
+        with tempfile.TemporaryDirectory(dir=out, prefix=".erq-download-") as scratch:
+            tar_path = Path(scratch) / "result.tar"
+            try:
+                with self.http.stream("GET", f"/v1/jobs/{job_id}/artifacts.tar",
+                                      timeout=httpx.Timeout(self.http.timeout.connect, read=300)) as answer:
+                    if answer.status_code >= 400:
+                        answer.read()
+                        _raise_for_problem(answer)
+                    with open(tar_path, "wb") as handle:
+                        for block in answer.iter_bytes(1 << 20):
+                            handle.write(block)
+            except httpx.TransportError as exc:
+                raise ErqClientError(f"the download of job {job_id} broke off: {exc}") from None
+            extracted = Path(scratch) / "result"
+            with tarfile.open(tar_path) as tar:
+                tar.extractall(extracted, filter="data")
+            for path in sorted(extracted.iterdir()):
+                if path.name in sums and _sha256(path) != sums[path.name]:
+                    raise ErqClientError(f"{path.name} of job {job_id} does not match its sha256; download again")
+                shutil.move(str(path), out / path.name)
+        return out
+
+
+def _raise_for_problem(answer: httpx.Response) -> None:
+    if answer.status_code < 400:
+        return
+    try:
+        problem = answer.json()
+    except ValueError:
+        problem = {}
+    if not isinstance(problem, dict):
+        problem = {}
+    detail = problem.get("detail") or f"HTTP {answer.status_code}"
+    raise ErqClientError(str(detail), answer.status_code, problem.get("code"), problem.get("field"))
+
+
+def _parse_events(lines: Iterator[str]) -> Iterator[Event]:
+    fields: dict[str, str] = {}
+    for line in lines:
+        if not line:
+            if "data" in fields:
+                yield Event(fields.get("id"), fields.get("event", "message"), json.loads(fields["data"]))
+            fields = {}
+        elif not line.startswith(":") and ":" in line:
+            name, value = line.split(":", 1)
+            fields[name] = value[1:] if value.startswith(" ") else value
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

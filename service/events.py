@@ -1,0 +1,197 @@
+"""Server-Sent Events for jobs: one shared poller per API process fans out to every follower.
+
+Each tick (POLL_SECONDS) the hub reads the followed jobs' rows in ONE query, whatever the number of
+jobs and followers, and reads each job's log file once from the smallest offset any of its
+followers still needs. Each follower then gets what it has not seen: a `status` event when the
+status changes, a `progress` event when the stage or progress changes, one `log` event per new log
+line. After a job's terminal status event its followers' streams end.
+
+Event ids are `ATTEMPT:OFFSET`: the run whose log is being sent, and the byte offset of the log
+sent so far. A client that reconnects with `Last-Event-ID` gets the current status again and the
+log from where it stopped (from the start if the job has moved on to another run).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
+
+import anyio
+from sqlalchemy import select
+
+from storage.artifacts import LOG_NAME, open_store
+from storage.db import session_factory
+from storage.models import TERMINAL_STATUSES, Job
+from storage.settings import Settings
+
+POLL_SECONDS = 0.5
+KEEPALIVE_SECONDS = 15.0
+MAX_QUEUED_EVENTS = 10_000  # a follower this far behind is dropped (it reconnects with Last-Event-ID)
+log = logging.getLogger("erq")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    status: str
+    stage: Optional[str]
+    progress: float
+    error: Optional[str]
+    error_code: Optional[str]
+    attempts: int
+    run: int  # the attempt whose log is followed (the published one once the job ended)
+    log_run: Optional[str]  # the run folder the log is read from (None: the job's own, before attempts)
+
+
+@dataclass(eq=False)
+class Follower:
+    job_id: str
+    run: Optional[int]  # from Last-Event-ID: whose log `offset` counts in
+    offset: int
+    queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(MAX_QUEUED_EVENTS))
+    sent: Optional[Snapshot] = None
+    partial: bytes = b""  # bytes of a line not finished yet
+    done: bool = False
+
+    def put(self, item: Optional[str]) -> None:
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.done = True  # too slow: drop it; it may resume with Last-Event-ID
+
+
+def parse_last_event_id(value: Optional[str]) -> tuple[Optional[int], int]:
+    """'3:1042' -> (3, 1042); anything else -> (None, 0): start afresh."""
+    try:
+        run, offset = (value or "").split(":", 1)
+        return int(run), max(0, int(offset))
+    except ValueError:
+        return None, 0
+
+
+def sse(event: str, event_id: str, data: dict) -> str:
+    return f"id: {event_id}\nevent: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+class EventHub:
+    """The process's one poller. Lives in the app's event loop; started on the first follower."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = open_store(settings)
+        self.followers: dict[str, set[Follower]] = {}
+        self.task: Optional[asyncio.Task] = None
+        self.ticks = 0  # polls done (one database query each): for tests and the bench
+
+    def follow(self, job_id: str, last_event_id: Optional[str]) -> Follower:
+        run, offset = parse_last_event_id(last_event_id)
+        follower = Follower(job_id, run, offset)
+        self.followers.setdefault(job_id, set()).add(follower)
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._run(), name="erq-event-hub")
+        return follower
+
+    def unfollow(self, follower: Follower) -> None:
+        followers = self.followers.get(follower.job_id)
+        if followers is not None:
+            followers.discard(follower)
+            if not followers:
+                del self.followers[follower.job_id]
+
+    async def _run(self) -> None:
+        while self.followers:
+            try:
+                await self.tick()
+            except Exception:  # a database blip: the followers wait for the next tick
+                log.warning("event stream poll failed", exc_info=True)
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def tick(self) -> None:
+        job_ids = list(self.followers)
+        snapshots = await anyio.to_thread.run_sync(self._read_jobs, job_ids)
+        self.ticks += 1
+        for job_id in job_ids:
+            followers = [f for f in self.followers.get(job_id, ()) if not f.done]
+            snapshot = snapshots.get(job_id)
+            if snapshot is None:  # deleted meanwhile
+                for follower in followers:
+                    follower.done = True
+                    follower.put(None)
+                continue
+            if followers:
+                await self._publish(job_id, snapshot, followers)
+
+    def _read_log(self, job_id: str, run: Optional[str], offset: int) -> bytes:
+        found = self.store.read_range(job_id, run, LOG_NAME, offset)
+        return b"" if found is None else found[0]
+
+    def _read_jobs(self, job_ids: list[str]) -> dict[str, Snapshot]:
+        with session_factory(self.settings.database_url)() as session:
+            rows = session.execute(select(Job.id, Job.status, Job.stage, Job.progress, Job.error, Job.error_code,
+                                          Job.attempts, Job.published_run).where(Job.id.in_(job_ids))).all()
+        snapshots = {}
+        for job_id, status, stage, progress, error, error_code, attempts, published_run in rows:
+            run = int(published_run.rsplit("-", 1)[1]) if published_run and published_run.startswith("attempt-") \
+                else attempts
+            snapshots[job_id] = Snapshot(str(status), stage, progress, error, error_code, attempts, run,
+                                         f"attempt-{run}" if run else None)
+        return snapshots
+
+    async def _publish(self, job_id: str, snapshot: Snapshot, followers: list[Follower]) -> None:
+        terminal = snapshot.status in TERMINAL_STATUSES
+        for follower in followers:
+            if follower.run != snapshot.run:  # a new run: its log starts at 0
+                follower.run, follower.offset, follower.partial = snapshot.run, 0, b""
+        start = min(f.offset + len(f.partial) for f in followers)
+        data = await anyio.to_thread.run_sync(self._read_log, job_id, snapshot.log_run, start)
+        for follower in followers:
+            self._send(follower, snapshot, data[follower.offset + len(follower.partial) - start:], terminal)
+
+    def _send(self, follower: Follower, snapshot: Snapshot, new: bytes, terminal: bool) -> None:
+        event_id = lambda: f"{snapshot.run}:{follower.offset}"  # noqa: E731
+        previous = follower.sent
+        if previous is None or previous.status != snapshot.status:
+            if not terminal:
+                follower.put(sse("status", event_id(), _status_data(snapshot)))
+        if previous is None or (previous.stage, previous.progress) != (snapshot.stage, snapshot.progress):
+            follower.put(sse("progress", event_id(), {"status": snapshot.status, "stage": snapshot.stage,
+                                                      "progress": snapshot.progress}))
+        follower.sent = snapshot
+        pending = follower.partial + new
+        lines = pending.split(b"\n")
+        follower.partial = lines.pop()  # after the last newline: not a whole line yet
+        if terminal and follower.partial:
+            lines.append(follower.partial)
+            follower.partial = b""
+        for line in lines:
+            follower.offset += len(line) + 1
+            follower.put(sse("log", event_id(), {"line": line.decode(errors="replace")}))
+        if terminal:  # the log is complete: the status event is the last
+            follower.put(sse("status", event_id(), _status_data(snapshot)))
+            follower.done = True
+            follower.put(None)
+
+
+def _status_data(snapshot: Snapshot) -> dict:
+    return {"status": snapshot.status, "stage": snapshot.stage, "progress": snapshot.progress,
+            "error": snapshot.error, "error_code": snapshot.error_code, "attempts": snapshot.attempts}
+
+
+async def stream(hub: EventHub, follower: Follower) -> AsyncIterator[str]:
+    """The text/event-stream of one follower, with keep-alive comments while nothing happens."""
+    try:
+        yield f"retry: {int(POLL_SECONDS * 4000)}\n\n"
+        while True:
+            try:
+                item = await asyncio.wait_for(follower.queue.get(), KEEPALIVE_SECONDS)
+            except asyncio.TimeoutError:
+                if follower.done:
+                    return
+                yield ": keep-alive\n\n"
+                continue
+            if item is None:
+                return
+            yield item
+    finally:
+        hub.unfollow(follower)

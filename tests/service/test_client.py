@@ -1,0 +1,126 @@
+"""erq_client and `erq submit` / `erq jobs` against a real `erq api` and `erq worker`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from erq_core.config import fields
+from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
+from tests.service.conftest import ON_SQLITE, make_key, service_env
+from tests.service.processes import ERQ, erq_process, free_port, wait_for_http
+
+MODEL = f"local-dir:{FIXTURE_MODEL_DIR}"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def erq(args: list[str], env: dict, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([ERQ, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_client_imports_neither_torch_nor_the_service():
+    code = ("import sys, erq_client, erq_client.cli; "
+            "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'service', 'storage', 'worker', "
+            "'sqlalchemy', 'celery', 'fastapi')]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def test_submit_offers_every_job_parameter_of_erqconfig():
+    from erq_client.cli import submit_parser
+
+    dests = {action.dest for action in submit_parser()._actions}
+    assert {spec.name for spec in fields() if spec.option.rest} <= dests
+    assert not {spec.name for spec in fields() if not spec.option.rest} & dests  # e.g. random_init stays local
+
+
+def test_submit_checks_the_bounds_of_erqconfig_before_sending(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ERQ_API_KEY": "erq_unused"}
+    refused = erq(["submit", "--server", "http://127.0.0.1:1", "--model", MODEL, "--dataset", "/d", "--w-bits", "9"],
+                  env, tmp_path)
+    assert refused.returncode == 2 and "w_bits must be an integer from 2 to 8, got 9" in refused.stderr
+    no_key = erq(["jobs", "list", "--server", "http://127.0.0.1:1"], {**env, "ERQ_API_KEY": ""}, tmp_path)
+    assert no_key.returncode == 1 and "ERQ_API_KEY" in no_key.stderr
+    unreachable = erq(["jobs", "list", "--server", "http://127.0.0.1:1"], env, tmp_path)
+    assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
+
+
+@ON_SQLITE
+def test_submit_wait_download_and_the_jobs_commands(tmp_path, settings):
+    import erq_core
+
+    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url)
+    key = make_key(settings, "alice")
+    port = free_port()
+    server = f"http://127.0.0.1:{port}"
+    client_env = {**os.environ, "PYTHONPATH": str(ROOT), "ERQ_API_KEY": key, "ERQ_SERVER": server}
+    with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
+            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
+        wait_for_http(f"{server}/healthz", api, tmp_path / "api.log")
+        submitted = erq(["submit", "--server", server, "--model", MODEL, "--dataset", str(FIXTURE_DATASET),
+                         "--w-bits", "4", "--val-limit", "50", "--metadata", "team=vision", "--wait",
+                         "--out", str(tmp_path / "result")], client_env, tmp_path)
+        assert submitted.returncode == 0, submitted.stderr + submitted.stdout
+        job_id = submitted.stdout.split()[1]
+        assert f"job {job_id} succeeded" in submitted.stdout and "quantized: top1" in submitted.stdout
+        assert "100.0%" in submitted.stderr and "[####" in submitted.stderr  # the bar, from the event stream
+        folder = tmp_path / "result"
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "metrics.json", "quantized.safetensors"]
+
+        listed = erq(["jobs", "list", "--metadata", "team=vision", "--json"], client_env, tmp_path)
+        assert [json.loads(line)["id"] for line in listed.stdout.splitlines()] == [job_id]
+        table = erq(["jobs", "list"], client_env, tmp_path)
+        assert job_id in table.stdout and "succeeded" in table.stdout
+        shown = json.loads(erq(["jobs", "show", job_id], client_env, tmp_path).stdout)
+        assert shown["metadata"] == {"team": "vision"} and shown["params"]["w_bits"] == 4
+        log = erq(["jobs", "log", job_id], client_env, tmp_path)
+        assert "succeeded" in log.stdout
+        again = erq(["jobs", "download", job_id, "--out", str(tmp_path / "again")], client_env, tmp_path)
+        assert again.returncode == 0
+        assert (tmp_path / "again" / "quantized.safetensors").read_bytes() == \
+            (folder / "quantized.safetensors").read_bytes()
+        finished = erq(["jobs", "cancel", job_id], client_env, tmp_path)
+        assert finished.returncode == 2 and "already succeeded" in finished.stderr and "[job_finished]" in finished.stderr
+
+        queued = erq(["submit", "--model", MODEL, "--dataset", str(FIXTURE_DATASET), "--calib-size", "320"],
+                     client_env, tmp_path)
+        slow_id = queued.stdout.split()[1]
+        assert erq(["jobs", "cancel", slow_id], client_env, tmp_path).returncode == 0
+        follow = erq(["jobs", "log", slow_id, "--follow"], client_env, tmp_path, timeout=120)
+        assert follow.returncode == 0
+        assert erq(["jobs", "delete", job_id], client_env, tmp_path).returncode == 0
+        gone = erq(["jobs", "show", job_id], client_env, tmp_path)
+        assert gone.returncode == 2 and "[job_not_found]" in gone.stderr
+    metrics = json.loads((folder / "metrics.json").read_text())
+    result = erq_core.evaluate_quantized(folder, FIXTURE_DATASET, val_limit=50, device="cpu")
+    assert result["top1"] == metrics["quantized"]["top1"]
+
+
+@ON_SQLITE
+def test_the_library_follows_events_and_reports_problems(tmp_path, settings):
+    from erq_client import ErqClient, ErqClientError
+
+    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url)
+    port = free_port()
+    with erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+        with ErqClient(f"http://127.0.0.1:{port}", api_key=make_key(settings, "alice")) as client:
+            with pytest.raises(ErqClientError) as refused:
+                client.submit({"model": MODEL, "dataset": "/etc"})
+            assert (refused.value.status, refused.value.code, refused.value.field) == (422, "path_outside_roots",
+                                                                                       "dataset")
+            job = client.submit({"model": MODEL, "dataset": str(FIXTURE_DATASET)}, metadata={"k": "v"})
+            seen = []
+            follower = __import__("threading").Thread(target=lambda: seen.append(client.wait(job["id"], seen.append)))
+            follower.start()
+            time.sleep(1.5)
+            client.cancel(job["id"])
+            follower.join(30)
+            assert seen[-1]["status"] == "cancelled" and seen[0].kind == "status"
+            assert [j["id"] for j in client.iter_jobs(metadata={"k": "v"}, limit=1)] == [job["id"]]

@@ -1,0 +1,188 @@
+"""GET /v1/jobs/{id}/events: Server-Sent Events from a real `erq api` process, followed with a real
+HTTP client, the job driven by the job-state code the workers use or by a real worker."""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import httpx
+
+from storage import jobs
+from storage.folder import FolderStore
+from storage.db import session_scope
+from storage.models import JobStatus
+from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
+from tests.service.conftest import ON_SQLITE, make_key, service_env
+from tests.service.processes import api_client, erq_process, free_port, wait_for_http
+
+JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "val_limit": 50}
+
+
+def read_events(client: httpx.Client, job_id: str, last_event_id: str | None = None,
+                timeout: float = 120) -> list[dict]:
+    """Every event of the stream until the server ends it: [{id, event, data}]."""
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    events, current = [], {}
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=timeout) as answer:
+        assert answer.status_code == 200, answer.read()
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        for line in answer.iter_lines():
+            if not line:
+                if "event" in current:
+                    events.append(current)
+                current = {}
+            elif line.startswith(("id:", "event:", "data:")):
+                name, value = line.split(":", 1)
+                current[name] = json.loads(value) if name == "data" else value.strip()
+    return events
+
+
+class Following(threading.Thread):
+    def __init__(self, client: httpx.Client, job_id: str, last_event_id: str | None = None):
+        super().__init__(daemon=True)
+        self.client, self.job_id, self.last_event_id = client, job_id, last_event_id
+        self.events: list[dict] | None = None
+
+    def run(self) -> None:
+        self.events = read_events(self.client, self.job_id, self.last_event_id)
+
+
+@contextmanager
+def api_only(tmp_path, settings) -> Iterator[httpx.Client]:
+    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url)
+    port = free_port()
+    with erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+        with api_client(port, make_key(settings, "alice")) as client:
+            yield client
+
+
+def run_job_by_hand(settings, job_id: str, lines: list[str]) -> None:
+    """What a worker does: claim, progress, log lines, finish."""
+    with session_scope(settings.database_url) as session:
+        attempt = jobs.claim(session, job_id, "w1").attempts
+    folder = FolderStore(settings.artifact_dir).fresh_run_dir(job_id, f"attempt-{attempt}")
+    for i, line in enumerate(lines):
+        with open(folder / "job.log", "a") as handle:
+            handle.write(line + "\n")
+        with session_scope(settings.database_url) as session:
+            jobs.report_progress(session, job_id, "w1", "wqer", (i + 1) / (len(lines) + 1))
+        time.sleep(0.6)
+    with session_scope(settings.database_url) as session:
+        jobs.finish(session, job_id, JobStatus.SUCCEEDED, metrics={}, run_dir=folder, worker="w1")
+
+
+@ON_SQLITE
+def test_events_follow_a_job_to_its_end_and_resume_from_an_id(tmp_path, settings):
+    with api_only(tmp_path, settings) as client:
+        job_id = client.post("/v1/jobs", json=JOB).json()["id"]
+        following = Following(client, job_id)
+        following.start()
+        time.sleep(1.0)
+        run_job_by_hand(settings, job_id, ["first line", "second ü line", "third line"])
+        following.join(30)
+        events = following.events
+        assert events is not None, "the stream did not end after the terminal status"
+        kinds = [e["event"] for e in events]
+        assert events[0]["event"] == "status" and events[0]["data"]["status"] == "queued"
+        assert events[-1]["event"] == "status" and events[-1]["data"]["status"] == "succeeded"
+        assert [e["data"]["status"] for e in events if e["event"] == "status"] == ["queued", "running", "succeeded"]
+        assert [e["data"]["line"] for e in events if e["event"] == "log"] == ["first line", "second ü line",
+                                                                              "third line"]
+        progress = [e["data"]["progress"] for e in events if e["event"] == "progress"]
+        assert progress == sorted(progress) and progress[-1] == 1.0 and len(progress) >= 4
+        assert kinds.index("log") < len(kinds) - 1
+        assert all(re.fullmatch(r"\d+:\d+", e["id"]) for e in events)
+
+        second_line = next(e for e in events if e["event"] == "log" and e["data"]["line"].startswith("second"))
+        resumed = read_events(client, job_id, last_event_id=second_line["id"])
+        assert [e["data"]["line"] for e in resumed if e["event"] == "log"] == ["third line"]
+        assert resumed[-1]["data"]["status"] == "succeeded"
+        assert [e["data"]["line"] for e in read_events(client, job_id, "garbage") if e["event"] == "log"] == \
+            ["first line", "second ü line", "third line"]
+
+        other = {"Authorization": f"Bearer {make_key(settings, 'bob')}"}
+        assert client.get(f"/v1/jobs/{job_id}/events", headers=other).json()["code"] == "job_not_found"
+
+
+@ON_SQLITE
+def test_many_followers_share_one_database_poll_per_tick(tmp_path, settings):
+    with api_only(tmp_path, settings) as client:
+        job_ids = [client.post("/v1/jobs", json=JOB).json()["id"] for _ in range(2)]
+        followers = [Following(client, job_ids[i % 2]) for i in range(60)]
+        for follower in followers:
+            follower.start()
+
+        def metric(name: str) -> float:
+            text = client.get("/metrics").text
+            return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+        deadline = time.monotonic() + 30
+        while metric("erq_event_stream_followers") < 60:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        polls_before = metric("erq_event_stream_polls_total")
+        time.sleep(4)
+        polls = metric("erq_event_stream_polls_total") - polls_before
+        assert 4 <= polls <= 12, polls  # one poll per 0.5 s tick for all 60 followers, not 60 per tick
+        for job_id in job_ids:
+            client.post(f"/v1/jobs/{job_id}/cancel")
+        for follower in followers:
+            follower.join(30)
+            assert follower.events[-1]["data"]["status"] == "cancelled"
+        deadline = time.monotonic() + 10
+        while metric("erq_event_stream_followers") > 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+
+@ON_SQLITE
+def test_events_of_a_real_worker_run(tmp_path, settings):
+    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url)
+    key = make_key(settings, "alice")
+    port = free_port()
+    with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
+            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+        with api_client(port, key) as client:
+            job_id = client.post("/v1/jobs", json=JOB).json()["id"]
+            events = read_events(client, job_id, timeout=240)
+            whole_log = client.get(f"/v1/jobs/{job_id}/log").text
+    assert events[-1]["event"] == "status" and events[-1]["data"]["status"] == "succeeded"
+    stages = {e["data"]["stage"] for e in events if e["event"] == "progress"}
+    assert len(stages) >= 3
+    lines = [e["data"]["line"] for e in events if e["event"] == "log"]
+    assert "\n".join(lines) + "\n" == whole_log
+
+
+@ON_SQLITE
+def test_a_burst_of_followers_connecting_at_once_is_served(tmp_path, settings):
+    """Hundreds of streams (re)connecting together, as when the jobs they followed end: every one is
+    answered, no request waits out the connection pool (a connection held across the wait for a
+    worker thread made such bursts time out with 500s)."""
+    import asyncio
+
+    async def first_event(client: httpx.AsyncClient, job_id: str) -> int:
+        async with client.stream("GET", f"/v1/jobs/{job_id}/events") as answer:
+            async for line in answer.aiter_lines():
+                if line.startswith("event:"):
+                    return answer.status_code
+            return answer.status_code
+
+    async def burst(url: str, key: str, job_ids: list[str]) -> list:
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=25,
+                                     limits=httpx.Limits(max_connections=300)) as client:
+            return await asyncio.gather(*(first_event(client, job_ids[i % len(job_ids)]) for i in range(200)),
+                                        return_exceptions=True)
+
+    with api_only(tmp_path, settings) as client:
+        job_ids = [client.post("/v1/jobs", json=JOB).json()["id"] for _ in range(3)]
+        key = client.headers["Authorization"].split()[1]
+        start = time.monotonic()
+        answers = asyncio.run(burst(str(client.base_url), key, job_ids))
+        assert answers == [200] * 200, [a for a in answers if a != 200][:5]
+        assert time.monotonic() - start < 25

@@ -1,0 +1,184 @@
+"""Webhooks with a real receiver on 127.0.0.1: signed POSTs, retries with backoff, giving up,
+no redirects, time-outs, a response cap, the host allow-list, and a real worker's sweeper."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from storage.webhooks import WebhookDuty
+from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
+from tests.service.conftest import ON_SQLITE, make_key, run_erq, service_env
+from tests.service.processes import api_client, erq_process, free_port, wait_for_http, wait_for_job
+from tests.service.webhook_receiver import Receiver, verify
+
+JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "val_limit": 50}
+
+
+@pytest.fixture
+def hooked(settings):
+    return settings.model_copy(update={"webhook_allowed_hosts": "127.0.0.1", "webhook_timeout_seconds": 1.0,
+                                       "webhook_retry_seconds": 30})
+
+
+@pytest.fixture
+def alice(hooked) -> dict:
+    return {"Authorization": f"Bearer {make_key(hooked, 'alice')}"}
+
+
+def webhook_secret(settings, tmp_path, owner: str = "alice") -> str:
+    """Through the real command, as an administrator would."""
+    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url)
+    made = run_erq(["admin", "webhook-secret", owner], env, tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert "not shown again" in made.stdout
+    return made.stdout.strip().splitlines()[-1]
+
+
+def sweep_until(duty: WebhookDuty, client, headers, job_id: str, done, seconds: float = 30) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        duty()
+        time.sleep(0.2)
+        job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        if done(job["webhook"]["deliveries"]):
+            return job
+    raise AssertionError(f"deliveries did not settle: {job['webhook']}")
+
+
+def settled(deliveries) -> bool:
+    return bool(deliveries) and all(d["state"] != "pending" for d in deliveries)
+
+
+def test_a_cancelled_job_is_posted_signed_and_the_delivery_recorded(hooked, alice, tmp_path):
+    secret = webhook_secret(hooked, tmp_path)
+    with Receiver() as receiver, TestClient(create_app(hooked)) as client:
+        job = client.post("/v1/jobs", json={**JOB, "webhook": {"url": receiver.url + "/hooks?x=1",
+                                                               "events": ["cancelled"]}}, headers=alice).json()
+        assert job["webhook"] == {"url": receiver.url + "/hooks?x=1", "events": ["cancelled"], "deliveries": []}
+        duty = WebhookDuty(hooked)
+        duty()
+        duty.drain()
+        assert receiver.received == []  # queued is not one of its events
+        client.post(f"/v1/jobs/{job['id']}/cancel", headers=alice)
+        job = sweep_until(duty, client, alice, job["id"], settled)
+    [request] = receiver.received
+    assert request.path == "/hooks?x=1" and request.headers["Erq-Event"] == "cancelled"
+    assert request.headers["Content-Type"] == "application/json"
+    assert verify(secret, request) and not verify(secret + "x", request)
+    body = json.loads(request.body)
+    assert body["id"] == job["id"] and body["status"] == "cancelled" and body["params"]["val_limit"] == 50
+    [delivery] = job["webhook"]["deliveries"]
+    assert delivery["state"] == "delivered" and delivery["status_code"] == 200 and delivery["attempts"] == 1
+    assert delivery["event"] == "cancelled" and request.headers["Erq-Delivery"] == str(delivery["id"])
+
+
+def test_failed_attempts_are_retried_with_backoff_then_delivered(hooked, alice, tmp_path):
+    webhook_secret(hooked, tmp_path)
+    with Receiver([500, 503, 200]) as receiver, TestClient(create_app(hooked)) as client:
+        job_id = client.post("/v1/jobs", json={**JOB, "webhook": {"url": receiver.url}}, headers=alice).json()["id"]
+        client.post(f"/v1/jobs/{job_id}/cancel", headers=alice)
+        job = sweep_until(WebhookDuty(hooked), client, alice, job_id, settled)
+    [delivery] = job["webhook"]["deliveries"]
+    assert delivery["state"] == "delivered" and delivery["attempts"] == 3 and delivery["status_code"] == 200
+    gaps = [b.at - a.at for a, b in zip(receiver.received, receiver.received[1:])]
+    assert gaps[0] >= 0.9 and gaps[1] >= 1.9  # 1 s, then 2 s
+
+
+def test_a_receiver_that_keeps_failing_is_given_up_after_the_retry_time(hooked, alice, tmp_path):
+    hooked = hooked.model_copy(update={"webhook_retry_seconds": 2.5})
+    webhook_secret(hooked, tmp_path)
+    with Receiver([500]) as receiver, TestClient(create_app(hooked)) as client:
+        job_id = client.post("/v1/jobs", json={**JOB, "webhook": {"url": receiver.url}}, headers=alice).json()["id"]
+        client.post(f"/v1/jobs/{job_id}/cancel", headers=alice)
+        job = sweep_until(WebhookDuty(hooked), client, alice, job_id, settled)
+    [delivery] = job["webhook"]["deliveries"]
+    assert delivery["state"] == "given_up" and delivery["status_code"] == 500 and "500" in delivery["error"]
+    assert 2 <= delivery["attempts"] == len(receiver.received) <= 3
+
+
+def test_redirects_are_not_followed(hooked, alice, tmp_path):
+    webhook_secret(hooked, tmp_path)
+    with Receiver() as target, Receiver([("redirect", "http://127.0.0.1:1/elsewhere")]) as receiver, \
+            TestClient(create_app(hooked.model_copy(update={"webhook_retry_seconds": 1}))) as client:
+        receiver.answers = [("redirect", target.url + "/stolen")]
+        job_id = client.post("/v1/jobs", json={**JOB, "webhook": {"url": receiver.url}}, headers=alice).json()["id"]
+        client.post(f"/v1/jobs/{job_id}/cancel", headers=alice)
+        job = sweep_until(WebhookDuty(hooked.model_copy(update={"webhook_retry_seconds": 1})), client, alice,
+                          job_id, settled)
+    assert target.received == []
+    delivery = job["webhook"]["deliveries"][0]
+    assert delivery["status_code"] == 302 and "redirects are not followed" in delivery["error"]
+
+
+def test_a_slow_or_endless_receiver_times_out_without_blocking_the_sweeper(hooked, alice, tmp_path):
+    webhook_secret(hooked, tmp_path)
+    quick = hooked.model_copy(update={"webhook_retry_seconds": 1})
+    with Receiver([("slow", 5)]) as slow, Receiver([("endless", 200)]) as endless, \
+            TestClient(create_app(quick)) as client:
+        slow_job = client.post("/v1/jobs", json={**JOB, "webhook": {"url": slow.url}}, headers=alice).json()["id"]
+        endless_job = client.post("/v1/jobs", json={**JOB, "webhook": {"url": endless.url}},
+                                  headers=alice).json()["id"]
+        for job_id in (slow_job, endless_job):
+            client.post(f"/v1/jobs/{job_id}/cancel", headers=alice)
+        duty = WebhookDuty(quick)
+        start = time.monotonic()
+        assert duty() == 2
+        assert time.monotonic() - start < 0.5  # the POSTs run in the duty's own threads
+        started = time.monotonic()
+        duty.drain()
+        assert time.monotonic() - started < 3  # each attempt was cut at the 1 s time-out
+        slow_delivery = client.get(f"/v1/jobs/{slow_job}", headers=alice).json()["webhook"]["deliveries"][0]
+        endless_delivery = client.get(f"/v1/jobs/{endless_job}", headers=alice).json()["webhook"]["deliveries"][0]
+    assert slow_delivery["status_code"] is None and "timed out" in slow_delivery["error"]
+    # The endless answer was read up to the cap (or the time-out), then the connection was closed.
+    assert endless_delivery["status_code"] == 200 and endless_delivery["state"] == "delivered"
+
+
+@pytest.mark.parametrize("update, webhook, code", [
+    ({"webhook_allowed_hosts": ""}, {"url": "http://127.0.0.1:9/x"}, "webhooks_disabled"),
+    ({}, {"url": "http://169.254.169.254/latest/meta-data"}, "webhook_host_not_allowed"),
+    ({}, {"url": "http://localhost:9/x"}, "webhook_host_not_allowed"),
+    ({}, {"url": "ftp://127.0.0.1/x"}, "invalid_webhook_url"),
+    ({}, {"url": "http://user:pw@127.0.0.1/x"}, "invalid_webhook_url"),
+    ({}, {"url": "http://127.0.0.1:99999/x"}, "invalid_webhook_url"),
+    ({}, {"url": "http://127.0.0.1:9/x", "events": ["exploded"]}, "validation_error"),
+    ({}, {"url": "http://127.0.0.1:9/x", "events": []}, "validation_error"),
+    ({}, {"url": "http://127.0.0.1:9/x"}, "webhook_secret_missing"),
+])
+def test_webhooks_are_refused_unless_enabled_allowed_and_signed(hooked, alice, update, webhook, code):
+    with TestClient(create_app(hooked.model_copy(update=update))) as client:
+        answer = client.post("/v1/jobs", json={**JOB, "webhook": webhook}, headers=alice)
+    assert answer.status_code == 422 and answer.json()["code"] == code, answer.json()
+    assert answer.json()["field"].startswith("webhook")
+
+
+@ON_SQLITE
+def test_a_real_worker_delivers_the_webhooks_of_a_real_job(tmp_path, hooked):
+    key = make_key(hooked, "alice")
+    secret = webhook_secret(hooked, tmp_path)
+    env = service_env(tmp_path, ERQ_DATABASE_URL=hooked.database_url, ERQ_BROKER_URL=hooked.broker_url,
+                      ERQ_WEBHOOK_ALLOWED_HOSTS="127.0.0.1")
+    port = free_port()
+    with Receiver() as receiver, erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
+            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+        with api_client(port, key) as client:
+            job_id = client.post("/v1/jobs", json={**JOB, "webhook": {"url": receiver.url,
+                                                                      "events": ["running", "succeeded"]}}).json()["id"]
+            assert wait_for_job(client, job_id, ("succeeded", "failed"), 240)["status"] == "succeeded"
+            deadline = time.monotonic() + 30
+            while not any(r.headers["Erq-Event"] == "succeeded" for r in receiver.received):
+                assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-2000:]
+                time.sleep(0.2)
+            job = client.get(f"/v1/jobs/{job_id}").json()
+    final = next(r for r in receiver.received if r.headers["Erq-Event"] == "succeeded")
+    assert verify(secret, final)
+    body = json.loads(final.body)
+    assert body["status"] == "succeeded" and body["metrics"]["quantized"]["top1"] == job["metrics"]["quantized"]["top1"]
+    assert {a["name"] for a in body["artifacts"]} >= {"quantized.safetensors", "config.json"}
+    assert {r.headers["Erq-Event"] for r in receiver.received} <= {"running", "succeeded"}
+    assert any(d["event"] == "succeeded" and d["state"] == "delivered" for d in job["webhook"]["deliveries"])
