@@ -139,17 +139,29 @@ def summary(fixture_name: str, fp_top1: float, w_bits: int, a_bits: int, method:
 
 
 def write_table(table: list[dict]) -> None:
+    """Print this run's cells; write them, with the cells of earlier runs that this one did not
+    cover, to accuracy.json and accuracy.md."""
+    print("\n" + "\n".join(table_lines(table)))
+    cell = lambda row: (row["fixture"], row["w_bits"], row["a_bits"], row["method"])  # noqa: E731
+    earlier = json.loads((RESULTS / "accuracy.json").read_text()) if (RESULTS / "accuracy.json").exists() else []
+    covered = {cell(row) for row in table}
+    rows = [row for row in earlier if cell(row) not in covered] + table
+    bits_order = ["4/4", "3/4", "6/6", "2/4"]
+    rows.sort(key=lambda row: (row["fixture"] != "small", bits_order.index(f"{row['w_bits']}/{row['a_bits']}")
+                               if f"{row['w_bits']}/{row['a_bits']}" in bits_order else 99, METHODS.index(row["method"])))
+    (RESULTS / "accuracy.md").write_text("\n".join(table_lines(rows)) + "\n")
+    (RESULTS / "accuracy.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"wrote {RESULTS.relative_to(ROOT)}/accuracy.md and accuracy.json")
+
+
+def table_lines(table: list[dict]) -> list[str]:
     lines = ["| fixture | W/A | method | top-1 mean | min-max | std | seconds | CPU seconds |",
              "|---|---|---|---|---|---|---|---|"]
     for row in table:
         lines.append(f"| {row['fixture']} (FP {row['fp_top1']:.1f}) | {row['w_bits']}/{row['a_bits']} | "
                      f"{row['method']} | {row['mean']:.2f} | {row['min']:.1f}-{row['max']:.1f} | {row['std']:.2f} | "
                      f"{row['seconds']:.0f} | {row['cpu_seconds']:.0f} |")
-    text = "\n".join(lines)
-    print("\n" + text)
-    (RESULTS / "accuracy.md").write_text(text + "\n")
-    (RESULTS / "accuracy.json").write_text(json.dumps(table, indent=2) + "\n")
-    print(f"wrote {RESULTS.relative_to(ROOT)}/accuracy.md and accuracy.json")
+    return lines
 
 
 if __name__ == "__main__":
