@@ -160,7 +160,7 @@ def table_lines(table: list[dict]) -> list[str]:
     for row in table:
         lines.append(f"| {row['fixture']} (FP {row['fp_top1']:.1f}) | {row['w_bits']}/{row['a_bits']} | "
                      f"{row['method']} | {row['mean']:.2f} | {row['min']:.1f}-{row['max']:.1f} | {row['std']:.2f} | "
-                     f"{row['seconds']:.0f} | {row['cpu_seconds']:.0f} |")
+                     f"{row['seconds']:.0f} | {row.get('cpu_seconds') or '-'} |")  # '-': runs from before CPU time was kept
     return lines
 
 
