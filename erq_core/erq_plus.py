@@ -27,6 +27,7 @@ from erq_core.qmodules import QuantLinear, QuantMatMul, set_quant_state
 from erq_core.ridge import choose_aqer_alpha, mean_diagonal
 from erq_core.sequential import call_arguments, leading_images, quantize_sequentially
 from erq_core.stats import FoldedStats, LayerStats
+from erq_core.timing import timed
 
 log = logging.getLogger("erq")
 MATMUL_SEARCH_IMAGES = 8  # attention matmul operands are large: their ranges are searched on a few images
@@ -79,9 +80,8 @@ def quantize_plus(model: nn.Module, calibration: Iterable, config: ErqConfig, se
     set_quant_state(model, activations=True, weights=False)
 
     def solve(name: str, layer: nn.Module, stats: LayerStats, folds: Optional[FoldedStats]) -> dict:
-        start = time.perf_counter()
-        plan, alpha = layer_plan(layer, stats, folds, config, options)
-        seconds["choose_lambda"] = round(seconds.get("choose_lambda", 0.0) + time.perf_counter() - start, 3)
+        with timed(seconds, "choose_lambda"):
+            plan, alpha = layer_plan(layer, stats, folds, config, options)
         report = solve_layer(name, layer, stats, plan, seconds)
         if alpha is not None:
             report["alpha"] = alpha
@@ -92,18 +92,16 @@ def quantize_plus(model: nn.Module, calibration: Iterable, config: ErqConfig, se
         from erq_core.reconstruct import reconstruct_block
 
         def after_block(name: str, block: nn.Module, inputs: list[Tensor], targets: list[Tensor]) -> None:
-            start = time.perf_counter()
             images = config.reconstruct_images
-            before, after = reconstruct_block(block, leading_images(inputs, images), leading_images(targets, images),
-                                              config.reconstruct_iters, seed=config.seed)
-            seconds["reconstruct"] = round(seconds.get("reconstruct", 0.0) + time.perf_counter() - start, 3)
+            with timed(seconds, "reconstruct"):
+                before, after = reconstruct_block(block, leading_images(inputs, images),
+                                                  leading_images(targets, images), config.reconstruct_iters,
+                                                  seed=config.seed)
             log.info("reconstructed %s: block output error %.4g -> %.4g", name, before, after)
 
     def timed_calibration(unit: nn.Module, module: nn.Module, unit_input: Tensor) -> None:
-        start = time.perf_counter()
-        calibrate_before(unit, module, unit_input)
-        seconds["calibrate_activations"] = round(seconds.get("calibrate_activations", 0.0)
-                                                 + time.perf_counter() - start, 3)
+        with timed(seconds, "calibrate_activations"):
+            calibrate_before(unit, module, unit_input)
 
     start, attributed = time.perf_counter(), sum(seconds.values())
     reports = quantize_sequentially(

@@ -6,7 +6,6 @@ output error after round-to-nearest, after Aqer and after Wqer.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,6 +16,7 @@ from erq_core.aqer import aqer_update
 from erq_core.qmodules import QuantLinear
 from erq_core.quantizers import WeightQuantizer
 from erq_core.stats import LayerStats
+from erq_core.timing import timed
 from erq_core.wqer import wqer_update
 
 
@@ -60,17 +60,6 @@ def relative_output_error(weight: Tensor, H: Tensor, output_cross: Tensor, outpu
     return float(err.clamp(min=0) / max(output_sq, 1e-30))
 
 
-class _Timer:
-    def __init__(self, seconds: dict[str, float], stage: str):
-        self.seconds, self.stage = seconds, stage
-
-    def __enter__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc) -> None:
-        self.seconds[self.stage] = round(self.seconds.get(self.stage, 0.0) + time.perf_counter() - self.start, 3)
-
-
 @torch.no_grad()
 def solve_layer(name: str, layer: nn.Module, stats: LayerStats, plan: LayerPlan, seconds: dict[str, float]) -> dict:
     """Quantize one layer's weights in place as `plan` says; return its per-step errors."""
@@ -96,17 +85,17 @@ def solve_layer(name: str, layer: nn.Module, stats: LayerStats, plan: LayerPlan,
 
     weight = reference
     if uses_aqer:
-        with _Timer(seconds, "aqer"):
+        with timed(seconds, "aqer"):
             weight = aqer_update(weight, H, cross, plan.aqer_lambda)
             write_weight(layer, weight)
-    with _Timer(seconds, "calibrate_weights"):
+    with timed(seconds, "calibrate_weights"):
         calibrate(quantizer, weight)
     if uses_aqer:
         report["aqer"] = error(quantized_view(quantizer, weight))
     else:
         report["rtn"] = error(quantized_view(quantizer, weight))
     if plan.wqer_lambda is not None:
-        with _Timer(seconds, "wqer"):
+        with timed(seconds, "wqer"):
             weight = wqer_update(weight, H, quantizer, plan.wqer_lambda, stats.count, refine=plan.refine_rounding)
             write_weight(layer, weight)
         report["wqer"] = error(quantized_view(quantizer, weight))

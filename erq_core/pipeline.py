@@ -11,10 +11,8 @@ the RepQ-ViT reparameterization. After that:
 from __future__ import annotations
 
 import logging
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +22,7 @@ from erq_core.layer import LayerPlan, solve_layer
 from erq_core.qmodules import QuantConv2d, QuantLinear, convert_model, set_quant_state, weight_layers
 from erq_core.reparam import find_norm_linear_pairs, reparameterize
 from erq_core.stats import LayerStats
+from erq_core.timing import timed
 
 log = logging.getLogger("erq")
 Progress = Callable[[str, int, int], None]
@@ -45,13 +44,6 @@ class QuantizedModel:
 
 def _no_progress(stage: str, done: int, total: int) -> None:
     pass
-
-
-@contextmanager
-def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    seconds[stage] = round(seconds.get(stage, 0.0) + time.perf_counter() - start, 3)
 
 
 def _images(batch) -> Tensor:
@@ -86,7 +78,7 @@ def quantize(
     model.eval()
     repq = config.method in REPARAMETERIZED
 
-    with _timed(seconds, "calibrate_activations"):
+    with timed(seconds, "calibrate_activations"):
         progress("calibrate_activations", 0, 1)
         init_images = first_images(calibration, ACTIVATION_CALIBRATION_IMAGES, device)
         pairs = find_norm_linear_pairs(model, init_images[:1])
@@ -98,7 +90,7 @@ def quantize(
         progress("calibrate_activations", 1, 1)
 
     if repq:
-        with _timed(seconds, "reparameterize"):
+        with timed(seconds, "reparameterize"):
             # the papers' code keeps the fractional mean zero point; erq+ keeps true b-bit quantizers
             reparameterize(model, pairs, integer_zero_point=config.method == "erq+")
             log.info("reparameterized %d LayerNorm -> linear pairs", len(pairs))
@@ -110,7 +102,7 @@ def quantize(
         set_quant_state(model, activations=True, weights=True)
         return QuantizedModel(model, config, pairs, sorted(pairs), layers, seconds)
 
-    with _timed(seconds, "collect_statistics"):
+    with timed(seconds, "collect_statistics"):
         stats = collect_statistics(model, calibration, progress)
 
     layers = []
