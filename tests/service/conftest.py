@@ -4,8 +4,11 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
+import httpx
 import pytest
 
 from storage.settings import Settings
@@ -138,6 +141,22 @@ def service_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
            "ERQ_ARTIFACT_DIR": str(tmp_path / "var" / "artifacts"), "ERQ_DATA_ROOTS": str(FIXTURES)}
     env.update(overrides)
     return env
+
+
+@contextmanager
+def worker_and_api(tmp_path: Path, settings: Settings, owner: str = "alice") -> Iterator[httpx.Client]:
+    """A real `erq worker` and `erq api` on the settings' database and broker, and a client with a
+    key of `owner`, for as long as the block runs."""
+    from tests.service.processes import api_client, erq_process, free_port, wait_for_http
+
+    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url)
+    key = make_key(settings, owner)
+    port = free_port()
+    with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
+            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+        with api_client(port, key) as client:
+            yield client
 
 
 def run_erq(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:

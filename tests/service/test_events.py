@@ -16,7 +16,7 @@ from storage.folder import FolderStore
 from storage.db import session_scope
 from storage.models import JobStatus
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
-from tests.service.conftest import ON_SQLITE, make_key, service_env
+from tests.service.conftest import ON_SQLITE, make_key, service_env, worker_and_api
 from tests.service.processes import api_client, erq_process, free_port, wait_for_http
 
 JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "val_limit": 50}
@@ -142,16 +142,10 @@ def test_many_followers_share_one_database_poll_per_tick(tmp_path, settings):
 
 @ON_SQLITE
 def test_events_of_a_real_worker_run(tmp_path, settings):
-    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url)
-    key = make_key(settings, "alice")
-    port = free_port()
-    with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
-            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
-        with api_client(port, key) as client:
-            job_id = client.post("/v1/jobs", json=JOB).json()["id"]
-            events = read_events(client, job_id, timeout=240)
-            whole_log = client.get(f"/v1/jobs/{job_id}/log").text
+    with worker_and_api(tmp_path, settings) as client:
+        job_id = client.post("/v1/jobs", json=JOB).json()["id"]
+        events = read_events(client, job_id, timeout=240)
+        whole_log = client.get(f"/v1/jobs/{job_id}/log").text
     assert events[-1]["event"] == "status" and events[-1]["data"]["status"] == "succeeded"
     stages = {e["data"]["stage"] for e in events if e["event"] == "progress"}
     assert len(stages) >= 3

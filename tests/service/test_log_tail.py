@@ -11,8 +11,7 @@ from storage import jobs
 from storage.folder import FolderStore
 from storage.db import session_scope
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
-from tests.service.conftest import ON_SQLITE, make_key, service_env
-from tests.service.processes import api_client, erq_process, free_port, wait_for_http
+from tests.service.conftest import ON_SQLITE, make_key, worker_and_api
 
 JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "val_limit": 50}
 
@@ -69,26 +68,20 @@ def test_an_ended_jobs_log_is_complete_at_its_end(client, alice, settings):
 
 @ON_SQLITE
 def test_tailing_a_real_jobs_log_by_offsets_gives_the_whole_log(tmp_path, settings):
-    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url)
-    key = make_key(settings, "alice")
-    port = free_port()
-    with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
-            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
-        with api_client(port, key) as client:
-            job_id = client.post("/v1/jobs", json=JOB).json()["id"]
-            offset, pieces, requests = 0, [], 0
-            deadline = time.monotonic() + 240
-            while time.monotonic() < deadline:
-                answer = client.get(f"/v1/jobs/{job_id}/log", params={"offset": offset})
-                assert answer.status_code == 200, answer.text
-                assert int(answer.headers["Erq-Next-Offset"]) == offset + len(answer.content)
-                pieces.append(answer.content)
-                offset, requests = int(answer.headers["Erq-Next-Offset"]), requests + 1
-                if answer.headers["Erq-Log-Complete"] == "true":
-                    break
-                time.sleep(0.2)
-            assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
-            whole = client.get(f"/v1/jobs/{job_id}/log").content
+    with worker_and_api(tmp_path, settings) as client:
+        job_id = client.post("/v1/jobs", json=JOB).json()["id"]
+        offset, pieces, requests = 0, [], 0
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            answer = client.get(f"/v1/jobs/{job_id}/log", params={"offset": offset})
+            assert answer.status_code == 200, answer.text
+            assert int(answer.headers["Erq-Next-Offset"]) == offset + len(answer.content)
+            pieces.append(answer.content)
+            offset, requests = int(answer.headers["Erq-Next-Offset"]), requests + 1
+            if answer.headers["Erq-Log-Complete"] == "true":
+                break
+            time.sleep(0.2)
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
+        whole = client.get(f"/v1/jobs/{job_id}/log").content
     assert b"".join(pieces) == whole and b"succeeded" in whole
     assert requests > 2 and sum(1 for p in pieces if p) >= 2  # it came in several pieces

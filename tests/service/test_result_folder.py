@@ -15,8 +15,8 @@ from storage.folder import FolderStore
 from storage.db import session_scope
 from storage.models import JobStatus
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
-from tests.service.conftest import ON_SQLITE, make_key, service_env
-from tests.service.processes import api_client, erq_process, free_port, wait_for_http, wait_for_job
+from tests.service.conftest import ON_SQLITE, make_key, worker_and_api
+from tests.service.processes import wait_for_job
 
 JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "val_limit": 50}
 
@@ -76,19 +76,13 @@ def test_no_tar_without_a_result(settings, alice):
 def test_a_real_jobs_tar_loads_as_a_quantized_model(tmp_path, settings):
     import erq_core
 
-    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url)
-    key = make_key(settings, "alice")
-    port = free_port()
-    with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
-            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
-        with api_client(port, key) as client:
-            job_id = client.post("/v1/jobs", json=JOB).json()["id"]
-            job = wait_for_job(client, job_id, ("succeeded", "failed"), 240)
-            assert job["status"] == "succeeded", job
-            with client.stream("GET", f"/v1/jobs/{job_id}/artifacts.tar") as answer:
-                assert answer.status_code == 200
-                body = b"".join(answer.iter_bytes())
+    with worker_and_api(tmp_path, settings) as client:
+        job_id = client.post("/v1/jobs", json=JOB).json()["id"]
+        job = wait_for_job(client, job_id, ("succeeded", "failed"), 240)
+        assert job["status"] == "succeeded", job
+        with client.stream("GET", f"/v1/jobs/{job_id}/artifacts.tar") as answer:
+            assert answer.status_code == 200
+            body = b"".join(answer.iter_bytes())
     folder = tmp_path / "result"
     with tarfile.open(fileobj=io.BytesIO(body)) as tar:
         tar.extractall(folder, filter="data")
