@@ -62,11 +62,11 @@ def config_for(method: str, model: str, dataset: str, w_bits: int, a_bits: int, 
                      calib_size=calib_size)
 
 
-def done_runs() -> dict[tuple, dict]:
-    if not RUNS.exists():
+def done_runs(path: Path) -> dict[tuple, dict]:
+    if not path.exists():
         return {}
     runs = {}
-    for line in RUNS.read_text().splitlines():
+    for line in path.read_text().splitlines():
         run = json.loads(line)
         runs[tuple(run["key"])] = run
     return runs
@@ -81,10 +81,13 @@ def main() -> None:
     parser.add_argument("--calib-size", type=int, default=None, help="default: each method's own default")
     parser.add_argument("--val-limit", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--runs", type=Path, default=RUNS,
+                        help="JSONL of finished runs, appended to and resumed from (one per device, say)")
     args = parser.parse_args()
     logging.getLogger("erq").setLevel(logging.WARNING)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    runs = done_runs()
+    runs = done_runs(args.runs)
+    log = RunLog(args.runs, args.device)
     table = []
     for fixture_name in args.fixture:
         model_spec, dataset, description = fixture(fixture_name)
@@ -94,7 +97,7 @@ def main() -> None:
         key = (fixture_name, "fp", 32, 32, -1, args.val_limit)
         if key not in runs:
             fp = accuracy(base.model, validation, args.device)
-            runs[key] = record(key, fp["top1"], fp["top5"], 0.0)
+            runs[key] = log.record(key, fp["top1"], fp["top5"], 0.0)
         fp_top1 = runs[key]["top1"]
         print(f"\n{fixture_name}: {description}; FP top-1 {fp_top1:.2f}%", flush=True)
         for bits in args.bits:
@@ -112,7 +115,7 @@ def main() -> None:
                         quantized = quantize(model, calibration, config)
                         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
                         result = accuracy(quantized.model, validation, args.device)
-                        runs[key] = record(key, result["top1"], result["top5"], seconds, cpu_seconds)
+                        runs[key] = log.record(key, result["top1"], result["top5"], seconds, cpu_seconds)
                     cell.append(runs[key])
                     print(f"  W{w_bits}/A{a_bits} {method:<6} seed {seed}: top-1 {runs[key]['top1']:6.2f}%  "
                           f"({runs[key]['seconds']:.0f} s)", flush=True)
@@ -120,13 +123,20 @@ def main() -> None:
     write_table(table)
 
 
-def record(key: tuple, top1: float, top5: float, seconds: float, cpu_seconds: float = 0.0) -> dict:
-    # CPU seconds of the process compare methods fairly on a shared machine (wall time does not)
-    run = {"key": list(key), "top1": top1, "top5": top5, "seconds": round(seconds, 1),
-           "cpu_seconds": round(cpu_seconds, 1)}
-    with RUNS.open("a") as handle:
-        handle.write(json.dumps(run) + "\n")
-    return run
+class RunLog:
+    """Appends each finished run to a JSONL file, so that an interrupted benchmark resumes."""
+
+    def __init__(self, path: Path, device: str):
+        self.path, self.device = path, device
+
+    def record(self, key: tuple, top1: float, top5: float, seconds: float, cpu_seconds: float = 0.0) -> dict:
+        # CPU seconds of the process compare methods fairly on a shared machine (wall time does not)
+        run = {"key": list(key), "top1": top1, "top5": top5, "seconds": round(seconds, 1),
+               "cpu_seconds": round(cpu_seconds, 1), "device": self.device}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(run) + "\n")
+        return run
 
 
 def summary(fixture_name: str, fp_top1: float, w_bits: int, a_bits: int, method: str, cell: list[dict]) -> dict:

@@ -17,16 +17,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASET = ROOT / "tests" / "fixtures" / "fmnist16"
-ERQ = Path(sys.executable).parent / "erq"
+# `python -m erq_cli` from the checkout: runs without the `erq` script installed (on a bare GPU host too)
+ERQ = [sys.executable, "-m", "erq_cli"]
 
 
 def run_case(model: str, calib: int, device: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        command = [str(ERQ), "quantize", "--model", model, "--dataset", str(DATASET), "--random-init", "--no-eval",
+        command = [*ERQ, "quantize", "--model", model, "--dataset", str(DATASET), "--random-init", "--no-eval",
                    "--w-bits", "4", "--a-bits", "4", "--calib-size", str(calib), "--device", device,
                    "--quiet", "--out", out]
         start = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True, text=True)
+        subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
         wall = time.perf_counter() - start
         metrics = json.loads((Path(out) / "metrics.json").read_text())
     result = {"model": model, "calib_size": calib, "device": device, "wall_seconds": round(wall, 2),
