@@ -83,7 +83,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--runs", type=Path, default=RUNS,
                         help="JSONL of finished runs, appended to and resumed from (one per device, say)")
+    parser.add_argument("--table-from", type=Path, default=None, metavar="RUNS",
+                        help="only print the table of a runs file (e.g. one brought back from a GPU host)")
     args = parser.parse_args()
+    if args.table_from:
+        print("\n".join(table_lines(cells_of(done_runs(args.table_from)))))
+        return
     logging.getLogger("erq").setLevel(logging.WARNING)
     RESULTS.mkdir(parents=True, exist_ok=True)
     runs = done_runs(args.runs)
@@ -137,6 +142,18 @@ class RunLog:
         with self.path.open("a") as handle:
             handle.write(json.dumps(run) + "\n")
         return run
+
+
+def cells_of(runs: dict[tuple, dict]) -> list[dict]:
+    """The table's cells (fixture, bits, method; seeds pooled) of a set of finished runs."""
+    fp = {key[0]: run["top1"] for key, run in runs.items() if key[1] == "fp"}
+    cells: dict[tuple, list[dict]] = {}
+    for key, run in sorted(runs.items(), key=lambda item: item[0][4]):
+        if key[1] != "fp":
+            cells.setdefault((key[0], key[2], key[3], key[1]), []).append(run)
+    order = lambda cell: (cell[0] != "small", -cell[1], -cell[2], METHODS.index(cell[3]))  # noqa: E731
+    return [summary(f, fp[f], w, a, method, cells[(f, w, a, method)])
+            for f, w, a, method in sorted(cells, key=order)]
 
 
 def summary(fixture_name: str, fp_top1: float, w_bits: int, a_bits: int, method: str, cell: list[dict]) -> dict:
