@@ -255,3 +255,37 @@ def test_a_running_jobs_log_reaches_the_bucket_and_a_cancelled_run_stores_its_lo
             assert job["status"] == "cancelled" and [a["name"] for a in job["artifacts"]] == ["job.log"]
             assert "cancelled" in client.get(job["artifacts"][0]["url"], follow_redirects=True).text
     assert _keys(s3_server, s3_bucket) == {f"erq/{job_id}/attempt-1/job.log"}
+
+
+def test_the_write_check_passes_on_a_bucket_and_leaves_no_probe_behind(tmp_path, s3_server, s3_bucket, as_writer):
+    store = S3Store(f"s3://{s3_bucket}/runs", tmp_path / "scratch", s3_server.endpoint_url)
+    store.check()
+    store.check(write=True)
+    assert _keys(s3_server, s3_bucket) == set()
+
+
+def test_credentials_that_cannot_write_pass_the_read_check_only(tmp_path, s3_server, s3_bucket, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", READER[0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", READER[1])
+    store = S3Store(f"s3://{s3_bucket}/runs", tmp_path / "scratch", s3_server.endpoint_url)
+    store.check()  # what the API needs
+    with pytest.raises(ArtifactStoreError, match=f"access denied: cannot write the object s3://{s3_bucket}/runs/"
+                                                 r"\.erq-write-check-.*AWS_ACCESS_KEY_ID"):
+        store.check(write=True)
+    assert _keys(s3_server, s3_bucket) == set()
+
+
+def test_a_missing_bucket_or_an_unreachable_endpoint_fails_the_check_with_what_to_fix(tmp_path, s3_server,
+                                                                                       as_writer):
+    missing = f"erq-missing-{os.urandom(4).hex()}"
+    store = S3Store(f"s3://{missing}/runs", tmp_path / "scratch", s3_server.endpoint_url)
+    with pytest.raises(ArtifactStoreError, match=f"the bucket '{missing}' does not exist at "
+                                                 f"{s3_server.endpoint_url}.*ERQ_ARTIFACT_URL"):
+        store.check()
+
+    down = S3Store(f"s3://{missing}/runs", tmp_path / "scratch", f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    with pytest.raises(ArtifactStoreError, match="cannot reach the S3 endpoint .*ERQ_S3_ENDPOINT_URL"):
+        down.check(write=True)
+    assert time.monotonic() - started < 10  # one attempt, short timeouts: not the jobs' client's retries
+
