@@ -101,6 +101,11 @@ class ArtifactStore(ABC):
     def release_workspace(self, job_id: str, run: str) -> None:
         """The run has been stored: its workspace may go (a folder store keeps it: it is the store)."""
 
+    @abstractmethod
+    def check(self, write: bool = False) -> None:
+        """Raise ArtifactStoreError, with a message that says what to fix, when the store cannot be
+        read or (`write`) written. Quick: readiness probes and worker start-up call it."""
+
     def describe(self) -> str:
         return type(self).__name__
 

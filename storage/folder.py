@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
-from storage.artifacts import PUBLISHED, ArtifactStore, StoredFile, stored_file
+from storage.artifacts import PUBLISHED, ArtifactStore, ArtifactStoreError, StoredFile, stored_file
 
 
 class FolderStore(ArtifactStore):
@@ -59,6 +60,23 @@ class FolderStore(ArtifactStore):
     def remove_job(self, job_id: str) -> None:
         """Remove every file of the job (deletion, retention). Raises OSError when some remain."""
         shutil.rmtree(self.job_dir(job_id), onerror=_ignore_missing)
+
+    def check(self, write: bool = False) -> None:
+        if not self.root.is_dir():
+            raise ArtifactStoreError(f"the artifact folder {self.root} does not exist or is not a folder "
+                                     "(set ERQ_ARTIFACT_DIR to a folder this process can use)")
+        action = "write to" if write else "read"
+        try:
+            with os.scandir(self.root) as entries:
+                next(entries, None)
+            if write:
+                with tempfile.NamedTemporaryFile(dir=self.root, prefix=".erq-write-check-") as probe:
+                    probe.write(b"ok")
+                    probe.flush()
+        except OSError as exc:
+            raise ArtifactStoreError(f"cannot {action} the artifact folder {self.root}: {exc.strerror or exc} "
+                                     "(check ERQ_ARTIFACT_DIR and the folder's owner, permissions and free "
+                                     "space)") from exc
 
     def describe(self) -> str:
         return f"the folder {self.root}"

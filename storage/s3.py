@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import time
+import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ import boto3
 from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError, \
+    NoCredentialsError, ReadTimeoutError
 
 from storage.artifacts import LOG_NAME, ArtifactStore, ArtifactStoreError, StoredFile, media_type
 from storage.settings import Settings
@@ -30,6 +32,10 @@ from storage.settings import Settings
 MiB = 1 << 20
 SHA256_KEY = "sha256"  # object metadata: x-amz-meta-sha256
 MISSING = ("404", "NoSuchKey", "NotFound")
+MISSING_BUCKET = ("404", "NoSuchBucket", "NotFound")
+DENIED = ("403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError)
+WRITE_CHECK_NAME = ".erq-write-check-"
 S3_ERRORS = (BotoCoreError, ClientError, Boto3Error, OSError)
 
 
@@ -39,13 +45,19 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def make_client(endpoint_url: Optional[str]):
+def make_client(endpoint_url: Optional[str], for_checks: bool = False):
     """A client for AWS S3 (no endpoint) or a server at `endpoint_url` (path-style addressing: no
-    wildcard DNS needed). Credentials come from boto3's usual chain (AWS_ACCESS_KEY_ID, ...)."""
+    wildcard DNS needed). Credentials come from boto3's usual chain (AWS_ACCESS_KEY_ID, ...).
+
+    `for_checks`: short timeouts and a single attempt, so a readiness probe or a worker's start-up
+    check answers within seconds when the endpoint is down (the default client retries for minutes)."""
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    config = Config(signature_version="s3v4", connect_timeout=10, read_timeout=60,
-                    retries={"max_attempts": 5, "mode": "standard"},
-                    s3={"addressing_style": "path"} if endpoint_url else None)
+    if for_checks:
+        patience = {"connect_timeout": 3, "read_timeout": 5, "retries": {"max_attempts": 1, "mode": "standard"}}
+    else:
+        patience = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 5, "mode": "standard"}}
+    config = Config(signature_version="s3v4", s3={"addressing_style": "path"} if endpoint_url else None,
+                    **patience)
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config,
                                           region_name=region or ("us-east-1" if endpoint_url else None))
 
@@ -77,7 +89,9 @@ class S3Store(ArtifactStore):
         self.url = url.rstrip("/")
         self.bucket, self.prefix = parse_s3_url(url)
         self.scratch = Path(scratch)
+        self.endpoint_url = endpoint_url
         self.client = make_client(endpoint_url)
+        self._check_client = None  # made on the first check(): the API and workers need it once or per probe
         public = public_endpoint_url or endpoint_url
         # Presigned URLs are signed for the host clients reach, which may not be the one workers use.
         self.presigner = self.client if public == endpoint_url else make_client(public)
@@ -94,6 +108,46 @@ class S3Store(ArtifactStore):
 
     def describe(self) -> str:
         return self.url
+
+    def check(self, write: bool = False) -> None:
+        if self._check_client is None:
+            self._check_client = make_client(self.endpoint_url, for_checks=True)
+        try:
+            self._check_client.head_bucket(Bucket=self.bucket)
+        except S3_ERRORS as exc:
+            raise ArtifactStoreError(self._explain(exc, f"read the bucket '{self.bucket}'")) from exc
+        if write:
+            self._check_write(self._check_client)
+
+    def _check_write(self, client) -> None:
+        """Put, then delete, a small object under the prefix (runs store and retention removes files)."""
+        key = "/".join(part for part in (self.prefix, f"{WRITE_CHECK_NAME}{uuid.uuid4().hex}") if part)
+        try:
+            client.put_object(Bucket=self.bucket, Key=key, Body=b"ok")
+        except S3_ERRORS as exc:
+            raise ArtifactStoreError(self._explain(exc, f"write the object s3://{self.bucket}/{key}")) from exc
+        try:
+            client.delete_object(Bucket=self.bucket, Key=key)
+        except S3_ERRORS as exc:
+            raise ArtifactStoreError(self._explain(exc, f"delete the object s3://{self.bucket}/{key}")) from exc
+
+    def _explain(self, exc: BaseException, action: str) -> str:
+        """What went wrong with the bucket, and which setting to look at."""
+        endpoint = self.endpoint_url or "AWS S3"
+        code = error_code(exc)
+        if code in MISSING_BUCKET:
+            return (f"the bucket '{self.bucket}' does not exist at {endpoint} (create it, or correct the bucket "
+                    "of ERQ_ARTIFACT_URL)")
+        if code in DENIED:
+            return (f"access denied: cannot {action} at {endpoint} ({code}; check the "
+                    "AWS credentials, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and what they may do)")
+        if isinstance(exc, NoCredentialsError):
+            return ("no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile or an "
+                    "instance role)")
+        if isinstance(exc, UNREACHABLE):
+            return (f"cannot reach the S3 endpoint {endpoint}: {exc} (check ERQ_S3_ENDPOINT_URL and that the "
+                    "server is up)")
+        return f"cannot {action} at {endpoint}: {exc}"
 
     def workspace(self, job_id: str, run: str) -> Path:
         return self.scratch / job_id / run

@@ -29,6 +29,10 @@ SLOT_RESTART_SECONDS = 2
 # this long before it is killed; docker-compose.yml's stop_grace_period is longer.
 SLOT_STOP_SECONDS = 90
 HEALTH_STALE_SECONDS = 30
+# At start a worker checks that it can write to the artifact store, trying again for this long: in
+# docker-compose the S3 service may come up after the worker. (Module constants: tests shorten them.)
+ARTIFACT_STORE_WAIT_SECONDS = 30.0
+ARTIFACT_STORE_RETRY_SECONDS = 5.0
 log = logging.getLogger("erq")
 
 
@@ -60,6 +64,7 @@ def worker_main(argv: list[str]) -> int:
     declare_queue(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        wait_for_artifact_store(settings)
         if args.concurrency > 1:
             return Supervisor(args, settings).run()
         return run_worker(args, settings, sweep=SLOT_VARIABLE not in os.environ)
@@ -80,6 +85,26 @@ def check_health(settings: Settings) -> int:
         return 1
     print(f"healthy: last sweep {age:.0f} s ago")
     return 0
+
+
+def wait_for_artifact_store(settings: Settings) -> None:
+    """Return once this worker can write to the artifact store, or raise WorkerConfigurationError after
+    ARTIFACT_STORE_WAIT_SECONDS: a store it cannot write to would fail every job after its compute."""
+    from storage.artifacts import ArtifactStoreError, open_store
+
+    store = open_store(settings)
+    where = settings.artifact_url or settings.artifact_dir
+    deadline = time.monotonic() + ARTIFACT_STORE_WAIT_SECONDS
+    while True:
+        try:
+            store.check(write=True)
+            return
+        except ArtifactStoreError as exc:
+            if time.monotonic() + ARTIFACT_STORE_RETRY_SECONDS > deadline:
+                raise WorkerConfigurationError(f"the artifact store {where} is not usable: {exc}") from exc
+            log.warning("erq worker: the artifact store %s is not usable yet (%s); trying again in %g s",
+                        where, exc, ARTIFACT_STORE_RETRY_SECONDS)
+            time.sleep(ARTIFACT_STORE_RETRY_SECONDS)
 
 
 def resolve_device(requested: str) -> str:

@@ -9,9 +9,10 @@ from sqlalchemy.orm import Session
 from erq_core.registry import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, MODEL_ALIASES, supported_timm_names
 from service import problems
 from service.auth import CurrentCaller
-from service.deps import AppSettings, DbSession
+from service.deps import AppSettings, Artifacts, DbSession
 from service.schemas import ModelOut
 from storage import jobs
+from storage.artifacts import ArtifactStore, ArtifactStoreError
 from storage.db import ping
 from storage.models import JobStatus
 from storage.settings import Settings
@@ -51,8 +52,9 @@ def healthz() -> dict:
 
 
 @router.get("/readyz", tags=["health"], responses={
-    503: {"description": "the database or the broker is unreachable (the body says which)"}, **problems.responses(500)})
-def readyz(request: Request, response: Response, settings: AppSettings) -> dict:
+    503: {"description": "the database or the broker is unreachable, or the artifact store cannot be read "
+                         "(the body says which, and why)"}, **problems.responses(500)})
+def readyz(request: Request, response: Response, settings: AppSettings, store: Artifacts) -> dict:
     checks = {}
     try:
         ping(settings.database_url)
@@ -65,11 +67,21 @@ def readyz(request: Request, response: Response, settings: AppSettings) -> dict:
         checks["broker"] = "ok"
     except Exception as exc:
         checks["broker"] = f"unreachable: {type(exc).__name__}"
+    checks["artifact_store"] = artifact_store_check(store)
     ready = all(v == "ok" for v in checks.values())
     if not ready:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         response.headers["Retry-After"] = "10"
     return {"status": "ready" if ready else "not ready", **checks}
+
+
+def artifact_store_check(store: ArtifactStore) -> str:
+    """Read access only: the API reads logs and serves downloads; workers check that they can write."""
+    try:
+        store.check(write=False)
+    except ArtifactStoreError as exc:
+        return f"unavailable: {exc}"
+    return "ok"
 
 
 class JobCollector:

@@ -9,7 +9,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import httpx
 
@@ -66,3 +66,15 @@ def wait_for_job(client: httpx.Client, job_id: str, statuses: tuple[str, ...], s
             return job
         time.sleep(0.3)
     raise AssertionError(f"job {job_id} did not reach {statuses} within {seconds} s: {job}")
+
+
+def wait_for_text(path: Path, text: str, seconds: float = 120, process: Optional[subprocess.Popen] = None) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if path.is_file() and text in path.read_text(errors="replace"):
+            return
+        if process is not None and process.poll() is not None:
+            break
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not in {path} within {seconds} s:\n"
+                         f"{path.read_text(errors='replace')[-3000:] if path.is_file() else '(no file)'}")

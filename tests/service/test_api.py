@@ -7,6 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from storage.artifacts import ArtifactStoreError
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_POSTGRESQL, ON_SQLITE, make_key
 
@@ -174,7 +175,8 @@ def test_models_health_readiness_and_metrics(client, alice):
                                     "allowed": True, "note": None}
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["database"] == ready.json()["broker"] == "ok"
+    assert ready.status_code == 200
+    assert ready.json()["database"] == ready.json()["broker"] == ready.json()["artifact_store"] == "ok"
     submit(client, alice)
     text = client.get("/metrics").text
     assert 'erq_jobs{status="queued"} 1.0' in text
@@ -210,6 +212,35 @@ def test_an_unreachable_queue_answers_503_and_keeps_no_job(tmp_path, alice, sett
     with TestClient(create_app(settings)) as client:  # the queue is back: the same retry is a new, queued job
         answer = client.post("/v1/jobs", json=JOB, headers=retry)
         assert answer.status_code == 202 and answer.json()["status"] == "queued"
+
+
+@ON_SQLITE
+def test_an_artifact_folder_that_is_a_file_is_not_ready(tmp_path, settings):
+    """ERQ_ARTIFACT_DIR naming a regular file (tests run as root: permission bits would not stop them)."""
+    from storage.folder import FolderStore
+    from storage.settings import Settings
+
+    not_a_folder = tmp_path / "artifacts-file"
+    not_a_folder.write_text("not a folder")
+    for path in (not_a_folder, not_a_folder / "below"):
+        with pytest.raises(ArtifactStoreError, match=f"{path}.*ERQ_ARTIFACT_DIR"):
+            FolderStore(path).check(write=True)
+        broken = Settings(**{**settings.model_dump(), "artifact_dir": path})
+        with TestClient(create_app(broken)) as client:
+            answer = client.get("/readyz")
+            assert answer.status_code == 503 and answer.headers["Retry-After"] == "10"
+            checks = answer.json()
+            assert checks["status"] == "not ready" and checks["database"] == checks["broker"] == "ok"
+            assert checks["artifact_store"].startswith("unavailable: ") and str(path) in checks["artifact_store"]
+
+
+@ON_SQLITE
+def test_the_write_check_of_an_artifact_folder_leaves_nothing_behind(settings):
+    from storage.folder import FolderStore
+
+    before = set(settings.artifact_dir.iterdir())
+    FolderStore(settings.artifact_dir).check(write=True)
+    assert set(settings.artifact_dir.iterdir()) == before
 
 
 def test_migrations_go_down_and_up_again(settings):

@@ -94,7 +94,8 @@ def test_redis_and_postgresql_end_to_end(tmp_path, redis_server, postgres_url):
         wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
                           timeout=30) as client:
-            assert client.get("/readyz").json() == {"status": "ready", "database": "ok", "broker": "ok"}
+            assert client.get("/readyz").json() == {"status": "ready", "database": "ok", "broker": "ok",
+                                                    "artifact_store": "ok"}
             job = check_fixture_job(client, tmp_path)
             assert job["attempts"] == 1
             metrics = client.get("/metrics").text

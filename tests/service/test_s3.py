@@ -4,7 +4,10 @@ redirect and by stream (ETag, sha256, Range), and a job whose files cannot be st
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +19,8 @@ from storage.s3 import S3Store, local_digest
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.s3_server import READER, WRITER
 from tests.service.conftest import service_env
-from tests.service.processes import api_client, erq_process, free_port, wait_for_http, wait_for_job
+from tests.service.processes import api_client, erq_process, free_port, wait_for_http, wait_for_job, \
+    wait_for_text
 
 QUICK_JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "calib_size": 32,
              "val_limit": 50}
@@ -188,13 +192,23 @@ def _check_streamed_downloads(client: httpx.Client, artifacts: dict, checkpoint:
     assert hashlib.sha256(metrics.content).hexdigest() == artifacts["metrics.json"]["sha256"]
 
 
+def _deny_uploads(s3_server, bucket: str) -> None:
+    """A bucket policy that refuses every upload, whatever the credentials."""
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Deny", "Principal": "*", "Action": ["s3:PutObject"],
+                                                      "Resource": [f"arn:aws:s3:::{bucket}/*"]}]}
+    s3_server.client().put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
+
+
 def test_a_job_whose_files_cannot_be_stored_does_not_succeed(tmp_path, s3_server, s3_bucket):
-    """Credentials that may read but not write: the run finishes, its upload is refused, and the
-    job fails with the reason instead of succeeding with files nobody can download."""
-    env = _s3_env(tmp_path, s3_server, s3_bucket, credentials=READER)
+    """Uploads refused after the worker started (its start-up check passed): the run finishes, its
+    upload is refused, and the job fails with the reason instead of succeeding with files nobody
+    can download."""
+    env = _s3_env(tmp_path, s3_server, s3_bucket)
     port = free_port()
     with erq_process(["serve", "--port", str(port)], env, tmp_path, tmp_path / "serve.log") as serve:
         wait_for_http(f"http://127.0.0.1:{port}/healthz", serve, tmp_path / "serve.log")
+        wait_for_text(tmp_path / "serve.log", "erq worker ready", process=serve)
+        _deny_uploads(s3_server, s3_bucket)
         key = (tmp_path / "var" / "api-key").read_text().strip()
         with api_client(port, key) as client:
             answer = client.post("/v1/jobs", json={**QUICK_JOB, "evaluate": False})
@@ -255,3 +269,89 @@ def test_a_running_jobs_log_reaches_the_bucket_and_a_cancelled_run_stores_its_lo
             assert job["status"] == "cancelled" and [a["name"] for a in job["artifacts"]] == ["job.log"]
             assert "cancelled" in client.get(job["artifacts"][0]["url"], follow_redirects=True).text
     assert _keys(s3_server, s3_bucket) == {f"erq/{job_id}/attempt-1/job.log"}
+
+
+def test_the_write_check_passes_on_a_bucket_and_leaves_no_probe_behind(tmp_path, s3_server, s3_bucket, as_writer):
+    store = S3Store(f"s3://{s3_bucket}/runs", tmp_path / "scratch", s3_server.endpoint_url)
+    store.check()
+    store.check(write=True)
+    assert _keys(s3_server, s3_bucket) == set()
+
+
+def test_credentials_that_cannot_write_pass_the_read_check_only(tmp_path, s3_server, s3_bucket, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", READER[0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", READER[1])
+    store = S3Store(f"s3://{s3_bucket}/runs", tmp_path / "scratch", s3_server.endpoint_url)
+    store.check()  # what the API needs
+    with pytest.raises(ArtifactStoreError, match=f"access denied: cannot write the object s3://{s3_bucket}/runs/"
+                                                 r"\.erq-write-check-.*AWS_ACCESS_KEY_ID"):
+        store.check(write=True)
+    assert _keys(s3_server, s3_bucket) == set()
+
+
+def test_a_missing_bucket_or_an_unreachable_endpoint_fails_the_check_with_what_to_fix(tmp_path, s3_server,
+                                                                                       as_writer):
+    missing = f"erq-missing-{os.urandom(4).hex()}"
+    store = S3Store(f"s3://{missing}/runs", tmp_path / "scratch", s3_server.endpoint_url)
+    with pytest.raises(ArtifactStoreError, match=f"the bucket '{missing}' does not exist at "
+                                                 f"{s3_server.endpoint_url}.*ERQ_ARTIFACT_URL"):
+        store.check()
+
+    down = S3Store(f"s3://{missing}/runs", tmp_path / "scratch", f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    with pytest.raises(ArtifactStoreError, match="cannot reach the S3 endpoint .*ERQ_S3_ENDPOINT_URL"):
+        down.check(write=True)
+    assert time.monotonic() - started < 10  # one attempt, short timeouts: not the jobs' client's retries
+
+
+def _start_worker_quickly_refused(tmp_path: Path, env: dict) -> subprocess.CompletedProcess:
+    """`erq worker`'s own code (worker_main), its retry window shortened from 30 s to 2 s."""
+    wrapper = ("import sys, worker.cli as cli; cli.ARTIFACT_STORE_WAIT_SECONDS = 2; "
+               "cli.ARTIFACT_STORE_RETRY_SECONDS = 0.5; sys.exit(cli.worker_main([]))")
+    started = time.monotonic()
+    worker = subprocess.run([sys.executable, "-c", wrapper], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert worker.returncode == 2, worker.stderr
+    assert worker.stderr.count("not usable yet") >= 2  # it tried again before giving up
+    assert "erq worker ready" not in worker.stderr  # refused before loading the engine
+    assert time.monotonic() - started < 60
+    return worker
+
+
+def test_a_worker_refuses_to_start_on_a_missing_bucket(tmp_path, s3_server):
+    missing = f"erq-missing-{os.urandom(4).hex()}"
+    worker = _start_worker_quickly_refused(tmp_path, _s3_env(tmp_path, s3_server, missing))
+    last_line = worker.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"erq worker: error: the artifact store s3://{missing}/erq is not usable: the bucket "
+                                f"'{missing}' does not exist at {s3_server.endpoint_url}"), worker.stderr
+
+
+def test_a_worker_refuses_to_start_with_credentials_that_may_only_read(tmp_path, s3_server, s3_bucket):
+    worker = _start_worker_quickly_refused(tmp_path, _s3_env(tmp_path, s3_server, s3_bucket, credentials=READER))
+    last_line = worker.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"erq worker: error: the artifact store s3://{s3_bucket}/erq is not usable: access "
+                                f"denied: cannot write the object s3://{s3_bucket}/erq/.erq-write-check-"), \
+        worker.stderr
+    assert _keys(s3_server, s3_bucket) == set()
+
+
+def test_readiness_checks_the_bucket(tmp_path, s3_server, s3_bucket):
+    """Two real API processes: one on a bucket that exists, one on a bucket that does not."""
+    missing = f"erq-missing-{os.urandom(4).hex()}"
+    good_port, bad_port = free_port(), free_port()
+    (tmp_path / "bad").mkdir()
+    with erq_process(["api", "--port", str(good_port)], _s3_env(tmp_path, s3_server, s3_bucket), tmp_path,
+                     tmp_path / "api.log") as good, \
+            erq_process(["api", "--port", str(bad_port)], _s3_env(tmp_path / "bad", s3_server, missing), tmp_path,
+                        tmp_path / "api-bad.log") as bad:
+        wait_for_http(f"http://127.0.0.1:{good_port}/healthz", good, tmp_path / "api.log")
+        wait_for_http(f"http://127.0.0.1:{bad_port}/healthz", bad, tmp_path / "api-bad.log")
+        ready = httpx.get(f"http://127.0.0.1:{good_port}/readyz", timeout=30)
+        assert ready.status_code == 200, ready.text
+        assert ready.json() == {"status": "ready", "database": "ok", "broker": "ok", "artifact_store": "ok"}
+        not_ready = httpx.get(f"http://127.0.0.1:{bad_port}/readyz", timeout=30)
+        assert not_ready.status_code == 503 and not_ready.headers["Retry-After"] == "10"
+        checks = not_ready.json()
+        assert checks["status"] == "not ready" and checks["database"] == checks["broker"] == "ok"
+        assert checks["artifact_store"].startswith(f"unavailable: the bucket '{missing}' does not exist"), checks
+    assert _keys(s3_server, s3_bucket) == set()  # the API only reads

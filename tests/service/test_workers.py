@@ -26,25 +26,14 @@ from storage.models import Job, JobStatus, db_now
 from storage.queue import enqueue, make_celery
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_POSTGRESQL, ON_SQLITE, make_key, run_erq, service_env
-from tests.service.processes import api_client, erq_process, free_port, wait_for_http, wait_for_job
+from tests.service.processes import api_client, erq_process, free_port, wait_for_http, wait_for_job, \
+    wait_for_text
 from tests.service.tcp_proxy import TcpProxy
 
 QUICK_JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "calib_size": 32,
              "val_limit": 50}
 SLOW_JOB = {**QUICK_JOB, "calib_size": 320, "val_limit": None}
 ENDED = ("succeeded", "failed", "cancelled")
-
-
-def wait_for_text(path: Path, text: str, seconds: float = 120, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if path.is_file() and text in path.read_text(errors="replace"):
-            return
-        if process is not None and process.poll() is not None:
-            break
-        time.sleep(0.2)
-    raise AssertionError(f"{text!r} not in {path} within {seconds} s:\n"
-                         f"{path.read_text(errors='replace')[-3000:] if path.is_file() else '(no file)'}")
 
 
 def _running_past_start(client: httpx.Client, job_id: str) -> dict:
