@@ -11,7 +11,7 @@ from storage.db import session_scope
 from storage.keys import PREFIX_LENGTH, create_key, find_key_to_revoke, has_keys, list_keys, owner_named, revoke_key
 from storage.migrate import upgrade
 from storage.queue import declare_queue
-from storage.settings import Settings, get_settings, prepare_local_folders
+from storage.settings import LocalFolderError, Settings, get_settings, prepare_local_folders
 
 LOCAL_KEY_NAME = "local"
 WORKER_STOP_SECONDS = 10
@@ -19,7 +19,10 @@ WORKER_RESTART_SECONDS = 2
 
 
 def _prepare(settings: Settings) -> None:
-    prepare_local_folders(settings)
+    try:
+        prepare_local_folders(settings)
+    except LocalFolderError as exc:
+        raise SystemExit(f"erq: error: {exc}") from None
     upgrade(settings.database_url)
     declare_queue(settings)
 

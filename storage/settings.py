@@ -108,12 +108,24 @@ def get_settings() -> Settings:
     return Settings()
 
 
+class LocalFolderError(Exception):
+    """A folder the settings name cannot be created (a file is in the way, no permission, ...)."""
+
+
 def prepare_local_folders(settings: Optional[Settings] = None) -> None:
     """Create the home and artifact folders, and the SQLite folders the URLs point into."""
     settings = settings or get_settings()
-    settings.home.mkdir(parents=True, exist_ok=True)
+    _make_folder(settings.home, "ERQ_HOME")
     if not settings.s3_artifacts:
-        settings.artifact_dir.mkdir(parents=True, exist_ok=True)
-    for url in (settings.database_url, settings.broker_url):
+        _make_folder(settings.artifact_dir, "ERQ_ARTIFACT_DIR")
+    for variable, url in (("ERQ_DATABASE_URL", settings.database_url), ("ERQ_BROKER_URL", settings.broker_url)):
         if "sqlite:///" in url:
-            Path(url.split("sqlite:///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+            _make_folder(Path(url.split("sqlite:///", 1)[1]).parent, variable)
+
+
+def _make_folder(path: Path, variable: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LocalFolderError(f"cannot create the folder {path} (from {variable} or ERQ_HOME): "
+                               f"{exc.strerror or exc}") from None

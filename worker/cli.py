@@ -57,9 +57,13 @@ def worker_main(argv: list[str]) -> int:
         parser.error("--concurrency must be at least 1")
     from storage.migrate import upgrade
     from storage.queue import declare_queue
-    from storage.settings import prepare_local_folders
+    from storage.settings import LocalFolderError, prepare_local_folders
 
-    prepare_local_folders(settings)
+    try:
+        prepare_local_folders(settings)
+    except LocalFolderError as exc:
+        print(f"erq worker: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIGURATION
     upgrade(settings.database_url)
     declare_queue(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

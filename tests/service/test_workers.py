@@ -91,6 +91,17 @@ def test_a_worker_told_to_use_cuda_without_a_gpu_refuses_to_start(tmp_path):
         assert "ERQ_DEVICE=cuda but no CUDA GPU is visible" in result.stderr
 
 
+
+def test_an_artifact_folder_that_cannot_be_created_stops_api_and_worker_with_what_to_fix(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    env = service_env(tmp_path, ERQ_ARTIFACT_DIR=str(blocker / "artifacts"))
+    for args, code in ((["worker"], 2), (["api"], 1), (["migrate"], 1)):
+        result = run_erq(args, env, tmp_path)
+        assert result.returncode == code, result.stderr[-2000:]
+        assert f"cannot create the folder {blocker / 'artifacts'} (from ERQ_ARTIFACT_DIR" in result.stderr
+        assert "Traceback" not in result.stderr
+
 @ON_SQLITE
 def test_the_engine_is_loaded_when_the_worker_starts_and_the_healthcheck_follows_its_sweeps(tmp_path, settings):
     health = tmp_path / "worker.alive"
