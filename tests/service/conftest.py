@@ -133,6 +133,27 @@ def make_key(settings: Settings, name: str) -> str:
         return create_key(session, name).raw
 
 
+@pytest.fixture
+def client(settings):
+    """The app in-process behind a real HTTP client (TestClient), on the test's database."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture
+def alice(settings) -> dict:
+    return {"Authorization": f"Bearer {make_key(settings, 'alice')}"}
+
+
+@pytest.fixture
+def bob(settings) -> dict:
+    return {"Authorization": f"Bearer {make_key(settings, 'bob')}"}
+
+
 def service_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
     """Environment for a real `erq` process: its own var folder, the fixtures as data root."""
     env = {**os.environ, "ERQ_HOME": str(tmp_path / "var"),

@@ -1,8 +1,6 @@
 """The REST API through a real HTTP client against the app, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
-import os
-
 import pytest
 from fastapi.testclient import TestClient
 
@@ -12,22 +10,6 @@ from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_POSTGRESQL, ON_SQLITE, make_key
 
 JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "val_limit": 50}
-
-
-@pytest.fixture
-def client(settings):
-    with TestClient(create_app(settings)) as client:
-        yield client
-
-
-@pytest.fixture
-def alice(settings) -> dict:
-    return {"Authorization": f"Bearer {make_key(settings, 'alice')}"}
-
-
-@pytest.fixture
-def bob(settings) -> dict:
-    return {"Authorization": f"Bearer {make_key(settings, 'bob')}"}
 
 
 def submit(client, headers, **changes):
@@ -125,7 +107,7 @@ def test_idempotency_key_returns_the_same_job(client, alice):
 
 def test_listing_is_newest_first_and_paginated(client, alice, settings):
     from storage.db import session_scope
-    from storage.models import Job, db_now
+    from storage.models import Job
 
     ids = [submit(client, alice).json()["id"] for _ in range(3)]
     with session_scope(settings.database_url) as session:  # make room under the active-jobs limit

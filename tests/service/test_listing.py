@@ -22,11 +22,6 @@ def client(settings):
         yield client
 
 
-@pytest.fixture
-def alice(settings) -> dict:
-    return {"Authorization": f"Bearer {make_key(settings, 'alice')}"}
-
-
 def ids(answer) -> list[str]:
     assert answer.status_code == 200, answer.text
     return [job["id"] for job in answer.json()["jobs"]]

@@ -3,28 +3,13 @@ from __future__ import annotations
 
 import time
 
-import pytest
-from fastapi.testclient import TestClient
-
-from service.app import create_app
 from storage import jobs
 from storage.folder import FolderStore
 from storage.db import session_scope
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
-from tests.service.conftest import ON_SQLITE, make_key, worker_and_api
+from tests.service.conftest import ON_SQLITE, worker_and_api
 
 JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "val_limit": 50}
-
-
-@pytest.fixture
-def client(settings):
-    with TestClient(create_app(settings)) as client:
-        yield client
-
-
-@pytest.fixture
-def alice(settings) -> dict:
-    return {"Authorization": f"Bearer {make_key(settings, 'alice')}"}
 
 
 def _running_job_with_log(client, alice, settings, content: bytes) -> tuple[str, object]:
