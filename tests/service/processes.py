@@ -58,6 +58,18 @@ def api_client(port: int, key: str) -> httpx.Client:
     return httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
 
 
+@contextmanager
+def serving(tmp_path: Path, env: dict, port: int) -> Iterator[tuple[subprocess.Popen, httpx.Client]]:
+    """`erq serve` (API and embedded worker) on 127.0.0.1:port, answering, and a client with the key
+    it created for the Quickstart; its output goes to tmp_path/serve.log."""
+    log = tmp_path / "serve.log"
+    with erq_process(["serve", "--port", str(port)], env, tmp_path, log) as serve:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", serve, log)
+        key = (Path(env["ERQ_HOME"]) / "api-key").read_text().strip()
+        with api_client(port, key) as client:
+            yield serve, client
+
+
 def wait_for_job(client: httpx.Client, job_id: str, statuses: tuple[str, ...], seconds: float = 180) -> dict:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

@@ -3,15 +3,13 @@ Celery worker on Redis and PostgreSQL. Submit the fixture job, download, load, c
 from __future__ import annotations
 
 import hashlib
-import shutil
 import time
 
 import httpx
-import pytest
 
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import run_erq, service_env
-from tests.service.processes import erq_process, free_port, wait_for_http, wait_for_job
+from tests.service.processes import erq_process, free_port, serving, wait_for_http
 
 VAL_LIMIT = 200
 FIXTURE_JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "w_bits": 4,
@@ -60,21 +58,16 @@ def check_fixture_job(client: httpx.Client, tmp_path) -> dict:
 
 
 def test_embedded_default_end_to_end(tmp_path):
-    port = free_port()
-    env = service_env(tmp_path)
-    log = tmp_path / "serve.log"
-    with erq_process(["serve", "--port", str(port)], env, tmp_path, log) as serve:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", serve, log)
-        key = (tmp_path / "var" / "api-key").read_text().strip()
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
-                          timeout=30) as client:
-            assert client.get("/readyz").json()["status"] == "ready"
-            job = check_fixture_job(client, tmp_path)
-            wrong = client.get("/v1/jobs", headers={"Authorization": "Bearer erq_a-wrong-guess-1234"})
-            assert wrong.status_code == 401
-            job_log = client.get(f"/v1/jobs/{job['id']}/log").text
+    with serving(tmp_path, service_env(tmp_path), free_port()) as (serve, client):
+        assert client.get("/readyz").json()["status"] == "ready"
+        job = check_fixture_job(client, tmp_path)
+        wrong = client.get("/v1/jobs", headers={"Authorization": "Bearer erq_a-wrong-guess-1234"})
+        assert wrong.status_code == 401
+        job_log = client.get(f"/v1/jobs/{job['id']}/log").text
         serve.send_signal(__import__("signal").SIGINT)  # one Ctrl-C stops API and worker
         assert serve.wait(30) == 0
+    log = tmp_path / "serve.log"
+    key = (tmp_path / "var" / "api-key").read_text().strip()
     assert "Shutting down" in log.read_text()
     for text in (log.read_text(), job_log):  # API keys, right or wrong, never reach a log
         assert key not in text and "a-wrong-guess" not in text

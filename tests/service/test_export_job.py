@@ -11,7 +11,7 @@ import numpy as np
 
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import service_env
-from tests.service.processes import erq_process, free_port, wait_for_http, wait_for_job
+from tests.service.processes import free_port, serving, wait_for_job
 from tests.test_onnx_export import run_onnxruntime_alone
 
 VAL_LIMIT = 200
@@ -35,27 +35,20 @@ def download(client: httpx.Client, artifact: dict) -> httpx.Response:
 
 
 def test_a_job_with_onnx_export_gives_a_model_onnxruntime_scores_as_the_job_did(tmp_path):
-    port = free_port()
-    env = service_env(tmp_path)
-    log = tmp_path / "serve.log"
-    with erq_process(["serve", "--port", str(port)], env, tmp_path, log) as serve:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", serve, log)
-        key = (tmp_path / "var" / "api-key").read_text().strip()
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
-                          timeout=30) as client:
-            refused = client.post("/v1/jobs", json={**JOB, "export": ["tflite"]})
-            assert refused.status_code == 422 and "export" in refused.text and "onnx" in refused.text
-            answer = client.post("/v1/jobs", json=JOB)
-            assert answer.status_code == 202, answer.text
-            job = wait_for_job(client, answer.json()["id"], ("succeeded", "failed", "cancelled"), 300)
-            assert job["status"] == "succeeded", job
-            assert job["params"]["export"] == ["onnx"]
-            artifacts = {a["name"]: a for a in job["artifacts"]}
-            assert {"model.onnx", "report.html", "quantized.safetensors", "metrics.json"} <= set(artifacts)
-            (tmp_path / "model.onnx").write_bytes(download(client, artifacts["model.onnx"]).content)
-            report = download(client, artifacts["report.html"])
-            assert report.headers["content-type"].startswith("text/html")
-            config = download(client, artifacts["config.json"]).json()
+    with serving(tmp_path, service_env(tmp_path), free_port()) as (serve, client):
+        refused = client.post("/v1/jobs", json={**JOB, "export": ["tflite"]})
+        assert refused.status_code == 422 and "export" in refused.text and "onnx" in refused.text
+        answer = client.post("/v1/jobs", json=JOB)
+        assert answer.status_code == 202, answer.text
+        job = wait_for_job(client, answer.json()["id"], ("succeeded", "failed", "cancelled"), 300)
+        assert job["status"] == "succeeded", job
+        assert job["params"]["export"] == ["onnx"]
+        artifacts = {a["name"]: a for a in job["artifacts"]}
+        assert {"model.onnx", "report.html", "quantized.safetensors", "metrics.json"} <= set(artifacts)
+        (tmp_path / "model.onnx").write_bytes(download(client, artifacts["model.onnx"]).content)
+        report = download(client, artifacts["report.html"])
+        assert report.headers["content-type"].startswith("text/html")
+        config = download(client, artifacts["config.json"]).json()
         serve.send_signal(signal.SIGINT)
         assert serve.wait(30) == 0
     images, labels = validation_subset(config["pretrained_cfg"])
