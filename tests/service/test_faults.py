@@ -4,8 +4,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from contextlib import contextmanager
-from typing import Iterator
 
 import httpx
 import pytest
@@ -14,26 +12,12 @@ from storage import jobs
 from storage.db import session_scope
 from storage.models import Job, db_now
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
-from tests.service.conftest import ON_POSTGRESQL, ON_SQLITE, make_key, service_env
-from tests.service.processes import api_client, erq_process, free_port, wait_for_http, wait_for_job
+from tests.service.conftest import ON_POSTGRESQL, ON_SQLITE, make_key, service_env, worker_and_api
+from tests.service.processes import api_client, erq_process, free_port, serving, wait_for_http, wait_for_job
 
 SLOW_JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "calib_size": 320}
 QUICK_JOB = {**SLOW_JOB, "calib_size": 32, "val_limit": 50}
 MEDIUM_JOB = {**SLOW_JOB, "calib_size": 128, "val_limit": 200}
-
-@contextmanager
-def _api_and_worker(tmp_path, settings, **env_overrides: str) -> Iterator[httpx.Client]:
-    """`erq api` and one `erq worker` on the test's database; yields a client with a fresh key."""
-    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
-                      **env_overrides)
-    key = make_key(settings, "alice")
-    port = free_port()
-    with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
-            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
-        with api_client(port, key) as client:
-            yield client
-
 
 def _wait_running_past_start(client: httpx.Client, job_id: str) -> dict:
     job = wait_for_job(client, job_id, ("running",), 120)
@@ -44,7 +28,7 @@ def _wait_running_past_start(client: httpx.Client, job_id: str) -> dict:
 
 @ON_SQLITE
 def test_cancel_a_running_job_then_the_worker_takes_the_next(tmp_path, settings):
-    with _api_and_worker(tmp_path, settings) as client:
+    with worker_and_api(tmp_path, settings) as client:
         slow = client.post("/v1/jobs", json=SLOW_JOB).json()["id"]
         _wait_running_past_start(client, slow)
         assert client.post(f"/v1/jobs/{slow}/cancel").status_code == 200
@@ -77,7 +61,7 @@ def test_a_worker_killed_mid_job_leaves_the_job_rerun(tmp_path, settings):
 
 @ON_SQLITE
 def test_a_job_past_erq_max_job_seconds_fails_with_the_reason(tmp_path, settings):
-    with _api_and_worker(tmp_path, settings, ERQ_MAX_JOB_SECONDS="1") as client:
+    with worker_and_api(tmp_path, settings, ERQ_MAX_JOB_SECONDS="1") as client:
         job_id = client.post("/v1/jobs", json=SLOW_JOB).json()["id"]
         job = wait_for_job(client, job_id, ("succeeded", "failed", "cancelled"), 120)
         assert job["status"] == "failed" and "ERQ_MAX_JOB_SECONDS=1" in job["error"], job
@@ -88,25 +72,19 @@ def test_a_job_past_erq_max_job_seconds_fails_with_the_reason(tmp_path, settings
 def test_ctrl_c_on_serve_requeues_the_running_job_and_the_next_start_runs_it(tmp_path):
     env = service_env(tmp_path)
     port = free_port()
-    log = tmp_path / "serve.log"
-    with erq_process(["serve", "--port", str(port)], env, tmp_path, log) as serve:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", serve, log)
-        key = (tmp_path / "var" / "api-key").read_text().strip()
-        with api_client(port, key) as client:
-            job_id = client.post("/v1/jobs", json=SLOW_JOB).json()["id"]
-            _wait_running_past_start(client, job_id)
+    with serving(tmp_path, env, port) as (serve, client):
+        job_id = client.post("/v1/jobs", json=SLOW_JOB).json()["id"]
+        _wait_running_past_start(client, job_id)
         serve.send_signal(signal.SIGINT)
         assert serve.wait(30) == 0
     with session_scope(env["ERQ_DATABASE_URL"]) as session:  # back in the queue at once, no attempt spent
         job = session.get(Job, job_id)
         assert (job.status, job.attempts, job.worker) == ("queued", 0, None), job.stage
-    with erq_process(["serve", "--port", str(port)], env, tmp_path, log) as serve:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", serve, log)
-        with api_client(port, key) as client:
-            job = wait_for_job(client, job_id, ("running", "succeeded", "failed"), 60)
-            assert job["status"] == "running" and job["attempts"] == 1 and job["heartbeat_at"]
-            client.post(f"/v1/jobs/{job_id}/cancel")
-            assert wait_for_job(client, job_id, ("cancelled", "succeeded", "failed"), 30)["status"] == "cancelled"
+    with serving(tmp_path, env, port) as (serve, client):
+        job = wait_for_job(client, job_id, ("running", "succeeded", "failed"), 60)
+        assert job["status"] == "running" and job["attempts"] == 1 and job["heartbeat_at"]
+        client.post(f"/v1/jobs/{job_id}/cancel")
+        assert wait_for_job(client, job_id, ("cancelled", "succeeded", "failed"), 30)["status"] == "cancelled"
 
 
 def test_an_expired_lease_on_the_last_attempt_fails_the_job_with_a_reason(settings):

@@ -19,7 +19,7 @@ from storage.s3 import S3Store, local_digest
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.s3_server import READER, WRITER
 from tests.service.conftest import service_env
-from tests.service.processes import api_client, erq_process, free_port, wait_for_http, wait_for_job, \
+from tests.service.processes import api_client, erq_process, free_port, serving, wait_for_http, wait_for_job, \
     wait_for_text
 
 QUICK_JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "calib_size": 32,
@@ -205,19 +205,16 @@ def test_a_job_whose_files_cannot_be_stored_does_not_succeed(tmp_path, s3_server
     can download."""
     env = _s3_env(tmp_path, s3_server, s3_bucket)
     port = free_port()
-    with erq_process(["serve", "--port", str(port)], env, tmp_path, tmp_path / "serve.log") as serve:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", serve, tmp_path / "serve.log")
+    with serving(tmp_path, env, port) as (serve, client):
         wait_for_text(tmp_path / "serve.log", "erq worker ready", process=serve)
         _deny_uploads(s3_server, s3_bucket)
-        key = (tmp_path / "var" / "api-key").read_text().strip()
-        with api_client(port, key) as client:
-            answer = client.post("/v1/jobs", json={**QUICK_JOB, "evaluate": False})
-            assert answer.status_code == 202, answer.text
-            job = _finished(client, answer.json()["id"])
-            assert job["status"] == "failed", job
-            assert "could not be stored in the artifact store" in job["error"] and "AccessDenied" in job["error"]
-            assert job["artifacts"] == [] and job["metrics"] is None
-            assert client.get(f"/v1/jobs/{job['id']}/artifacts/metrics.json").status_code == 404
+        answer = client.post("/v1/jobs", json={**QUICK_JOB, "evaluate": False})
+        assert answer.status_code == 202, answer.text
+        job = _finished(client, answer.json()["id"])
+        assert job["status"] == "failed", job
+        assert "could not be stored in the artifact store" in job["error"] and "AccessDenied" in job["error"]
+        assert job["artifacts"] == [] and job["metrics"] is None
+        assert client.get(f"/v1/jobs/{job['id']}/artifacts/metrics.json").status_code == 404
     assert _keys(s3_server, s3_bucket) == set()
     assert not any((tmp_path / "var" / "scratch").glob(f"{job['id']}/*"))
 
@@ -251,23 +248,20 @@ def test_a_running_jobs_log_reaches_the_bucket_and_a_cancelled_run_stores_its_lo
     runs); a cancelled job publishes its log only."""
     env = _s3_env(tmp_path, s3_server, s3_bucket, ERQ_LEASE_SECONDS="4")  # a heartbeat a second
     port = free_port()
-    with erq_process(["serve", "--port", str(port)], env, tmp_path, tmp_path / "serve.log") as serve:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", serve, tmp_path / "serve.log")
-        key = (tmp_path / "var" / "api-key").read_text().strip()
-        with api_client(port, key) as client:
-            answer = client.post("/v1/jobs", json={**QUICK_JOB, "calib_size": 320, "val_limit": None})
-            job_id = answer.json()["id"]
-            wait_for_job(client, job_id, ("running",), 120)
-            deadline = time.monotonic() + 60
-            while f"job {job_id} on" not in (text := client.get(f"/v1/jobs/{job_id}/log").text):
-                assert time.monotonic() < deadline, f"the running job's log never reached the bucket: {text!r}"
-                time.sleep(0.5)
-            assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
-            assert f"erq/{job_id}/attempt-1/job.log" in _keys(s3_server, s3_bucket)
-            client.post(f"/v1/jobs/{job_id}/cancel")
-            job = _finished(client, job_id)
-            assert job["status"] == "cancelled" and [a["name"] for a in job["artifacts"]] == ["job.log"]
-            assert "cancelled" in client.get(job["artifacts"][0]["url"], follow_redirects=True).text
+    with serving(tmp_path, env, port) as (_serve, client):
+        answer = client.post("/v1/jobs", json={**QUICK_JOB, "calib_size": 320, "val_limit": None})
+        job_id = answer.json()["id"]
+        wait_for_job(client, job_id, ("running",), 120)
+        deadline = time.monotonic() + 60
+        while f"job {job_id} on" not in (text := client.get(f"/v1/jobs/{job_id}/log").text):
+            assert time.monotonic() < deadline, f"the running job's log never reached the bucket: {text!r}"
+            time.sleep(0.5)
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+        assert f"erq/{job_id}/attempt-1/job.log" in _keys(s3_server, s3_bucket)
+        client.post(f"/v1/jobs/{job_id}/cancel")
+        job = _finished(client, job_id)
+        assert job["status"] == "cancelled" and [a["name"] for a in job["artifacts"]] == ["job.log"]
+        assert "cancelled" in client.get(job["artifacts"][0]["url"], follow_redirects=True).text
     assert _keys(s3_server, s3_bucket) == {f"erq/{job_id}/attempt-1/job.log"}
 
 
