@@ -151,9 +151,18 @@ def cells_of(runs: dict[tuple, dict]) -> list[dict]:
     for key, run in sorted(runs.items(), key=lambda item: item[0][4]):
         if key[1] != "fp":
             cells.setdefault((key[0], key[2], key[3], key[1]), []).append(run)
-    order = lambda cell: (cell[0] != "small", -cell[1], -cell[2], METHODS.index(cell[3]))  # noqa: E731
-    return [summary(f, fp[f], w, a, method, cells[(f, w, a, method)])
-            for f, w, a, method in sorted(cells, key=order)]
+    rows = [summary(f, fp[f], w, a, method, cell) for (f, w, a, method), cell in cells.items()]
+    return sorted(rows, key=table_order)
+
+
+BITS_ORDER = ["4/4", "3/4", "6/6", "2/4"]
+
+
+def table_order(row: dict) -> tuple:
+    """Rows by fixture (bundled first), bit widths (BITS_ORDER, others last), then METHODS."""
+    bits = f"{row['w_bits']}/{row['a_bits']}"
+    return (row["fixture"] != "small", BITS_ORDER.index(bits) if bits in BITS_ORDER else 99,
+            METHODS.index(row["method"]))
 
 
 def summary(fixture_name: str, fp_top1: float, w_bits: int, a_bits: int, method: str, cell: list[dict]) -> dict:
@@ -173,9 +182,7 @@ def write_table(table: list[dict]) -> None:
     earlier = json.loads((RESULTS / "accuracy.json").read_text()) if (RESULTS / "accuracy.json").exists() else []
     covered = {cell(row) for row in table}
     rows = [row for row in earlier if cell(row) not in covered] + table
-    bits_order = ["4/4", "3/4", "6/6", "2/4"]
-    rows.sort(key=lambda row: (row["fixture"] != "small", bits_order.index(f"{row['w_bits']}/{row['a_bits']}")
-                               if f"{row['w_bits']}/{row['a_bits']}" in bits_order else 99, METHODS.index(row["method"])))
+    rows.sort(key=table_order)
     (RESULTS / "accuracy.md").write_text("\n".join(table_lines(rows)) + "\n")
     (RESULTS / "accuracy.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"wrote {RESULTS.relative_to(ROOT)}/accuracy.md and accuracy.json")
