@@ -4,6 +4,8 @@
     .venv/bin/python bench/load.py --mode redis    --jobs 500 --clients 20 --workers 2
     .venv/bin/python bench/load.py --mode embedded --jobs 100 --pollers 200 --split-cpus  # polling cost
     .venv/bin/python bench/load.py --mode embedded --jobs 100 --followers 200 --split-cpus  # event streams
+    .venv/bin/python bench/load.py --mode embedded --jobs 500 --baseline-jobs 100 --workers 1 \
+        --followers 200 --split-cpus                                             # 500 jobs followed
     .venv/bin/python bench/load.py --mode embedded --jobs 200 --drill kill-api       # fault drills
     .venv/bin/python bench/load.py --mode redis    --jobs 200 --drill restart-redis
     .venv/bin/python bench/load.py --mode redis    --jobs 500 --store s3             # artifacts in S3
@@ -12,7 +14,8 @@ Starts `erq api` and N `erq worker` processes on 127.0.0.1 (SQLite + embedded br
 PostgreSQL + Redis), submits from concurrent clients, waits for every accepted job to end, and
 prints accepted / rejected by reason / completed / failed / lost, p50 and p99 latency of POST and
 GET, 5xx answers and jobs per minute. With --pollers, that many clients poll GET /v1/jobs/{id}
-once a second while the jobs run, and the mean job run time is compared with a run without them.
+once a second while the jobs run, and the mean job run time is compared with a run without them
+(of --baseline-jobs jobs, to save time: the mean run time of a job does not need 500 of them).
 With --split-cpus the API and the load clients run on CPU 0 and the workers on the other CPUs (the
 production shape, where the API does not share the GPU workers' machine); without it everything
 shares every CPU. Each worker's torch uses its share of the workers' CPUs.
@@ -367,6 +370,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["embedded", "redis"], default="embedded")
     parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument("--baseline-jobs", type=int, default=None,
+                        help="with --pollers or --followers: jobs of the run without them (default: --jobs)")
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--pollers", type=int, default=0, help="also measure job run time under this many pollers")
@@ -387,7 +392,8 @@ def main() -> None:
     service = Service(args.mode, args.workers, args.split_cpus, args.store)
     try:
         asyncio.run(scenario(service, args.workers, args.workers, 0, args.timeout))  # warm-up: imports, caches
-        results["load"] = asyncio.run(scenario(service, args.jobs, args.clients, 0, args.timeout, args.drill))
+        baseline_jobs = args.baseline_jobs if args.baseline_jobs and (args.pollers or args.followers) else args.jobs
+        results["load"] = asyncio.run(scenario(service, baseline_jobs, args.clients, 0, args.timeout, args.drill))
         print(json.dumps(results["load"]), flush=True)
         if args.pollers:
             polled = asyncio.run(scenario(service, args.jobs, args.clients, args.pollers, args.timeout))

@@ -34,12 +34,19 @@ def _server_args(prog: str, argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# An idle connection is closed after this long. Clients keep theirs about 5 s (httpx, uvicorn's own
+# default): with equal times a client may reuse a connection just as the server closes it, and the
+# request fails with a transport error. Longer than the clients', and than a load balancer's 60 s.
+KEEP_ALIVE_SECONDS = 75
+
+
 def _run_api(settings: Settings, host: str, port: int) -> None:
     import uvicorn
 
     from service.app import create_app
 
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info",
+                timeout_keep_alive=KEEP_ALIVE_SECONDS)
 
 
 def api_main(argv: list[str]) -> int:

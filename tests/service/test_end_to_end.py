@@ -3,6 +3,7 @@ Celery worker on Redis and PostgreSQL. Submit the fixture job, download, load, c
 from __future__ import annotations
 
 import hashlib
+import http.client
 import time
 
 import httpx
@@ -57,9 +58,32 @@ def check_fixture_job(client: httpx.Client, tmp_path) -> dict:
     return job
 
 
+def get_twice_on_one_connection(port: int, idle_seconds: float) -> list[int]:
+    """GET /healthz, stay idle, GET again on the same connection: the two answers' status codes."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    statuses = []
+    try:
+        for pause in (0, idle_seconds):
+            time.sleep(pause)
+            connection.request("GET", "/healthz")
+            if pause == 0:
+                first_socket = connection.sock
+            answer = connection.getresponse()  # RemoteDisconnected if the server closed the connection
+            answer.read()
+            statuses.append(answer.status)
+        assert connection.sock is first_socket  # http.client did not open a new one
+    finally:
+        connection.close()
+    return statuses
+
+
 def test_embedded_default_end_to_end(tmp_path):
-    with serving(tmp_path, service_env(tmp_path), free_port()) as (serve, client):
+    port = free_port()
+    with serving(tmp_path, service_env(tmp_path), port) as (serve, client):
         assert client.get("/readyz").json()["status"] == "ready"
+        # clients such as httpx keep an idle connection 5 s: the server must keep it longer, or a
+        # request sent on it just as the server closes it fails
+        assert get_twice_on_one_connection(port, idle_seconds=6) == [200, 200]
         job = check_fixture_job(client, tmp_path)
         wrong = client.get("/v1/jobs", headers={"Authorization": "Bearer erq_a-wrong-guess-1234"})
         assert wrong.status_code == 401
