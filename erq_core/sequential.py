@@ -9,14 +9,17 @@ the layer really sees.
 
 The driver walks the model's chain of blocks (ViT/DeiT blocks; Swin's downsampling layers and
 blocks), keeping the current block's input on both paths (FP and quantized), one tensor per
-calibration batch: 2 x images x tokens x width floats, the only memory that grows with the
-calibration size. Within a block, modules are taken in the order they run: an attention matmul's
+calibration batch: 2 x images x tokens x width floats. One FP forward of a block gives what all
+its layers' statistics need from the FP path (`fp_targets`; for a ViT block 4 x images x tokens x
+width more floats), so the FP path is not recomputed up to each layer. That is the memory that
+grows with the calibration size. Within a block, modules are taken in the order they run: an attention matmul's
 operand quantizers and a linear layer's input quantizer may be re-calibrated on the quantized
 path (`calibrate_quantizers`), then the linear layer's statistics are accumulated batch by batch
 and solved; only one layer's statistics are alive at a time.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Optional
 
 import torch
@@ -24,7 +27,7 @@ from torch import Tensor, nn
 
 from erq_core.errors import ModelLoadError
 from erq_core.qmodules import QuantConv2d, QuantLinear, QuantMatMul
-from erq_core.stats import FoldedStats, LayerStats
+from erq_core.stats import FoldedStats, FPRows, LayerStats
 
 LayerSolver = Callable[[str, nn.Module, LayerStats, Optional[FoldedStats]], dict]
 QuantizerCalibration = Callable[[nn.Module, nn.Module, Tensor], None]  # (unit, linear or matmul, unit input)
@@ -115,25 +118,73 @@ def leading_images(batches: list[Tensor], images: int) -> list[Tensor]:
     return kept
 
 
-def asymmetric_statistics(q_unit: nn.Module, fp_unit: nn.Module, q_layer: QuantLinear, fp_layer: QuantLinear,
-                          q_inputs: list[Tensor], fp_inputs: list[Tensor]) -> FoldedStats:
-    """The statistics of `q_layer`: inputs from the quantized path, targets from the FP path."""
+def fp_targets(fp_unit: nn.Module, fp_layers: dict[str, QuantLinear], fp_inputs: list[Tensor],
+               stats_images: int) -> tuple[dict[str, list[FPRows]], list[Tensor]]:
+    """One FP forward of `fp_unit` over every batch: what the statistics of each of `fp_layers`
+    need from the FP path (for the first `stats_images` images), and the unit's outputs (the next
+    unit's FP inputs). This keeps 4 x images x tokens x width more floats for a ViT block than
+    recomputing the FP path up to each layer, and saves those partial forwards."""
+    targets: dict[str, list[FPRows]] = {name: [] for name in fp_layers}
+    capturing = {"on": False}
+
+    def capture(name: str, layer: QuantLinear) -> Callable:
+        narrows = not LayerStats.keeps_cross(layer.in_features, layer.out_features)
+
+        def hook(_module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            if capturing["on"]:  # copies: what runs after the layer may change its output in place
+                x, y = inputs[0], output
+                targets[name].append(FPRows.of(x if narrows else x.clone(), y.clone() if narrows else y,
+                                               keep_input=not narrows, keep_output=narrows))
+        return hook
+
+    def forward(x: Tensor, capture_targets: bool) -> Tensor:
+        capturing["on"] = capture_targets
+        return fp_unit(x)
+
+    handles = [layer.register_forward_hook(capture(name, layer)) for name, layer in fp_layers.items()]
+    outputs = []
+    try:
+        for x, used in itertools.zip_longest(fp_inputs, leading_images(fp_inputs, stats_images)):
+            if used is not None and used.shape[0] < x.shape[0]:  # statistics from part of this batch only
+                forward(used, capture_targets=True)
+                outputs.append(forward(x, capture_targets=False))
+            else:
+                outputs.append(forward(x, capture_targets=used is not None))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return targets, outputs
+
+
+def asymmetric_statistics(q_unit: nn.Module, q_layer: QuantLinear, q_inputs: list[Tensor],
+                          targets: list[FPRows]) -> FoldedStats:
+    """The statistics of `q_layer`: inputs from the quantized path, targets from the FP path
+    (`fp_targets`), batch by batch."""
     stats = FoldedStats(q_layer.in_features, q_layer.out_features, q_layer.weight.device)
-    for x_q, x_fp in zip(q_inputs, fp_inputs):
+    for x_q, fp in zip(q_inputs, targets, strict=True):
         seen = call_arguments(q_unit, x_q, q_layer)[0]
-        fp_input, fp_output = input_and_output(fp_unit, x_fp, fp_layer)
-        stats.token_input = fp_input.dim() > 2
-        stats.add_batch(fp_input, q_layer.input_quantizer.quantize(seen), fp_output)
+        stats.add_rows(q_layer.input_quantizer.quantize(seen), fp)
     return stats
 
 
+def model_tail(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """What the model computes after its last unit (final norm, pooling, head), as timm's
+    VisionTransformer and SwinTransformer do in forward_features and forward_head."""
+    if not (isinstance(getattr(model, "norm", None), nn.Module) and callable(getattr(model, "forward_head", None))):
+        raise ModelLoadError(f"method erq+ does not know what follows the blocks of {type(model).__name__}; "
+                             "use --method erq")
+    return lambda x: model.forward_head(model.norm(x))
+
+
 def trailing_statistics(q_model: nn.Module, fp_model: nn.Module, names: list[str],
-                        batches: list[Tensor]) -> dict[str, FoldedStats]:
-    """Asymmetric statistics of the layers after the last block (the head), from whole forwards."""
+                        q_outputs: list[Tensor], fp_outputs: list[Tensor]) -> dict[str, FoldedStats]:
+    """Asymmetric statistics of the layers after the last unit (the head), from the last unit's
+    outputs on both paths."""
     q_modules, fp_modules = dict(q_model.named_modules()), dict(fp_model.named_modules())
     stats = {name: FoldedStats(q_modules[name].in_features, q_modules[name].out_features,
                                q_modules[name].weight.device) for name in names}
-    for images in batches:
+    q_tail, fp_tail = model_tail(q_model), model_tail(fp_model)
+    for q_output, fp_output in zip(q_outputs, fp_outputs, strict=True):
         q_seen: dict[str, Tensor] = {}
         fp_seen: dict[str, tuple[Tensor, Tensor]] = {}
         handles = [q_modules[n].register_forward_pre_hook(lambda m, a, n=n: q_seen.__setitem__(n, a[0]))
@@ -141,15 +192,14 @@ def trailing_statistics(q_model: nn.Module, fp_model: nn.Module, names: list[str
         handles += [fp_modules[n].register_forward_hook(lambda m, a, o, n=n: fp_seen.__setitem__(n, (a[0], o)))
                     for n in names]
         try:
-            q_model(images)
-            fp_model(images)
+            q_tail(q_output)
+            fp_tail(fp_output)
         finally:
             for handle in handles:
                 handle.remove()
         for name in names:
-            fp_input, fp_output = fp_seen[name]
-            stats[name].token_input = fp_input.dim() > 2
-            stats[name].add_batch(fp_input, q_modules[name].input_quantizer.quantize(q_seen[name]), fp_output)
+            fp_input, output = fp_seen[name]
+            stats[name].add_batch(fp_input, q_modules[name].input_quantizer.quantize(q_seen[name]), output)
     return stats
 
 
@@ -214,22 +264,24 @@ def quantize_sequentially(q_model: nn.Module, fp_model: nn.Module, batches: list
     q_inputs = unit_inputs(q_model, units[0][1], batches)
     fp_inputs = unit_inputs(fp_model, fp_units[units[0][0]], batches)
     for unit_name, q_unit in units:
-        fp_unit = fp_units[unit_name]
-        for name, module in execution_order(q_unit, q_inputs[0], unit_name):
+        order = execution_order(q_unit, q_inputs[0], unit_name)
+        targets, fp_outputs = fp_targets(fp_units[unit_name], {name: fp_modules[name] for name, module in order
+                                                               if isinstance(module, QuantLinear)},
+                                         fp_inputs, stats_images)
+        for name, module in order:
             if calibrate_quantizers is not None:
                 calibrate_quantizers(q_unit, module, q_inputs[0])
             if isinstance(module, QuantLinear):
-                folds = asymmetric_statistics(q_unit, fp_unit, module, fp_modules[name],
-                                              leading_images(q_inputs, stats_images), leading_images(fp_inputs, stats_images))
+                folds = asymmetric_statistics(q_unit, module, leading_images(q_inputs, stats_images), targets.pop(name))
                 solved(name, module, folds.total(), folds)
+        del targets
         if after_block is not None:
-            after_block(unit_name, q_unit, q_inputs, [fp_unit(x) for x in fp_inputs])
+            after_block(unit_name, q_unit, q_inputs, fp_outputs)
         q_inputs = [q_unit(x) for x in q_inputs]
-        fp_inputs = [fp_unit(x) for x in fp_inputs]
-    del q_inputs, fp_inputs
-
+        fp_inputs = fp_outputs
     if after:
-        trailing = trailing_statistics(q_model, fp_model, after, stats_batches)
+        trailing = trailing_statistics(q_model, fp_model, after, leading_images(q_inputs, stats_images),
+                                       leading_images(fp_inputs, stats_images))
         for name in after:
             folds = trailing.pop(name)
             solved(name, q_modules[name], folds.total(), folds)

@@ -11,6 +11,7 @@ Xqa^T Y costs N (d_in+1) d_out per batch against N (d_in+1)^2 for K, so a layer 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -22,6 +23,31 @@ def augment(x: Tensor) -> Tensor:
     return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
 
 
+@dataclass
+class FPRows:
+    """What a layer's statistics take from the FP model for a batch of images (along dim 0): its
+    input X (for K) or its output Y (for Xqa^T Y), whichever LayerStats.keeps_cross says it
+    needs, and each image's ||Y||^2. One FP forward of a block can then serve all its layers."""
+
+    input: Optional[Tensor]
+    output: Optional[Tensor]
+    output_sq: Tensor  # (images,), float64
+
+    @classmethod
+    def of(cls, x: Tensor, y: Tensor, keep_input: bool = True, keep_output: bool = True) -> "FPRows":
+        return cls(x if keep_input else None, y if keep_output else None,
+                   y.double().pow(2).reshape(y.shape[0], -1).sum(dim=1))
+
+    def images(self, index: slice) -> "FPRows":
+        return FPRows(None if self.input is None else self.input[index],
+                      None if self.output is None else self.output[index], self.output_sq[index])
+
+    @property
+    def token_input(self) -> bool:
+        """False for a 2-D (image, feature) input: the classifier head."""
+        return (self.input if self.input is not None else self.output).dim() > 2
+
+
 class LayerStats:
     """H, K (or Xqa^T Y) and ||Y||^2 of one layer, in float64, from float32 batch products."""
 
@@ -30,7 +56,7 @@ class LayerStats:
         size = in_features + 1
         self.input_quantized = input_quantized
         if keep_cross is None:
-            keep_cross = input_quantized and out_features > size
+            keep_cross = input_quantized and self.keeps_cross(in_features, out_features)
         self.H = torch.zeros(size, size, dtype=torch.float64, device=device)
         self.K = torch.zeros(size, size, dtype=torch.float64, device=device) if keep_cross else None
         needs_output_cross = input_quantized and not keep_cross
@@ -39,18 +65,28 @@ class LayerStats:
         self.count = 0
         self.token_input = True  # False for a 2-D (image, feature) input: the classifier head
 
+    @staticmethod
+    def keeps_cross(in_features: int, out_features: int) -> bool:
+        """Whether a layer with a quantized input accumulates K (it widens) or Xqa^T Y (it narrows)."""
+        return out_features > in_features + 1
+
     @torch.no_grad()
     def add_batch(self, x: Tensor, xq: Tensor, y: Tensor) -> None:
         """x: FP input rows (tokens, d_in); xq: the same rows quantized; y: the FP output rows."""
-        x = x.reshape(-1, x.shape[-1]).float()
-        xqa = augment(xq.reshape(-1, xq.shape[-1]).float()) if self.input_quantized else augment(x)
+        self.add_rows(xq, FPRows.of(x, y))
+
+    @torch.no_grad()
+    def add_rows(self, xq: Tensor, fp: FPRows) -> None:
+        """xq: the layer's quantized input rows; fp: the FP model's rows of the same images."""
+        rows = lambda t: t.reshape(-1, t.shape[-1]).float()  # noqa: E731
+        xqa = augment(rows(xq)) if self.input_quantized else augment(rows(fp.input))
         self.H += (xqa.T @ xqa).double()
         if self.K is not None:
-            self.K += (xqa.T @ augment(x)).double()
+            self.K += (xqa.T @ augment(rows(fp.input))).double()
         if self.XqY is not None:
-            self.XqY += (xqa.T @ y.reshape(-1, y.shape[-1]).float()).double()
-        self.output_sq += float(y.double().pow(2).sum())
-        self.count += x.shape[0]
+            self.XqY += (xqa.T @ rows(fp.output)).double()
+        self.output_sq += float(fp.output_sq.sum())
+        self.count += xqa.shape[0]
 
     def merged(self, other: "LayerStats") -> "LayerStats":
         """The statistics of both sets of rows."""
@@ -93,9 +129,14 @@ class FoldedStats:
     @torch.no_grad()
     def add_batch(self, x: Tensor, xq: Tensor, y: Tensor) -> None:
         """x, xq, y with the images along dim 0: (images, tokens, features) or (images, features)."""
+        self.add_rows(xq, FPRows.of(x, y))
+
+    @torch.no_grad()
+    def add_rows(self, xq: Tensor, fp: FPRows) -> None:
+        self.token_input = fp.token_input
         for start, fold in enumerate(self.folds):
-            if x[start::2].shape[0]:
-                fold.add_batch(x[start::2], xq[start::2], y[start::2])
+            if xq[start::2].shape[0]:
+                fold.add_rows(xq[start::2], fp.images(slice(start, None, 2)))
 
     @property
     def token_input(self) -> bool:

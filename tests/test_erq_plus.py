@@ -10,7 +10,7 @@ from erq_core.output_aware import linear_input_loss, search_uniform
 from erq_core.qmodules import QuantLinear, convert_model, set_quant_state
 from erq_core.quantizers import UniformQuantizer, fake_quantize, percentile_bounds, range_to_scale
 from erq_core.reconstruct import reconstruct_block
-from erq_core.sequential import asymmetric_statistics, unit_inputs
+from erq_core.sequential import asymmetric_statistics, fp_targets, model_tail, unit_inputs
 from erq_core.stats import augment
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL
 from tests.small_models import images, small_model
@@ -38,25 +38,42 @@ def layer_input_output(model, layer, x):
     return seen["input"], seen["output"]
 
 
-def test_asymmetric_statistics_take_inputs_from_the_quantized_model_and_targets_from_the_fp_one():
+@pytest.mark.parametrize("name", ["blocks.1.mlp.fc1", "blocks.1.mlp.fc2"])  # widens (K), narrows (Xqa^T Y)
+def test_asymmetric_statistics_take_inputs_from_the_quantized_model_and_targets_from_the_fp_one(name):
     q_model, fp_model, x = quantized_and_fp()
-    name = "blocks.1.mlp.fc1"
+    used = len(x) - 3  # statistics from the leading images only, as with more calibration batches than stats
     q_layer, fp_layer = q_model.get_submodule(name), fp_model.get_submodule(name)
     q_unit, fp_unit = q_model.blocks[1], fp_model.blocks[1]
-    stats = asymmetric_statistics(q_unit, fp_unit, q_layer, fp_layer, unit_inputs(q_model, q_unit, [x]),
-                                  unit_inputs(fp_model, fp_unit, [x])).total()
+    targets, outputs = fp_targets(fp_unit, {name: fp_layer}, unit_inputs(fp_model, fp_unit, [x]), stats_images=used)
+    stats = asymmetric_statistics(q_unit, q_layer, unit_inputs(q_model, q_unit, [x[:used]]), targets[name]).total()
 
-    seen, _ = layer_input_output(q_model, q_layer, x)
-    fp_input, fp_output = layer_input_output(fp_model, fp_layer, x)
+    seen, _ = layer_input_output(q_model, q_layer, x[:used])
+    fp_input, fp_output = layer_input_output(fp_model, fp_layer, x[:used])
     xq = augment(q_layer.input_quantizer.quantize(seen).reshape(-1, seen.shape[-1])).double()
     y = fp_output.reshape(-1, fp_output.shape[-1]).double()
     weight = torch.cat([fp_layer.weight, fp_layer.bias[:, None]], dim=1).double()
+    assert stats.count == xq.shape[0]
     torch.testing.assert_close(stats.gram(True), xq.T @ xq, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(stats.output_cross(weight, True), xq.T @ y, rtol=1e-4, atol=1e-3)
     assert stats.output_sq == pytest.approx(float(y.pow(2).sum()), rel=1e-6)
     # the premise: upstream quantization changed the layer's input, so FP statistics would differ
     fp_xq = augment(q_layer.input_quantizer.quantize(fp_input).reshape(-1, seen.shape[-1])).double()
     assert not torch.allclose(stats.gram(True), fp_xq.T @ fp_xq, rtol=1e-3)
+    # the same FP forward gave the block's output, for every image
+    block_output = layer_input_output(fp_model, fp_unit, x)[1]
+    assert torch.equal(outputs[0], block_output)
+
+
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+def test_the_model_tail_continues_the_forward_from_the_last_unit(kind):
+    from erq_core.sequential import transformer_units
+
+    model = small_model(kind).eval()
+    x = images(kind, n=4)
+    last = transformer_units(model)[-1][1]
+    with torch.no_grad():
+        last_output = last(unit_inputs(model, last, [x])[0])
+        assert torch.equal(model_tail(model)(last_output), model(x))
 
 
 def test_output_aware_range_ignores_outliers_in_a_channel_the_layer_does_not_read():
