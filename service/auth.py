@@ -11,7 +11,7 @@ from service.deps import DbSession
 from service.problems import Problem
 from storage.keys import find_key
 
-_bearer = HTTPBearer(auto_error=False)
+bearer = HTTPBearer(auto_error=False)
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class Caller:
 
 
 def current_caller(request: Request, session: DbSession,
-                   credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Caller:
+                   credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Caller:
     """The key is checked first: a valid key is never throttled. Failed attempts are counted per
     client address, and past the limit that address's failures answer 429 instead of 401."""
     if credentials is None or credentials.scheme.lower() != "bearer":

@@ -1,22 +1,28 @@
 """Models, health, readiness and Prometheus metrics."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response, status
+import logging
+from typing import Optional
+
+from fastapi import APIRouter, Depends, Request, Response, status
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy.orm import Session
 
 from erq_core.registry import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, MODEL_ALIASES, supported_timm_names
 from service import problems
-from service.auth import CurrentCaller
+from service.auth import CurrentCaller, bearer
 from service.deps import AppSettings, Artifacts, DbSession
 from service.schemas import ModelOut
 from storage import jobs
 from storage.artifacts import ArtifactStore, ArtifactStoreError
 from storage.db import ping
+from storage.keys import find_key
 from storage.models import JobStatus
 from storage.settings import Settings
 
+log = logging.getLogger("erq.api")
 router = APIRouter()
 DURATION_BUCKETS = (10, 30, 60, 300, 900, 1800, 3600, 7200, 21600)
 
@@ -53,8 +59,12 @@ def healthz() -> dict:
 
 @router.get("/readyz", tags=["health"], responses={
     503: {"description": "the database or the broker is unreachable, or the artifact store cannot be read "
-                         "(the body says which, and why)"}, **problems.responses(500)})
-def readyz(request: Request, response: Response, settings: AppSettings, store: Artifacts) -> dict:
+                         "(the body says which; why the store cannot be read is shown to a caller with a "
+                         "valid API key, and logged)"}, **problems.responses(500)})
+def readyz(request: Request, response: Response, settings: AppSettings, store: Artifacts, session: DbSession,
+           credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> dict:
+    """Unauthenticated, for load balancers and orchestrators: the reason a store cannot be read
+    names buckets, endpoints or folders, so only callers with a valid key see it."""
     checks = {}
     try:
         ping(settings.database_url)
@@ -67,7 +77,14 @@ def readyz(request: Request, response: Response, settings: AppSettings, store: A
         checks["broker"] = "ok"
     except Exception as exc:
         checks["broker"] = f"unreachable: {type(exc).__name__}"
-    checks["artifact_store"] = artifact_store_check(store)
+    problem = artifact_store_problem(store)
+    log_change(request, "artifact_store", problem)
+    if problem is None:
+        checks["artifact_store"] = "ok"
+    else:
+        shown = checks["database"] == "ok" and has_valid_key(session, credentials)
+        checks["artifact_store"] = f"unavailable: {problem}" if shown else \
+            "unavailable (an API key shows why; the API's log says it too)"
     ready = all(v == "ok" for v in checks.values())
     if not ready:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
@@ -75,13 +92,34 @@ def readyz(request: Request, response: Response, settings: AppSettings, store: A
     return {"status": "ready" if ready else "not ready", **checks}
 
 
-def artifact_store_check(store: ArtifactStore) -> str:
-    """Read access only: the API reads logs and serves downloads; workers check that they can write."""
+def artifact_store_problem(store: ArtifactStore) -> Optional[str]:
+    """Why the API cannot read the store, or None. Read access only: the API reads logs and serves
+    downloads; workers check that they can write."""
     try:
         store.check(write=False)
     except ArtifactStoreError as exc:
-        return f"unavailable: {exc}"
-    return "ok"
+        return str(exc)
+    return None
+
+
+def has_valid_key(session: Session, credentials: Optional[HTTPAuthorizationCredentials]) -> bool:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        return False
+    try:
+        return find_key(session, credentials.credentials) is not None
+    finally:
+        session.rollback()
+
+
+def log_change(request: Request, check: str, problem: Optional[str]) -> None:
+    """Log a failing check when its reason changes (and its recovery), not at every probe."""
+    logged = request.app.state.__dict__.setdefault("readiness_problems", {})
+    if logged.get(check) != problem:
+        if problem is None:
+            log.warning("ready again: %s", check)
+        else:
+            log.warning("not ready: %s: %s", check, problem)
+        logged[check] = problem
 
 
 class JobCollector:

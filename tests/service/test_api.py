@@ -1,6 +1,8 @@
 """The REST API through a real HTTP client against the app, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -197,23 +199,32 @@ def test_an_unreachable_queue_answers_503_and_keeps_no_job(tmp_path, alice, sett
 
 
 @ON_SQLITE
-def test_an_artifact_folder_that_is_a_file_is_not_ready(tmp_path, settings):
+def test_an_artifact_folder_that_is_a_file_is_not_ready(tmp_path, settings, caplog):
     """ERQ_ARTIFACT_DIR naming a regular file (tests run as root: permission bits would not stop them)."""
     from storage.folder import FolderStore
     from storage.settings import Settings
 
     not_a_folder = tmp_path / "artifacts-file"
     not_a_folder.write_text("not a folder")
+    ops_key = make_key(settings, "ops")
+    caplog.set_level(logging.WARNING, logger="erq.api")
     for path in (not_a_folder, not_a_folder / "below"):
         with pytest.raises(ArtifactStoreError, match=f"{path}.*ERQ_ARTIFACT_DIR"):
             FolderStore(path).check(write=True)
         broken = Settings(**{**settings.model_dump(), "artifact_dir": path})
         with TestClient(create_app(broken)) as client:
-            answer = client.get("/readyz")
-            assert answer.status_code == 503 and answer.headers["Retry-After"] == "10"
-            checks = answer.json()
+            anonymous = client.get("/readyz")  # a load balancer's probe: no key
+            assert anonymous.status_code == 503 and anonymous.headers["Retry-After"] == "10"
+            checks = anonymous.json()
             assert checks["status"] == "not ready" and checks["database"] == checks["broker"] == "ok"
-            assert checks["artifact_store"].startswith("unavailable: ") and str(path) in checks["artifact_store"]
+            assert checks["artifact_store"].startswith("unavailable") and str(tmp_path) not in anonymous.text
+            wrong_key = client.get("/readyz", headers={"Authorization": "Bearer erq_not-a-valid-key-0000"})
+            assert str(tmp_path) not in wrong_key.text
+            keyed = client.get("/readyz", headers={"Authorization": f"Bearer {ops_key}"}).json()
+            assert keyed["artifact_store"].startswith("unavailable: ") and str(path) in keyed["artifact_store"]
+        reasons = [r.getMessage() for r in caplog.records if r.name == "erq.api" and "not ready" in r.getMessage()]
+        assert len(reasons) == 1 and str(path) in reasons[0]  # logged once for three probes
+        caplog.clear()
 
 
 @ON_SQLITE

@@ -18,7 +18,7 @@ from storage.artifacts import ArtifactStoreError
 from storage.s3 import S3Store, local_digest
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.s3_server import READER, WRITER
-from tests.service.conftest import service_env
+from tests.service.conftest import run_erq, service_env
 from tests.service.processes import api_client, erq_process, free_port, serving, wait_for_http, wait_for_job, \
     wait_for_text
 
@@ -343,9 +343,16 @@ def test_readiness_checks_the_bucket(tmp_path, s3_server, s3_bucket):
         ready = httpx.get(f"http://127.0.0.1:{good_port}/readyz", timeout=30)
         assert ready.status_code == 200, ready.text
         assert ready.json() == {"status": "ready", "database": "ok", "broker": "ok", "artifact_store": "ok"}
-        not_ready = httpx.get(f"http://127.0.0.1:{bad_port}/readyz", timeout=30)
+        not_ready = httpx.get(f"http://127.0.0.1:{bad_port}/readyz", timeout=30)  # a probe without a key
         assert not_ready.status_code == 503 and not_ready.headers["Retry-After"] == "10"
         checks = not_ready.json()
         assert checks["status"] == "not ready" and checks["database"] == checks["broker"] == "ok"
-        assert checks["artifact_store"].startswith(f"unavailable: the bucket '{missing}' does not exist"), checks
+        assert checks["artifact_store"].startswith("unavailable") and missing not in not_ready.text
+        assert s3_server.endpoint_url not in not_ready.text
+        bad_env = _s3_env(tmp_path / "bad", s3_server, missing)
+        key = run_erq(["admin", "create-key", "ops"], bad_env, tmp_path).stdout.strip().splitlines()[-1]
+        keyed = httpx.get(f"http://127.0.0.1:{bad_port}/readyz", headers={"Authorization": f"Bearer {key}"},
+                          timeout=30).json()
+        assert keyed["artifact_store"].startswith(f"unavailable: the bucket '{missing}' does not exist"), keyed
+        assert f"not ready: artifact_store: the bucket '{missing}'" in (tmp_path / "api-bad.log").read_text()
     assert _keys(s3_server, s3_bucket) == set()  # the API only reads
