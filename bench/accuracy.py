@@ -6,9 +6,12 @@
 
 `erq+R` is erq+ with --reconstruct. The realistic fixture (bench/realistic_fixture.py: a real
 pretrained ViT-S with a 10-class head) is built on first use. Each run's result is appended to
-bench/results/accuracy-runs.jsonl, and a run already there is not repeated, so an interrupted
-benchmark resumes. The table (mean, min-max, and the mean wall and CPU seconds of quantization
-per cell; run it with OMP_NUM_THREADS=1 for CPU seconds that compare methods) is printed and written to bench/results/accuracy.json and accuracy.md.
+bench/results/accuracy-runs.jsonl (or --runs FILE), and a run already there is not repeated, so
+an interrupted benchmark resumes. The table (per fixture, bits, method and calibration size: mean,
+min-max, std, and the mean wall and CPU seconds of quantization; run it with OMP_NUM_THREADS=1 for
+CPU seconds that compare methods) is printed, and the table of every run in the runs file is
+written beside it: accuracy-runs.jsonl -> accuracy.md and accuracy.json (accuracy-runs-cuda.jsonl
+-> accuracy-cuda.md and .json).
 """
 from __future__ import annotations
 
@@ -124,8 +127,9 @@ def main() -> None:
                     cell.append(runs[key])
                     print(f"  W{w_bits}/A{a_bits} {method:<6} seed {seed}: top-1 {runs[key]['top1']:6.2f}%  "
                           f"({runs[key]['seconds']:.0f} s)", flush=True)
-                table.append(summary(fixture_name, fp_top1, w_bits, a_bits, method, cell))
-    write_table(table)
+                table.append(summary(fixture_name, fp_top1, w_bits, a_bits, method, cell, config.calib_size,
+                                     args.val_limit))
+    write_table(table, args.runs)
 
 
 class RunLog:
@@ -145,13 +149,16 @@ class RunLog:
 
 
 def cells_of(runs: dict[tuple, dict]) -> list[dict]:
-    """The table's cells (fixture, bits, method; seeds pooled) of a set of finished runs."""
+    """The table's cells (fixture, bits, method, calibration images, val limit; seeds pooled) of a
+    set of finished runs."""
     fp = {key[0]: run["top1"] for key, run in runs.items() if key[1] == "fp"}
     cells: dict[tuple, list[dict]] = {}
     for key, run in sorted(runs.items(), key=lambda item: item[0][4]):
         if key[1] != "fp":
-            cells.setdefault((key[0], key[2], key[3], key[1]), []).append(run)
-    rows = [summary(f, fp[f], w, a, method, cell) for (f, w, a, method), cell in cells.items()]
+            fixture_name, method, w_bits, a_bits, _seed, val_limit, calib_size = key
+            cells.setdefault((fixture_name, w_bits, a_bits, method, calib_size, val_limit), []).append(run)
+    rows = [summary(f, fp[f], w, a, method, cell, calib, val_limit)
+            for (f, w, a, method, calib, val_limit), cell in cells.items()]
     return sorted(rows, key=table_order)
 
 
@@ -162,38 +169,45 @@ def table_order(row: dict) -> tuple:
     """Rows by fixture (bundled first), bit widths (BITS_ORDER, others last), then METHODS."""
     bits = f"{row['w_bits']}/{row['a_bits']}"
     return (row["fixture"] != "small", BITS_ORDER.index(bits) if bits in BITS_ORDER else 99,
-            METHODS.index(row["method"]))
+            METHODS.index(row["method"]), row.get("calib_size") or 0)
 
 
-def summary(fixture_name: str, fp_top1: float, w_bits: int, a_bits: int, method: str, cell: list[dict]) -> dict:
+def summary(fixture_name: str, fp_top1: float, w_bits: int, a_bits: int, method: str, cell: list[dict],
+            calib_size: int, val_limit: Optional[int]) -> dict:
     top1 = [run["top1"] for run in cell]
     return {"fixture": fixture_name, "w_bits": w_bits, "a_bits": a_bits, "method": method, "fp_top1": fp_top1,
+            "calib_size": calib_size, "val_limit": val_limit, "seeds": len(cell),
             "top1": top1, "mean": round(statistics.mean(top1), 2), "min": min(top1), "max": max(top1),
             "std": round(statistics.stdev(top1), 2) if len(top1) > 1 else 0.0,
             "seconds": round(statistics.mean(run["seconds"] for run in cell), 1),
             "cpu_seconds": round(statistics.mean(run.get("cpu_seconds", 0.0) for run in cell), 1)}
 
 
-def write_table(table: list[dict]) -> None:
-    """Print this run's cells; write them, with the cells of earlier runs that this one did not
-    cover, to accuracy.json and accuracy.md."""
+def table_files(runs_path: Path) -> tuple[Path, Path]:
+    """Where the table of a runs file goes: accuracy-runs[-X].jsonl -> accuracy[-X].md and .json."""
+    stem = runs_path.stem.replace("accuracy-runs", "accuracy")
+    return runs_path.with_name(stem + ".md"), runs_path.with_name(stem + ".json")
+
+
+def write_table(table: list[dict], runs_path: Path) -> None:
+    """Print this run's cells; write the cells of every run in `runs_path` (this one's and earlier
+    ones') beside it, as Markdown and JSON."""
     print("\n" + "\n".join(table_lines(table)))
-    cell = lambda row: (row["fixture"], row["w_bits"], row["a_bits"], row["method"])  # noqa: E731
-    earlier = json.loads((RESULTS / "accuracy.json").read_text()) if (RESULTS / "accuracy.json").exists() else []
-    covered = {cell(row) for row in table}
-    rows = [row for row in earlier if cell(row) not in covered] + table
-    rows.sort(key=table_order)
-    (RESULTS / "accuracy.md").write_text("\n".join(table_lines(rows)) + "\n")
-    (RESULTS / "accuracy.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"wrote {RESULTS.relative_to(ROOT)}/accuracy.md and accuracy.json")
+    rows = cells_of(done_runs(runs_path))
+    markdown, as_json = table_files(runs_path)
+    markdown.write_text("\n".join(table_lines(rows)) + "\n")
+    as_json.write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"wrote {markdown} and {as_json.name}")
 
 
 def table_lines(table: list[dict]) -> list[str]:
-    lines = ["| fixture | W/A | method | top-1 mean | min-max | std | seconds | CPU seconds |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| fixture | W/A | method | calibration images | seeds | top-1 mean | min-max | std | seconds | CPU seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in table:
+        images = row.get("calib_size") or "-"  # '-': a row written before the table kept it
         lines.append(f"| {row['fixture']} (FP {row['fp_top1']:.1f}) | {row['w_bits']}/{row['a_bits']} | "
-                     f"{row['method']} | {row['mean']:.2f} | {row['min']:.1f}-{row['max']:.1f} | {row['std']:.2f} | "
+                     f"{row['method']} | {images} | {row.get('seeds', len(row['top1']))} | {row['mean']:.2f} | "
+                     f"{row['min']:.1f}-{row['max']:.1f} | {row['std']:.2f} | "
                      f"{row['seconds']:.0f} | {row.get('cpu_seconds') or '-'} |")  # '-': runs from before CPU time was kept
     return lines
 

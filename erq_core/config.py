@@ -23,7 +23,7 @@ METHODS = ("erq", "erq+", "repq", "rtn")
 # The paper calibrates on 32 images; erq+ takes more where its measured curve says it pays off.
 # methods that fold the RepQ-ViT reparameterization and quantize post-softmax with log-sqrt2
 REPARAMETERIZED = ("erq", "erq+", "repq")
-DEFAULT_CALIB_SIZE = {"erq": 32, "repq": 32, "rtn": 32, "erq+": 128}
+DEFAULT_CALIB_SIZE = {"erq": 32, "repq": 32, "rtn": 32, "erq+": 192}
 EXPORT_FORMATS = ("onnx",)
 MIN_BITS, MAX_BITS = 2, 8
 MAX_CALIB_SIZE = 100_000
@@ -77,7 +77,7 @@ class ErqConfig:
                         flags=("--coe",), gt=0, le=MAX_COE)
     calib_size: Optional[int] = _field(
         None, help="calibration images drawn (seeded) from train/ (default: 32 for erq, repq and rtn as in the "
-                   "paper, 128 for erq+)",
+                   "paper, 192 for erq+)",
         flags=("--calib-size", "--calib-batchsize", "--calib_batchsize", "--calib_size"), ge=1, le=MAX_CALIB_SIZE)
     method: str = _field("erq", help="erq (the paper), erq+ (our most accurate: see docs/algorithm.md), repq "
                                      "(RepQ-ViT alone) or rtn (round-to-nearest with the same quantizers)",
