@@ -10,10 +10,11 @@
 # $CHECKPOINTS/<timm_name>.safetensors and set CHECKPOINTS.
 # Results go to bench/results/imagenet/<model>_w<W>a<A>_<method>/metrics.json and a summary table
 # to bench/results/imagenet.tsv (with the seconds of quantization). repq and erq follow the paper:
-# 32 calibration images, coe 10000; erq+ takes its own defaults (128 images, automatic lambda).
+# 32 calibration images, coe 10000; erq+ takes its own defaults (192 images, automatic lambda).
 # erq+ costs a few times erq's time (README, "Accuracy"). On one H200, quantizing DeiT-S (random init,
-# W4/A4) took 3.1-3.6 s with erq and 7.2 s with erq+ at 32 images, besides about 5 s of model load and
-# CUDA start (bench/results/speed-cuda.json); the evaluation of ImageNet's 50,000 val images comes on top.
+# W4/A4) took 3.1-3.6 s with erq and 7.5-7.7 s with erq+ at 32-128 images, besides about 5 s of model
+# load and CUDA start (bench/results/speed-cuda.json); the evaluation of ImageNet's 50,000 val images
+# comes on top.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${IMAGENET:?set IMAGENET to an ImageFolder root with train/ and val/}"
