@@ -210,9 +210,12 @@ def test_a_database_cut_when_the_job_ends_loses_no_result(tmp_path, settings):
     try:
         with erq_process(["worker"], {**env, "ERQ_DATABASE_URL": through_proxy}, tmp_path, log), \
                 api(tmp_path, env, key) as client:
-            job_id = client.post("/v1/jobs", json=QUICK_JOB).json()["id"]
+            # long enough to be still running when the cut comes, on a fast machine too (a quick job
+            # could end, and record its outcome, between the poll that saw it running and the cut)
+            job_id = client.post("/v1/jobs", json=SLOW_JOB).json()["id"]
             _running_past_start(client, job_id)
             proxy.cut()
+            assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"  # the API is not cut off
             wait_for_text(log, "cannot record the job's outcome yet", 120)
             time.sleep(3)  # a few more failed tries
             proxy.restore()
@@ -234,7 +237,7 @@ def test_a_run_that_lost_its_lease_but_kept_working_never_touches_the_published_
     try:
         with erq_process(["worker"], {**env, "ERQ_DATABASE_URL": settings.database_url.replace(
                 ":5432/", f":{proxy.port}/")}, tmp_path, a_log) as worker_a, api(tmp_path, env, key) as client:
-            job_id = client.post("/v1/jobs", json={**QUICK_JOB, "val_limit": 500}).json()["id"]
+            job_id = client.post("/v1/jobs", json={**SLOW_JOB, "val_limit": 500}).json()["id"]
             _running_past_start(client, job_id)
             os.killpg(worker_a.pid, signal.SIGSTOP)
             proxy.cut()
