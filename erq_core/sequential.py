@@ -264,7 +264,7 @@ def quantize_sequentially(q_model: nn.Module, fp_model: nn.Module, batches: list
     q_inputs = unit_inputs(q_model, units[0][1], batches)
     fp_inputs = unit_inputs(fp_model, fp_units[units[0][0]], batches)
     for unit_name, q_unit in units:
-        order = execution_order(q_unit, q_inputs[0], unit_name)
+        order = execution_order(q_unit, q_inputs[0][:1], unit_name)  # the order, not the values: one image
         targets, fp_outputs = fp_targets(fp_units[unit_name], {name: fp_modules[name] for name, module in order
                                                                if isinstance(module, QuantLinear)},
                                          fp_inputs, stats_images)
