@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Optional
 
 from fastapi import Depends, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
 
 from service.deps import DbSession
 from service.problems import Problem
@@ -20,13 +21,10 @@ class Caller:
     key_id: int
 
 
-def current_caller(request: Request, session: DbSession,
-                   credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Caller:
-    """The key is checked first: a valid key is never throttled. Failed attempts are counted per
-    client address, and past the limit that address's failures answer 429 instead of 401."""
+def key_owner(session: Session, credentials: Optional[HTTPAuthorizationCredentials]) -> Optional[Caller]:
+    """The caller a bearer key belongs to; None without one, or for an unknown or revoked key."""
     if credentials is None or credentials.scheme.lower() != "bearer":
-        raise Problem(status.HTTP_401_UNAUTHORIZED, "missing_api_key",
-                      "missing API key: send 'Authorization: Bearer KEY'", headers={"WWW-Authenticate": "Bearer"})
+        return None
     key = find_key(session, credentials.credentials)
     caller = Caller(owner_id=key.owner_id, key_id=key.id) if key is not None else None
     # End the read now (the ids are read before: a rollback expires the key): the connection goes back
@@ -34,6 +32,17 @@ def current_caller(request: Request, session: DbSession,
     # requests (event streams reconnecting together) held every connection while every thread waited
     # for one.
     session.rollback()
+    return caller
+
+
+def current_caller(request: Request, session: DbSession,
+                   credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Caller:
+    """The key is checked first: a valid key is never throttled. Failed attempts are counted per
+    client address, and past the limit that address's failures answer 429 instead of 401."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Problem(status.HTTP_401_UNAUTHORIZED, "missing_api_key",
+                      "missing API key: send 'Authorization: Bearer KEY'", headers={"WWW-Authenticate": "Bearer"})
+    caller = key_owner(session, credentials)
     if caller is not None:
         return caller
     throttle = request.app.state.auth_throttle

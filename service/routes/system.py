@@ -12,13 +12,12 @@ from sqlalchemy.orm import Session
 
 from erq_core.registry import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, MODEL_ALIASES, supported_timm_names
 from service import problems
-from service.auth import CurrentCaller, bearer
+from service.auth import CurrentCaller, bearer, key_owner
 from service.deps import AppSettings, Artifacts, DbSession
 from service.schemas import ModelOut
 from storage import jobs
 from storage.artifacts import ArtifactStore, ArtifactStoreError
 from storage.db import ping
-from storage.keys import find_key
 from storage.models import JobStatus
 from storage.settings import Settings
 
@@ -82,7 +81,7 @@ def readyz(request: Request, response: Response, settings: AppSettings, store: A
     if problem is None:
         checks["artifact_store"] = "ok"
     else:
-        shown = checks["database"] == "ok" and has_valid_key(session, credentials)
+        shown = checks["database"] == "ok" and key_owner(session, credentials) is not None
         checks["artifact_store"] = f"unavailable: {problem}" if shown else \
             "unavailable (an API key shows why; the API's log says it too)"
     ready = all(v == "ok" for v in checks.values())
@@ -100,15 +99,6 @@ def artifact_store_problem(store: ArtifactStore) -> Optional[str]:
     except ArtifactStoreError as exc:
         return str(exc)
     return None
-
-
-def has_valid_key(session: Session, credentials: Optional[HTTPAuthorizationCredentials]) -> bool:
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        return False
-    try:
-        return find_key(session, credentials.credentials) is not None
-    finally:
-        session.rollback()
 
 
 def log_change(request: Request, check: str, problem: Optional[str]) -> None:
