@@ -166,10 +166,10 @@ BITS_ORDER = ["4/4", "3/4", "6/6", "2/4"]
 
 
 def table_order(row: dict) -> tuple:
-    """Rows by fixture (bundled first), bit widths (BITS_ORDER, others last), then METHODS."""
+    """Rows by fixture (bundled first), bit widths (BITS_ORDER, others last), METHODS, calibration size."""
     bits = f"{row['w_bits']}/{row['a_bits']}"
     return (row["fixture"] != "small", BITS_ORDER.index(bits) if bits in BITS_ORDER else 99,
-            METHODS.index(row["method"]), row.get("calib_size") or 0)
+            METHODS.index(row["method"]), row["calib_size"])
 
 
 def summary(fixture_name: str, fp_top1: float, w_bits: int, a_bits: int, method: str, cell: list[dict],
@@ -204,9 +204,8 @@ def table_lines(table: list[dict]) -> list[str]:
     lines = ["| fixture | W/A | method | calibration images | seeds | top-1 mean | min-max | std | seconds | CPU seconds |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in table:
-        images = row.get("calib_size") or "-"  # '-': a row written before the table kept it
         lines.append(f"| {row['fixture']} (FP {row['fp_top1']:.1f}) | {row['w_bits']}/{row['a_bits']} | "
-                     f"{row['method']} | {images} | {row.get('seeds', len(row['top1']))} | {row['mean']:.2f} | "
+                     f"{row['method']} | {row['calib_size']} | {row['seeds']} | {row['mean']:.2f} | "
                      f"{row['min']:.1f}-{row['max']:.1f} | {row['std']:.2f} | "
                      f"{row['seconds']:.0f} | {row.get('cpu_seconds') or '-'} |")  # '-': runs from before CPU time was kept
     return lines

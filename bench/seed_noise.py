@@ -12,6 +12,7 @@ bench/results/seed-noise-<method>-W<w>A<a>.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import math
@@ -52,7 +53,7 @@ def main() -> None:
     correct = {}
     for seed in args.seeds:
         config = config_for(args.method, model_spec, dataset, w_bits, a_bits, seed, None)
-        model = load_model(config, args.device).model
+        model = copy.deepcopy(base.model)
         torch.manual_seed(seed)
         quantize(model, calibration_loader(dataset, transform, config.images_needed, config.batch_size, seed), config)
         correct[seed] = correct_images(model, validation, args.device)
