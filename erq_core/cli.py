@@ -14,7 +14,7 @@ import logging
 import sys
 from typing import NoReturn, Optional
 
-from erq_core.config import EXPORT_FORMATS, ErqConfig, FieldSpec, describe_bounds
+from erq_core.config import EXPORT_FORMATS, PRECISIONS, ErqConfig, FieldSpec, describe_bounds
 from erq_core.config import fields as config_fields
 from erq_core.errors import ErqError
 
@@ -77,15 +77,21 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-limit", "--val_limit", dest="val_limit", type=int, default=None)
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32)
     p.add_argument("--device", type=_device_arg, default=None)
+    p.add_argument("--precision", choices=PRECISIONS, default="float32",
+                   help="float64: compute as the onnx-float64 export does, which onnxruntime then matches "
+                        "image for image (default float32)")
     return p
 
 
 def export_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="erq export", description="Write a saved quantized model in a standard format.")
     p.add_argument("folder", help="output folder of erq quantize")
-    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="onnx: a model onnxruntime runs")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                   help="onnx: a model onnxruntime runs; onnx-float64: the same computed in float64, which "
+                        "gives what erq evaluate --precision float64 gives, image for image")
     p.add_argument("--opset", type=int, default=21, help="ONNX opset (21 or later: 4-bit tensors); default 21")
-    p.add_argument("--out", default=None, help="the file to write (default FOLDER/model.onnx)")
+    p.add_argument("--out", default=None,
+                   help="the file to write (default FOLDER/model.onnx, FOLDER/model-float64.onnx for onnx-float64)")
     return p
 
 
@@ -146,7 +152,8 @@ def evaluate_main(argv: list[str]) -> int:
         bars = TqdmProgress()
         try:
             result = evaluate_quantized(args.folder, args.dataset, val_limit=args.val_limit,
-                                        batch_size=args.batch_size, device=args.device, progress=bars)
+                                        batch_size=args.batch_size, device=args.device, progress=bars,
+                                        precision=args.precision)
         finally:
             bars.close()
     except ErqError as exc:
@@ -157,11 +164,12 @@ def evaluate_main(argv: list[str]) -> int:
 
 def export_main(argv: list[str]) -> int:
     args = export_parser().parse_args(argv)
-    out = args.out or f"{args.folder.rstrip('/')}/model.onnx"
     try:
-        from erq_core.onnx_export import export_onnx
+        from erq_core.onnx_export import EXPORT_FILES, export_onnx
 
-        result = export_onnx(args.folder, out, opset=args.opset)
+        file_name, precision = EXPORT_FILES[args.format]
+        out = args.out or f"{args.folder.rstrip('/')}/{file_name}"
+        result = export_onnx(args.folder, out, opset=args.opset, precision=precision)
     except ErqError as exc:
         return _fail("erq export", str(exc))
     print(json.dumps({"out": str(result.path), "bytes": result.bytes, "opset": result.opset,

@@ -24,7 +24,8 @@ METHODS = ("erq", "erq+", "repq", "rtn")
 # methods that fold the RepQ-ViT reparameterization and quantize post-softmax with log-sqrt2
 REPARAMETERIZED = ("erq", "erq+", "repq")
 DEFAULT_CALIB_SIZE = {"erq": 32, "repq": 32, "rtn": 32, "erq+": 192}
-EXPORT_FORMATS = ("onnx",)
+EXPORT_FORMATS = ("onnx", "onnx-float64")
+PRECISIONS = ("float32", "float64")  # what a saved model is evaluated in (erq_core.float64)
 MIN_BITS, MAX_BITS = 2, 8
 MAX_CALIB_SIZE = 100_000
 MAX_BATCH_SIZE = 4096
@@ -105,7 +106,10 @@ class ErqConfig:
                                                                "draws more)",
                                      flags=("--reconstruct-images",), ge=1, le=MAX_CALIB_SIZE)
     export: tuple[str, ...] = _field((), help="also write the model in these formats (onnx: DIR/model.onnx, "
-                                              "runs in onnxruntime without erq); repeat the flag for several",
+                                              "runs in onnxruntime without erq; onnx-float64: "
+                                              "DIR/model-float64.onnx, computed in float64 as erq evaluate "
+                                              "--precision float64 does, also evaluated so); repeat the flag "
+                                              "for several",
                                      flags=("--export",), choices=EXPORT_FORMATS)
 
     def __post_init__(self) -> None:

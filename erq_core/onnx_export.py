@@ -20,7 +20,12 @@ a marker node; the markers are then rewritten with standard operators only:
   a Gather from the table 2^(-q/2) s (q < 2^b) plus a 0 for the codes past the last level.
 
 The fake-quantized model and the ONNX model compute the same codes except where a value lies on
-a rounding boundary to the last bit (see README: ONNX export, fidelity).
+a rounding boundary to the last bit (see README: ONNX export, fidelity). With precision "float64"
+(`--format onnx-float64`) every operator between quantizers runs in float64, as
+`erq evaluate --precision float64` computes it (erq_core.float64): the uniform quantizers cast to
+float32 around their QuantizeLinear/DequantizeLinear pair, the log-sqrt2 one computes its code in
+float64, the patch embedding is a MatMul of the patches and GELU's erf a piecewise polynomial
+(onnxruntime has no float64 Conv or Erf). onnxruntime then gives erq's logits image for image.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import math
 import types
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -38,8 +44,10 @@ from torch import Tensor, nn
 
 from erq_core.errors import ErqError
 from erq_core.export import read_config, write_atomic
+from erq_core.config import PRECISIONS
+from erq_core.float64 import Float64Model
 from erq_core.qmodules import QuantConv2d, QuantLinear, weight_layers
-from erq_core.quantizers import ActivationQuantizer, LogSqrt2Quantizer, UniformQuantizer
+from erq_core.quantizers import ActivationQuantizer, LogSqrt2Quantizer, UniformQuantizer, log_sqrt2_levels
 
 MIN_OPSET = 21  # INT4/UINT4 initializers and QuantizeLinear/DequantizeLinear on them
 DEFAULT_OPSET = 21
@@ -47,6 +55,8 @@ TRACE_OPSET = 20  # the TorchScript exporter's last opset; the graph is converte
 MARKER_DOMAIN = "erq.marker"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 ONNX_FILE = "model.onnx"  # what `erq quantize --export onnx` writes into the run folder
+# each export format: the file `erq quantize --export FORMAT` writes into the run folder, and its precision
+EXPORT_FILES = {"onnx": (ONNX_FILE, "float32"), "onnx-float64": ("model-float64.onnx", "float64")}
 
 
 class OnnxExportError(ErqError):
@@ -86,23 +96,110 @@ def _mark(x: Tensor, kind: str, index: int) -> Tensor:
 
 def _marked_activation_forward(index: int):
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float64 and isinstance(self, UniformQuantizer):  # quantized in float32
+            return _mark(x.float(), "Act", index).double()
         return _mark(x, "Act", index)
     return forward
 
 
 def _marked_linear_forward(index: int):
     def forward(self, x: Tensor) -> Tensor:
-        # the weight is marked transposed (d_in, d_out): x @ W^T needs no Transpose at run time
-        y = self.input_quantizer(x) @ _mark(self.weight.t(), "Weight", index)
+        # the weight is marked transposed (d_in, d_out): x @ W^T needs no Transpose at run time;
+        # it stays float32 (DequantizeLinear's output) and is cast for a float64 model
+        y = self.input_quantizer(x) @ _mark(self.weight.t(), "Weight", index).to(x.dtype)
         return y if self.bias is None else y + self.bias
     return forward
 
 
 def _marked_conv_forward(index: int):
     def forward(self, x: Tensor) -> Tensor:
-        return torch.nn.functional.conv2d(x, _mark(self.weight, "Weight", index), self.bias, self.stride,
-                                          self.padding, self.dilation)
+        weight = _mark(self.weight, "Weight", index).to(x.dtype)
+        if x.dtype == torch.float64:  # onnxruntime has no float64 Conv
+            return _patch_matmul(self, x, weight)
+        return torch.nn.functional.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
     return forward
+
+
+def _patch_matmul(conv: QuantConv2d, x: Tensor, weight: Tensor) -> Tensor:
+    """The patch embedding (stride = kernel, no padding) as a matrix product of the patches."""
+    (kh, kw), (_, channels, height, width) = conv.kernel_size, x.shape
+    rows, cols = height // kh, width // kw
+    patches = x.reshape(-1, channels, rows, kh, cols, kw).permute(0, 2, 4, 1, 3, 5)
+    y = patches.reshape(-1, rows * cols, channels * kh * kw) @ weight.reshape(weight.shape[0], -1).t()
+    if conv.bias is not None:
+        y = y + conv.bias
+    return y.reshape(-1, rows, cols, weight.shape[0]).permute(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------- float64: GELU without Erf
+
+# erf(t) for |t| < 6 as a degree-7 Taylor polynomial around the middle of each of 192 intervals of
+# width 1/32 (absolute error 1.1e-16 against torch's erf; narrower intervals, fewer coefficients:
+# each one is a Gather over the whole tensor); erf(t) = sign(t) from 6 on (1 - erf(6) < 2^-53).
+_ERF_WIDTH, _ERF_INTERVALS, _ERF_DEGREE = 1 / 32, 192, 7
+
+
+@lru_cache(maxsize=1)
+def _erf_taylor_table() -> tuple[Tensor, Tensor]:
+    """(centres (K,), coefficients (degree + 1, K)): erf^(n)(c) / n! = 2/sqrt(pi) (-1)^(n-1)
+    H_(n-1)(c) e^(-c^2) / n! with H the physicists' Hermite polynomials."""
+    centres = [_ERF_WIDTH * (k + 0.5) for k in range(_ERF_INTERVALS)]
+    columns = []  # plain floats: built while tracing, tensor writes would become graph operators
+    for c in centres:
+        hermite = [1.0, 2 * c]
+        for m in range(1, _ERF_DEGREE):
+            hermite.append(2 * c * hermite[m] - 2 * m * hermite[m - 1])
+        slope = 2 / math.sqrt(math.pi) * math.exp(-c * c)
+        columns.append([math.erf(c)] + [slope * (-1) ** (n - 1) * hermite[n - 1] / math.factorial(n)
+                                        for n in range(1, _ERF_DEGREE + 1)])
+    return torch.tensor(centres, dtype=torch.float64), torch.tensor(columns, dtype=torch.float64).T.contiguous()
+
+
+def erf_float64(t: Tensor) -> Tensor:
+    """erf of a float64 tensor with operators onnxruntime runs in float64 (its Erf is float32 only)."""
+    centres, table = _erf_taylor_table()
+    flat = t.reshape(-1)  # 1-D throughout: each coefficient lookup is then a single Gather
+    magnitude = flat.abs()
+    interval = torch.clamp(torch.floor(magnitude / _ERF_WIDTH), max=_ERF_INTERVALS - 1).long()
+    offset = magnitude - centres.index_select(0, interval)
+    value = table[_ERF_DEGREE].index_select(0, interval)
+    for n in range(_ERF_DEGREE - 1, -1, -1):
+        value = value * offset + table[n].index_select(0, interval)
+    value = torch.where(magnitude < _ERF_INTERVALS * _ERF_WIDTH, value, 1.0) * torch.sign(flat)
+    return value.reshape(t.shape)
+
+
+def _gelu_float64(self, x: Tensor) -> Tensor:
+    if _gelu_kind(self) == "tanh":
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
+    return x * 0.5 * (1 + erf_float64(x * math.sqrt(0.5)))
+
+
+def _gelu_kind(module: nn.Module) -> Optional[str]:
+    """'none' or 'tanh' for torch's and timm's GELU modules, None for anything else."""
+    if isinstance(module, nn.GELU):
+        return module.approximate
+    return {"GELU": "none", "GELUTanh": "tanh"}.get(type(module).__name__) if \
+        type(module).__module__.startswith("timm.") else None
+
+
+def _prepare_float64(model: nn.Module) -> Float64Model:
+    """The model as to_float64 computes it, but with the float32 weights kept for their codes
+    (the markers cast the dequantized weights) and GELU written without Erf."""
+    for name, layer in weight_layers(model):
+        if isinstance(layer, QuantConv2d) and (tuple(layer.stride) != tuple(layer.kernel_size)
+                                               or any(layer.padding) or any(d != 1 for d in layer.dilation)):
+            raise OnnxExportError(f"{name}: a float64 export needs a patch embedding with stride = kernel and "
+                                  "no padding or dilation (onnxruntime has no float64 Conv)")
+    weights = {layer: (layer.weight.data.clone(), layer.weight_quantizer) for _, layer in weight_layers(model)}
+    model.double()
+    for layer, (weight, quantizer) in weights.items():
+        layer.weight.data = weight
+        quantizer.float()
+    for module in model.modules():
+        if _gelu_kind(module) is not None:
+            module.forward = types.MethodType(_gelu_float64, module)
+    return Float64Model(model).eval()
 
 
 def _check_supported(model: nn.Module) -> None:
@@ -238,18 +335,22 @@ def _uniform_activation(g: _Graph, x: str, out: str, stem: str, q: UniformQuanti
     g.node("Clip", [deq, g.constant(f"{stem}.lo", _f32(lo)), g.constant(f"{stem}.hi", _f32(hi))], out, stem=stem)
 
 
-def _log_sqrt2_activation(g: _Graph, x: str, out: str, stem: str, q: LogSqrt2Quantizer) -> None:
+def _log_sqrt2_activation(g: _Graph, x: str, out: str, stem: str, q: LogSqrt2Quantizer,
+                          dtype: type = np.float32) -> None:
+    """In float32, or in float64 as quantizers.log_sqrt2_quantize_float64 computes it."""
     levels = 2**q.bits
     scale = q.scale.detach().float().cpu().reshape(())
-    # the levels exactly as erq computes them (torch.exp2 * s), and 0 for the codes past the last one
-    table = torch.cat([torch.exp2(-0.5 * torch.arange(levels, dtype=torch.float32)) * scale, torch.zeros(1)])
-    log2x = g.node("Div", [g.node("Log", [x], stem=stem), g.constant(f"{stem}.ln2", _f32(math.log(2)))], stem=stem)
-    shifted = g.node("Sub", [log2x, g.constant(f"{stem}.log2_scale", _f32(torch.log2(scale).item()))], stem=stem)
-    codes = g.node("Round", [g.node("Mul", [shifted, g.constant(f"{stem}.minus2", _f32(-2))], stem=stem)], stem=stem)
-    codes = g.node("Clip", [codes, g.constant(f"{stem}.lo", _f32(0)), g.constant(f"{stem}.hi", _f32(levels))],
-                   stem=stem)
+
+    def constant(tag: str, value) -> str:
+        return g.constant(f"{stem}.{tag}", np.asarray(value, dtype=dtype))
+
+    log2x = g.node("Div", [g.node("Log", [x], stem=stem), constant("ln2", math.log(2))], stem=stem)
+    shifted = g.node("Sub", [log2x, constant("log2_scale", torch.log2(scale).item())], stem=stem)
+    codes = g.node("Round", [g.node("Mul", [shifted, constant("minus2", -2)], stem=stem)], stem=stem)
+    codes = g.node("Clip", [codes, constant("lo", 0), constant("hi", levels)], stem=stem)
     index = g.node("Cast", [codes], stem=stem, to=7)  # INT64
-    g.node("Gather", [g.constant(f"{stem}.levels", table.numpy()), index], out, stem=stem, axis=0)
+    # the levels exactly as erq computes them (torch.exp2 * s), and 0 for the codes past the last one
+    g.node("Gather", [constant("levels", log_sqrt2_levels(scale, q.bits).numpy()), index], out, stem=stem, axis=0)
 
 
 # integer types for weight codes, smallest first: (ONNX type, numpy type, lowest, highest value)
@@ -317,8 +418,9 @@ def _weight(g: _Graph, out: str, stem: str, layer: nn.Module, transposed: bool) 
     _stitched(g, stem, "columns", column_parts, 0, out)
 
 
-def _rewrite(model_proto, activations, weights):
-    """Every marker node replaced by its standard-operator form; the float weights they read removed."""
+def _rewrite(model_proto, activations, weights, float_type: type = np.float32):
+    """Every marker node replaced by its standard-operator form; the float weights they read removed.
+    `float_type`: what the log-sqrt2 quantizers compute in (uniform ones are always float32)."""
     graph = model_proto.graph
     g = _Graph(graph)
     found_weight = set()
@@ -331,8 +433,10 @@ def _rewrite(model_proto, activations, weights):
         index = next(a.i for a in node.attribute if a.name == "index")
         if node.op_type == "Act":
             name, quantizer = activations[index]
-            build = _log_sqrt2_activation if isinstance(quantizer, LogSqrt2Quantizer) else _uniform_activation
-            build(g, node.input[0], node.output[0], name, quantizer)
+            if isinstance(quantizer, LogSqrt2Quantizer):
+                _log_sqrt2_activation(g, node.input[0], node.output[0], name, quantizer, float_type)
+            else:
+                _uniform_activation(g, node.input[0], node.output[0], name, quantizer)
         else:
             name, layer = weights[index]
             found_weight.add(index)
@@ -371,8 +475,11 @@ def _set_opset(model_proto, opset: int):
 
 
 def export_onnx(folder: str | Path, out: str | Path, opset: int = DEFAULT_OPSET,
-                batch_size: int = 1) -> ExportResult:
-    """Write the quantized model saved in `folder` (erq quantize --out) as an ONNX file."""
+                batch_size: int = 1, precision: str = "float32") -> ExportResult:
+    """Write the quantized model saved in `folder` (erq quantize --out) as an ONNX file.
+
+    precision "float64": every operator between quantizers in float64, as `erq evaluate
+    --precision float64` computes it (see erq_core.float64); float32 images in, float32 logits out."""
     import onnx
 
     from erq_core.export import load_quantized
@@ -380,29 +487,47 @@ def export_onnx(folder: str | Path, out: str | Path, opset: int = DEFAULT_OPSET,
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise OnnxExportError(f"opset must be from {MIN_OPSET} (4-bit ONNX tensors) to "
                               f"{onnx.defs.onnx_opset_version()}, got {opset}")
+    if precision not in PRECISIONS:
+        raise OnnxExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     config = read_config(folder)
     model = load_quantized(folder, "cpu")
     _check_supported(model)
     activations, weights = _install_markers(model)
+    traced_model = _prepare_float64(model) if precision == "float64" else model
     size = config["pretrained_cfg"].get("input_size") or [3, 224, 224]
     example = torch.zeros(batch_size, *size)
     try:
-        traced = _trace(model, example)
+        traced = _trace(traced_model, example)
     except Exception as exc:
         raise OnnxExportError(f"torch.onnx.export cannot trace {config['model_source']['architecture']}: "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     traced = _set_opset(traced, opset)
-    proto = _rewrite(traced, activations, weights)
+    float_type = np.float64 if precision == "float64" else np.float32
+    proto = _rewrite(traced, activations, weights, float_type)
+    if precision == "float64":
+        _check_float64_operators(proto)
     proto.ir_version = max(proto.ir_version, 10)  # opset 21 needs IR 10
     proto.producer_name = "erq"
     proto.doc_string = (f"erq {config['quantization']['method']} W{config['quantization']['w_bits']}/"
-                        f"A{config['quantization']['a_bits']} of {config['model_source']['spec']}")
+                        f"A{config['quantization']['a_bits']} of {config['model_source']['spec']}"
+                        + (", computed in float64" if precision == "float64" else ""))
     onnx.checker.check_model(proto)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     data = proto.SerializeToString()
     write_atomic(out, data)
     return ExportResult(out, len(data), opset, len(weights), len(activations), _weight_code_types(proto))
+
+
+# operators onnxruntime's CPU provider runs in float32 only, which a float64 graph must not hold
+_FLOAT32_ONLY = {"Conv", "Erf", "Gelu", "FastGelu", "BiasGelu"}
+
+
+def _check_float64_operators(proto) -> None:
+    found = sorted({n.op_type for n in proto.graph.node} & _FLOAT32_ONLY)
+    if found:
+        raise OnnxExportError(f"the float64 export still holds {', '.join(found)}, which onnxruntime runs in "
+                              "float32 only; export this model with --precision float32")
 
 
 def _weight_code_types(proto) -> dict[str, int]:

@@ -88,6 +88,17 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Te
     return (codes - zero_point) * scale
 
 
+def onnx_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
+    """fake_quantize in float32 exactly as the ONNX export's QuantizeLinear -> DequantizeLinear
+    computes it, bit for bit: x / s (not torch's fused x * (1/s)), and a fractional zero point Z as
+    round(x / s) s clipped to -Z s and (2^b - 1 - Z) s (an INT16 pair with zero point 0)."""
+    x, scale, zero_point = x.float(), scale.float(), zero_point.float()
+    top = 2**bits - 1
+    if scale.numel() == 1 and not _integer_in(float(zero_point), top):
+        return torch.clamp(torch.round(x / scale) * scale, (0 - zero_point) * scale, (top - zero_point) * scale)
+    return (torch.clamp(torch.round(x / scale) + zero_point, 0, top) - zero_point) * scale
+
+
 def best_uniform_range(
     x: Tensor, uppers: Tensor, lowers: Tensor, bits: int, channel_dim: int
 ) -> tuple[Tensor, Tensor]:
@@ -164,7 +175,12 @@ class UniformQuantizer(ActivationQuantizer):
         self.calibrated.fill_(True)
 
     def quantize(self, x: Tensor) -> Tensor:
-        """Fake-quantize x whatever `enabled` says (used to build Xq for statistics)."""
+        """Fake-quantize x whatever `enabled` says (used to build Xq for statistics).
+
+        A float64 x (the float64 evaluation, see erq_core.float64) is quantized in float32 as the
+        float64 ONNX export does it, and comes back as float64."""
+        if x.dtype == torch.float64:
+            return onnx_fake_quantize(x, self.scale, self.zero_point, self.bits).double()
         return fake_quantize(x, self.scale, self.zero_point, self.bits)
 
 
@@ -184,6 +200,21 @@ def log_sqrt2_quantize(x: Tensor, scale: Tensor, bits: int, log2_x: Optional[Ten
     return (torch.exp2(-0.5 * codes) * scale).masked_fill_(underflow, 0.0)
 
 
+def log_sqrt2_levels(scale: Tensor, bits: int) -> Tensor:
+    """The float32 values of the codes 0..2^b-1 as log_sqrt2_quantize computes them, then a 0 for
+    the codes past the last level."""
+    scale = scale.detach().float().cpu().reshape(())
+    return torch.cat([torch.exp2(-0.5 * torch.arange(2**bits, dtype=torch.float32)) * scale, torch.zeros(1)])
+
+
+def log_sqrt2_quantize_float64(x: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """log_sqrt2_quantize of a float64 x, exactly as the float64 ONNX export computes it:
+    code clamp(round(-2 (ln x / ln 2 - log2 s)), 0, 2^b) in float64, looked up in log_sqrt2_levels."""
+    log2_scale = torch.log2(scale.detach().float().reshape(())).double()
+    codes = torch.round((torch.log(x) / math.log(2) - log2_scale) * -2.0).clamp(0, 2**bits)
+    return log_sqrt2_levels(scale, bits).to(x.device).double()[codes.long()]
+
+
 class LogSqrt2Quantizer(ActivationQuantizer):
     """Post-softmax (attention probability) quantizer with one searched scale per tensor."""
 
@@ -201,6 +232,8 @@ class LogSqrt2Quantizer(ActivationQuantizer):
         self.calibrated.fill_(True)
 
     def quantize(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float64:
+            return log_sqrt2_quantize_float64(x, self.scale, self.bits)
         return log_sqrt2_quantize(x, self.scale, self.bits)
 
 

@@ -78,7 +78,19 @@ def _accuracy_section(metrics: dict) -> str:
     n_val = metrics.get("n_val")
     note = f"on {n_val} validation images" if n_val else "not evaluated (evaluate was off)"
     return ('<h2>Accuracy</h2><table id="accuracy"><tr><th></th><th>full precision</th><th>quantized</th>'
-            f'<th>change</th></tr>{"".join(rows)}</table><p class="sub">{escape(note)}</p>')
+            f'<th>change</th></tr>{"".join(rows)}</table><p class="sub">{escape(note)}</p>'
+            + _float64_note(metrics.get("quantized_float64")))
+
+
+def _float64_note(float64: Optional[dict]) -> str:
+    """The float64 evaluation that model-float64.onnx reproduces, when the run made one."""
+    if not float64:
+        return ""
+    cells = " ".join(f'{label} <span class="num" data-metric="quantized_float64.{key}" '
+                     f'data-value="{json.dumps(float64.get(key))}">{_num(float64.get(key))}</span>'
+                     for key, label in (("top1", "top-1 %"), ("top5", "top-5 %")))
+    return (f'<p class="sub">Computed in float64, as model-float64.onnx computes it: {cells}. At the last '
+            'float bit a float32 runtime may round a few activations the other way.</p>')
 
 
 def _stages_section(seconds: dict) -> str:

@@ -18,6 +18,7 @@ from erq_core.config import ErqConfig
 from erq_core.data import build_transform, calibration_loader, check_dataset, validation_loader
 from erq_core.evaluate import accuracy
 from erq_core.export import METRICS_FILE, read_config, save_quantized, load_quantized, write_json
+from erq_core.float64 import to_float64, with_precision
 from erq_core.models import load_model
 from erq_core.pipeline import Progress, quantize
 from erq_core.report import write_report
@@ -95,13 +96,15 @@ def run(config: ErqConfig, out_dir: str | Path, *, device: Optional[str] = None,
     save_quantized(quantized, out_dir, loaded.source, loaded.pretrained_cfg)
     seconds["save"] = round(time.perf_counter() - start, 3)
     progress("save", 1, 1)
-    if "onnx" in config.export:
+    if "onnx-float64" in config.export and validation is not None:
+        start = time.perf_counter()
+        metrics["quantized_float64"] = _evaluate_float64(out_dir, validation, device, progress)
+        seconds["evaluate_float64"] = round(time.perf_counter() - start, 3)
+    for export_format in config.export:
         start = time.perf_counter()
         progress("export", 0, 1)
-        from erq_core.onnx_export import ONNX_FILE, export_onnx
-
-        export_onnx(out_dir, Path(out_dir) / ONNX_FILE)
-        seconds["export_onnx"] = round(time.perf_counter() - start, 3)
+        _export(out_dir, export_format)
+        seconds[f"export_{export_format.replace('-', '_')}"] = round(time.perf_counter() - start, 3)
         progress("export", 1, 1)
     metrics["seconds"]["total"] = round(sum(v for k, v in seconds.items() if k != "total"), 3)
     write_json(Path(out_dir) / METRICS_FILE, metrics)
@@ -109,13 +112,29 @@ def run(config: ErqConfig, out_dir: str | Path, *, device: Optional[str] = None,
     return metrics
 
 
+def _evaluate_float64(out_dir: str | Path, validation, device: str, progress: Progress) -> dict:
+    """Top-1 / top-5 in float64: the numbers model-float64.onnx reproduces. From the saved folder,
+    as a user evaluates it."""
+    result = accuracy(to_float64(load_quantized(out_dir, device)), validation, device, progress, "evaluate_float64")
+    log.info("in float64: top-1 %.2f%%, top-5 %.2f%%", result["top1"], result["top5"])
+    return {"top1": result["top1"], "top5": result["top5"]}
+
+
+def _export(out_dir: str | Path, export_format: str) -> None:
+    from erq_core.onnx_export import EXPORT_FILES, export_onnx
+
+    file_name, precision = EXPORT_FILES[export_format]
+    export_onnx(out_dir, Path(out_dir) / file_name, precision=precision)
+
+
 def evaluate_quantized(folder: str | Path, dataset: str | Path, *, val_limit: Optional[int] = None,
                        batch_size: int = 32, device: Optional[str] = None,
-                       progress: Optional[Progress] = None) -> dict:
-    """Top-1 / top-5 of a saved quantized model on ROOT/val (the same val_limit subset as `run`)."""
+                       progress: Optional[Progress] = None, precision: str = "float32") -> dict:
+    """Top-1 / top-5 of a saved quantized model on ROOT/val (the same val_limit subset as `run`).
+    precision "float64": as the float64 ONNX export computes it (erq_core.float64)."""
     device = device or default_device()
     config = read_config(folder)
-    model = load_quantized(folder, device)
+    model = with_precision(load_quantized(folder, device), precision)
     transform = build_transform(config["pretrained_cfg"])
     loader = validation_loader(dataset, transform, batch_size, val_limit, _loader_workers(device))
     return accuracy(model, loader, device, progress, "evaluate")

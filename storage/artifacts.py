@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from storage.settings import Settings
 
 LOG_NAME = "job.log"
-PUBLISHED = ("quantized.safetensors", "config.json", "metrics.json", LOG_NAME, "model.onnx", "report.html")
+PUBLISHED = ("quantized.safetensors", "config.json", "metrics.json", LOG_NAME, "model.onnx", "model-float64.onnx",
+             "report.html")
 
 
 def run_name(attempt: int) -> str:

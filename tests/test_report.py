@@ -67,7 +67,7 @@ class Page(HTMLParser):
             self.metrics[self._cell]["text"] += data
 
     def handle_endtag(self, tag):
-        if tag == "td":
+        if tag in ("td", "span"):
             self._cell = None
 
 

@@ -1,6 +1,7 @@
-"""A job that asks for `"export": ["onnx"]`, end to end through `erq serve`: model.onnx and
-report.html are artifacts with their sha256, and onnxruntime alone (no erq, no torch) gives the
-top-1 the job reported."""
+"""A job that asks for `"export": ["onnx", "onnx-float64"]`, end to end through `erq serve`:
+model.onnx, model-float64.onnx and report.html are artifacts with their sha256, and onnxruntime
+alone (no erq, no torch) gives the top-1 the job reported (the float64 model exactly its float64
+top-1)."""
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +17,7 @@ from tests.test_onnx_export import run_onnxruntime_alone
 
 VAL_LIMIT = 200
 JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "w_bits": 4, "a_bits": 4,
-       "calib_size": 32, "val_limit": VAL_LIMIT, "export": ["onnx"]}
+       "calib_size": 32, "val_limit": VAL_LIMIT, "export": ["onnx", "onnx-float64"]}
 
 
 def validation_subset(pretrained_cfg: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -42,10 +43,12 @@ def test_a_job_with_onnx_export_gives_a_model_onnxruntime_scores_as_the_job_did(
         assert answer.status_code == 202, answer.text
         job = wait_for_job(client, answer.json()["id"], ("succeeded", "failed", "cancelled"), 300)
         assert job["status"] == "succeeded", job
-        assert job["params"]["export"] == ["onnx"]
+        assert job["params"]["export"] == ["onnx", "onnx-float64"]
         artifacts = {a["name"]: a for a in job["artifacts"]}
-        assert {"model.onnx", "report.html", "quantized.safetensors", "metrics.json"} <= set(artifacts)
-        (tmp_path / "model.onnx").write_bytes(download(client, artifacts["model.onnx"]).content)
+        assert {"model.onnx", "model-float64.onnx", "report.html", "quantized.safetensors",
+                "metrics.json"} <= set(artifacts)
+        for name in ("model.onnx", "model-float64.onnx"):
+            (tmp_path / name).write_bytes(download(client, artifacts[name]).content)
         report = download(client, artifacts["report.html"])
         assert report.headers["content-type"].startswith("text/html")
         config = download(client, artifacts["config.json"]).json()
@@ -56,4 +59,7 @@ def test_a_job_with_onnx_export_gives_a_model_onnxruntime_scores_as_the_job_did(
     top1 = 100.0 * float((logits.argmax(1) == labels).mean())
     assert len(labels) == job["metrics"]["n_val"]
     assert abs(top1 - job["metrics"]["quantized"]["top1"]) <= 0.2, (top1, job["metrics"]["quantized"])
+    (tmp_path / "float64").mkdir()
+    logits = run_onnxruntime_alone(tmp_path / "model-float64.onnx", images, tmp_path / "float64")
+    assert 100.0 * float((logits.argmax(1) == labels).mean()) == job["metrics"]["quantized_float64"]["top1"]
     assert f'data-value="{job["metrics"]["quantized"]["top1"]}"' in report.text
