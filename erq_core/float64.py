@@ -11,7 +11,8 @@ What is float64 and what is not, on both sides (torch here, onnxruntime in the f
   QuantizeLinear -> DequantizeLinear does (quantizers.onnx_fake_quantize), then back to float64;
 - the log-sqrt2 quantizer computes its code in float64 (quantizers.log_sqrt2_quantize_float64);
 - weights are the float32 dequantized codes, as DequantizeLinear gives them, cast to float64.
-Images go in and logits come out as float32, like the float32 model.
+Images go in and logits come out as float32, like the float32 model. to_float64 sets each
+quantizer's `as_float64_export`, which selects those two ways of quantizing.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from erq_core.config import PRECISIONS
-from erq_core.qmodules import weight_layers
+from erq_core.qmodules import activation_quantizers, weight_layers
 
 
 class Float64Model(nn.Module):
@@ -44,6 +45,8 @@ def to_float64(model: nn.Module) -> Float64Model:
                 layer.weight.data = layer.weight_quantizer(layer.weight.float())
                 layer.quantize_weight = False
                 layer._cache = None
+    for quantizer in activation_quantizers(model):
+        quantizer.as_float64_export = True
     return Float64Model(model.double()).eval()
 
 

@@ -128,6 +128,8 @@ class ActivationQuantizer(nn.Module):
         self.bits = bits
         self.register_buffer("calibrated", torch.tensor(False))
         self.enabled = False
+        # quantize exactly as the float64 ONNX export does (set by erq_core.float64.to_float64)
+        self.as_float64_export = False
 
     def calibrate(self, x: Tensor) -> None:
         raise NotImplementedError
@@ -177,10 +179,10 @@ class UniformQuantizer(ActivationQuantizer):
     def quantize(self, x: Tensor) -> Tensor:
         """Fake-quantize x whatever `enabled` says (used to build Xq for statistics).
 
-        A float64 x (the float64 evaluation, see erq_core.float64) is quantized in float32 as the
-        float64 ONNX export does it, and comes back as float64."""
-        if x.dtype == torch.float64:
-            return onnx_fake_quantize(x, self.scale, self.zero_point, self.bits).double()
+        With `as_float64_export`, x is quantized in float32 as the float64 ONNX export's
+        QuantizeLinear/DequantizeLinear pair does it, and comes back in its own dtype."""
+        if self.as_float64_export:
+            return onnx_fake_quantize(x, self.scale, self.zero_point, self.bits).to(x.dtype)
         return fake_quantize(x, self.scale, self.zero_point, self.bits)
 
 
@@ -232,8 +234,8 @@ class LogSqrt2Quantizer(ActivationQuantizer):
         self.calibrated.fill_(True)
 
     def quantize(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float64:
-            return log_sqrt2_quantize_float64(x, self.scale, self.bits)
+        if self.as_float64_export:
+            return log_sqrt2_quantize_float64(x.double(), self.scale, self.bits).to(x.dtype)
         return log_sqrt2_quantize(x, self.scale, self.bits)
 
 

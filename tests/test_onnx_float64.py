@@ -63,6 +63,7 @@ def uniform_quantizer(bits: int, scale, zero_point) -> UniformQuantizer:
     quantizer.scale = torch.tensor(scale, dtype=torch.float32).reshape(quantizer.scale.shape)
     quantizer.zero_point = torch.tensor(zero_point, dtype=torch.float32).reshape(quantizer.zero_point.shape)
     quantizer.calibrated.fill_(True)
+    quantizer.as_float64_export = True
     return quantizer
 
 
@@ -93,6 +94,7 @@ def test_the_float64_log_sqrt2_quantizer_is_what_onnxruntime_computes(bits):
     quantizer = LogSqrt2Quantizer(bits)
     quantizer.scale = torch.tensor([0.61])
     quantizer.calibrated.fill_(True)
+    quantizer.as_float64_export = True
     generator = np.random.default_rng(0)
     # log-uniform over every level and past the last, the midpoints between levels, and the ends
     spread = 0.61 * np.exp2(-generator.uniform(-0.5, 2**bits / 2 + 1, 100_000))
@@ -154,6 +156,27 @@ def test_onnxruntime_alone_gives_the_float64_evaluation_image_for_image(float64_
                     if name.endswith(".weight") and p.dim() >= 2}
     assert not [t.name for t in proto.graph.initializer if int(np.prod(t.dims)) in weight_sizes
                 and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)]
+
+
+def test_erq_export_writes_the_same_float64_model_the_run_wrote(float64_run):
+    folder, _ = float64_run
+    written = (folder / "model-float64.onnx").read_bytes()
+    result = subprocess.run([ERQ, "export", str(folder), "--format", "onnx-float64"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["out"] == f"{folder}/model-float64.onnx"
+    assert (folder / "model-float64.onnx").read_bytes() == written
+
+
+def test_a_patch_embedding_that_overlaps_is_refused_in_float64():
+    from torch import nn
+
+    from erq_core.onnx_export import OnnxExportError, _prepare_float64
+    from erq_core.qmodules import QuantConv2d
+
+    model = nn.Sequential(QuantConv2d(nn.Conv2d(3, 8, 4, stride=2), 4))
+    with pytest.raises(OnnxExportError, match="0: a float64 export needs a patch embedding with stride = kernel"):
+        _prepare_float64(model)
 
 
 @pytest.mark.parametrize("kind", ["vit_layerscale_qknorm_registers", "deit_distilled", "swin"])
