@@ -527,7 +527,7 @@ def _check_float64_operators(proto) -> None:
     found = sorted({n.op_type for n in proto.graph.node} & _FLOAT32_ONLY)
     if found:
         raise OnnxExportError(f"the float64 export still holds {', '.join(found)}, which onnxruntime runs in "
-                              "float32 only; export this model with --precision float32")
+                              "float32 only; export this model with --format onnx")
 
 
 def _weight_code_types(proto) -> dict[str, int]:
