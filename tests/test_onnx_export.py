@@ -137,14 +137,9 @@ def test_every_supported_family_exports_with_the_quantized_models_outputs(kind, 
     """Two-part weights, zero points outside the 4-bit range, register/distillation tokens, Swin windows."""
     import onnxruntime as ort
 
-    from erq_core import ErqConfig, quantize, save_quantized
-    from tests.small_models import SMALL_MODELS, images, small_model
+    from tests.small_models import images, saved_quantized
 
-    name, args = SMALL_MODELS[kind]
-    source = {"spec": name, "architecture": name, "model_args": dict(args, num_classes=10), "num_classes": 10}
-    config = ErqConfig(model=name, dataset="unused", calib_size=8, random_init=True)
-    quantized = quantize(small_model(kind), [images(kind, 8, seed=2)], config)
-    save_quantized(quantized, tmp_path, source, {"input_size": [3, args["img_size"], args["img_size"]]})
+    saved_quantized(kind, tmp_path)
     result = export_onnx(tmp_path, tmp_path / "model.onnx")
     assert result.weight_code_types["UINT4"] >= result.weight_layers
     x = images(kind, 16, seed=3)

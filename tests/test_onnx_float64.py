@@ -183,14 +183,9 @@ def test_a_patch_embedding_that_overlaps_is_refused_in_float64():
 def test_every_supported_family_exports_in_float64_with_the_float64_models_outputs(kind, tmp_path):
     import onnxruntime as ort
 
-    from erq_core import ErqConfig, quantize, save_quantized
-    from tests.small_models import SMALL_MODELS, images, small_model
+    from tests.small_models import images, saved_quantized
 
-    name, args = SMALL_MODELS[kind]
-    source = {"spec": name, "architecture": name, "model_args": dict(args, num_classes=10), "num_classes": 10}
-    config = ErqConfig(model=name, dataset="unused", calib_size=8, random_init=True)
-    quantized = quantize(small_model(kind), [images(kind, 8, seed=2)], config)
-    save_quantized(quantized, tmp_path, source, {"input_size": [3, args["img_size"], args["img_size"]]})
+    saved_quantized(kind, tmp_path)
     export_onnx(tmp_path, tmp_path / "model.onnx", precision="float64")
     x = images(kind, 16, seed=3)
     with torch.no_grad():
