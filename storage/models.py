@@ -77,6 +77,11 @@ def _db_now_sqlite(element: db_now, compiler, **kw) -> str:
     return f"(strftime('%Y-%m-%d %H:%M:%f', 'now', {offset} || ' seconds') || '000')"
 
 
+# A nullable JSON column stores Python None as SQL NULL, not as the JSON text 'null': otherwise
+# `column.is_not(None)` matches every row, those without a value included.
+NullableJSON = JSON(none_as_null=True)
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dt.datetime: UTCDateTime(), dict[str, Any]: JSON}
 
@@ -121,7 +126,7 @@ class Job(Base):
     stage: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
-    metrics: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+    metrics: Mapped[Optional[dict[str, Any]]] = mapped_column(NullableJSON, nullable=True)
     error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
     # Stable machine-readable reason beside `error` (README, "Error codes"); None while the job has no error.
     error_code: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
@@ -138,9 +143,9 @@ class Job(Base):
     # When the retention sweep (ERQ_ARTIFACT_TTL_DAYS) removed the job's files; downloads answer 410 after.
     artifacts_expired_at: Mapped[Optional[dt.datetime]] = mapped_column(nullable=True)
     # The client's labels: a small string map (bounds in service/schemas.py), returned and filterable.
-    job_metadata: Mapped[Optional[dict[str, Any]]] = mapped_column("metadata", JSON, nullable=True)
+    job_metadata: Mapped[Optional[dict[str, Any]]] = mapped_column("metadata", NullableJSON, nullable=True)
     # {"url", "events"}: where to POST the job when one of its events happens (storage/webhooks.py).
-    webhook: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+    webhook: Mapped[Optional[dict[str, Any]]] = mapped_column(NullableJSON, nullable=True)
     # The last status the webhook sweep has seen (and announced, if subscribed).
     webhook_seen_status: Mapped[Optional[str]] = mapped_column(String(16), nullable=True)
 

@@ -7,7 +7,8 @@ thread (with `--concurrency N`, its supervising process does); concurrent sweepe
 (rows are taken with SKIP LOCKED, duplicate messages are harmless). More duties are added to
 `standard_duties`.
 
-After a round in which every duty ran, the sweeper touches ERQ_WORKER_HEALTH_FILE: the worker's
+Each duty fails alone: an exception is logged and counted on the duty, and the other duties and the
+health signal go on. After each round the sweeper touches ERQ_WORKER_HEALTH_FILE: the worker's
 healthcheck (`erq worker --healthcheck`) reads its age.
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Duty:
     run: Callable[[], object]
     last_run: float = float("-inf")
     ok: bool = True  # whether its last run succeeded
+    failures: int = 0  # runs that raised, since the sweeper started
 
 
 RETENTION_SWEEP_SECONDS = 60
@@ -92,7 +94,8 @@ class Sweeper(threading.Thread):
         self.stopping = threading.Event()
 
     def run_due(self) -> bool:
-        """Run the duties that are due; True when the last run of every duty succeeded."""
+        """Run the duties that are due, each on its own: one that raises is logged and counted, and
+        the others still run. True when the last run of every duty succeeded."""
         for duty in self.duties:
             if time.monotonic() - duty.last_run < duty.every_seconds:
                 continue
@@ -102,7 +105,8 @@ class Sweeper(threading.Thread):
                 duty.ok = True
             except Exception:
                 duty.ok = False
-                log.warning("sweeper duty %r failed", duty.name, exc_info=True)
+                duty.failures += 1
+                log.warning("sweeper duty %r failed (%d failure(s) so far)", duty.name, duty.failures, exc_info=True)
         return all(duty.ok for duty in self.duties)
 
     def touch_health_file(self) -> None:
@@ -116,8 +120,8 @@ class Sweeper(threading.Thread):
 
     def run(self) -> None:
         while True:
-            if self.run_due():
-                self.touch_health_file()
+            self.run_due()
+            self.touch_health_file()  # the sweeper is alive, whatever one duty's last run did
             if self.stopping.wait(1.0):
                 return
 

@@ -122,12 +122,15 @@ def announce(session: Session, limit: int = 200) -> int:
     written = 0
     for job in changed:
         status = str(job.status)
+        job.webhook_seen_status = status
+        if not isinstance(job.webhook, dict) or "url" not in job.webhook:
+            log.warning("job %s: its webhook %r is not a {url, events} object; nothing is sent", job.id, job.webhook)
+            continue
         if status in job.webhook.get("events", DEFAULT_EVENTS):
             session.add(WebhookDelivery(job_id=job.id, event=status, url=job.webhook["url"],
                                         body=json.dumps(job_document(job), separators=(",", ":")),
                                         created_at=db_now(), next_attempt_at=db_now(), attempts=0))
             written += 1
-        job.webhook_seen_status = status
     return written
 
 

@@ -167,6 +167,8 @@ def test_a_real_worker_delivers_the_webhooks_of_a_real_job(tmp_path, hooked):
             erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
         wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
         with api_client(port, key) as client:
+            plain_id = client.post("/v1/jobs", json=JOB).json()["id"]  # no webhook: must not stop the others
+            assert client.post(f"/v1/jobs/{plain_id}/cancel").status_code < 300
             job_id = client.post("/v1/jobs", json={**JOB, "webhook": {"url": receiver.url,
                                                                       "events": ["running", "succeeded"]}}).json()["id"]
             assert wait_for_job(client, job_id, ("succeeded", "failed"), 240)["status"] == "succeeded"
@@ -175,6 +177,8 @@ def test_a_real_worker_delivers_the_webhooks_of_a_real_job(tmp_path, hooked):
                 assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-2000:]
                 time.sleep(0.2)
             job = client.get(f"/v1/jobs/{job_id}").json()
+            health = run_erq(["worker", "--healthcheck"], env, tmp_path)
+            assert health.returncode == 0, health.stderr
     final = next(r for r in receiver.received if r.headers["Erq-Event"] == "succeeded")
     assert verify(secret, final)
     body = json.loads(final.body)
@@ -182,3 +186,51 @@ def test_a_real_worker_delivers_the_webhooks_of_a_real_job(tmp_path, hooked):
     assert {a["name"] for a in body["artifacts"]} >= {"quantized.safetensors", "config.json"}
     assert {r.headers["Erq-Event"] for r in receiver.received} <= {"running", "succeeded"}
     assert any(d["event"] == "succeeded" and d["state"] == "delivered" for d in job["webhook"]["deliveries"])
+
+
+def test_jobs_without_a_webhook_do_not_stop_the_deliveries_of_jobs_that_have_one(hooked, alice, tmp_path):
+    """A job with no webhook is stored as SQL NULL, so the sweep neither announces it nor fails on it."""
+    from sqlalchemy import func, select
+
+    from storage.db import session_scope
+    from storage.models import Job
+
+    webhook_secret(hooked, tmp_path)
+    bob = {"Authorization": f"Bearer {make_key(hooked, 'bob')}"}
+    with Receiver() as receiver, TestClient(create_app(hooked)) as client:
+        plain = [client.post("/v1/jobs", json=JOB, headers=headers).json()["id"] for headers in (alice, bob)]
+        hooked_id = client.post("/v1/jobs", json={**JOB, "webhook": {"url": receiver.url}}, headers=alice).json()["id"]
+        for job_id, headers in zip([*plain, hooked_id], (alice, bob, alice)):
+            assert client.post(f"/v1/jobs/{job_id}/cancel", headers=headers).json()["status"] == "cancelled"
+        job = sweep_until(WebhookDuty(hooked), client, alice, hooked_id, settled)
+        assert client.get(f"/v1/jobs/{plain[0]}", headers=alice).json()["webhook"] is None
+    with session_scope(hooked.database_url) as session:
+        assert session.scalar(select(func.count()).select_from(Job).where(Job.webhook.is_(None))) == 2
+    [delivery] = job["webhook"]["deliveries"]
+    assert delivery["state"] == "delivered" and [r.headers["Erq-Event"] for r in receiver.received] == ["cancelled"]
+
+
+def test_the_migration_turns_stored_json_nulls_into_sql_nulls(settings):
+    """Rows written before revision 0005 held the JSON text 'null' for "no webhook"."""
+    from sqlalchemy import text
+
+    from storage.db import engine_for
+    from storage.migrate import downgrade, upgrade
+
+    downgrade(settings.database_url, "0004")
+    engine = engine_for(settings.database_url)
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO owners (id, name, created_at) VALUES (1, 'alice', '2026-01-01 00:00:00')"))
+        for job_id, webhook in (("old-none", "null"), ("old-hook", '{"url": "http://127.0.0.1:9/x"}')):
+            connection.execute(text(
+                "INSERT INTO jobs (id, owner_id, status, progress, params, cancel_requested, attempts, created_at, "
+                "webhook, metadata, metrics) VALUES (:id, 1, 'succeeded', 1, '{}', false, 1, '2026-01-02 00:00:00', "
+                ":webhook, 'null', 'null')"), {"id": job_id, "webhook": webhook})
+    engine.dispose()
+    upgrade(settings.database_url)
+    with engine_for(settings.database_url).connect() as connection:
+        rows = dict(connection.execute(text(
+            "SELECT id, webhook IS NULL AND metadata IS NULL AND metrics IS NULL FROM jobs")).all())
+        kept = connection.execute(text("SELECT CAST(webhook AS TEXT) FROM jobs WHERE id = 'old-hook'")).scalar()
+    assert rows == {"old-none": True, "old-hook": False}
+    assert json.loads(kept) == {"url": "http://127.0.0.1:9/x"}
