@@ -25,6 +25,7 @@ RUN pip install -r /tmp/requirements-api.txt
 COPY pyproject.toml README.md erq_cli.py alembic.ini ./
 COPY erq_core ./erq_core
 COPY storage ./storage
+COPY migrations ./migrations
 COPY service ./service
 COPY worker ./worker
 COPY erq_client ./erq_client
@@ -43,6 +44,7 @@ RUN mkdir -p /var/lib/erq/hf-cache && chown erq:erq /var/lib/erq/hf-cache
 COPY pyproject.toml README.md erq_cli.py alembic.ini ./
 COPY erq_core ./erq_core
 COPY storage ./storage
+COPY migrations ./migrations
 COPY service ./service
 COPY worker ./worker
 COPY erq_client ./erq_client

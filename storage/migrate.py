@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 from contextlib import contextmanager
+from importlib.resources import files
 from pathlib import Path
 from typing import Iterator
 
@@ -15,7 +16,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, create_engine, pool, text
 
-MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+MIGRATIONS = Path(str(files("erq_migrations")))  # the top-level migrations/ folder, installed as erq_migrations
 # Any fixed 64-bit number; only erq's migrations take this PostgreSQL advisory lock.
 ADVISORY_LOCK_ID = 0x65_72_71_6D_69_67  # "erqmig"
 

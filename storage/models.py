@@ -1,4 +1,4 @@
-"""Database tables. The schema changes only through Alembic migrations in storage/migrations/.
+"""Database tables. The schema changes only through Alembic migrations in migrations/.
 
 Owners own jobs; an owner holds any number of API keys (each can be revoked on its own).
 Every timestamp is a `UTCDateTime`: stored as UTC, always read back timezone-aware.

@@ -142,15 +142,21 @@ print('API ran without', sorted(m for m in ('torch', 'timm', 'worker') if m not 
 
 
 def test_the_wheel_holds_the_migrations_and_the_engine_data(tmp_path):
-    """`pip install .` (not editable, as in the images) must carry the files found next to the code."""
+    """`pip install .` (not editable, as in the images) must carry the files found next to the code: the
+    top-level migrations/ folder (as the package erq_migrations) and every package of the tree."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
     wheel = next(tmp_path.glob("erq-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    versions = {f"storage/migrations/versions/{p.name}" for p in (ROOT / "storage/migrations/versions").glob("*.py")}
-    assert {"storage/migrations/env.py", "storage/migrations/script.py.mako", "erq_core/timm_models.txt",
-            "storage/queue.py", "erq_cli.py", "erq_client/client.py", "erq_client/cli.py"} | versions <= names
-    assert not any(name.startswith(("jobspec/", "migrations/", "tests/")) for name in names)
+    versions = {f"erq_migrations/versions/{p.name}" for p in (ROOT / "migrations/versions").glob("*.py")}
+    assert len(versions) >= 5
+    assert {"erq_migrations/env.py", "erq_migrations/script.py.mako", "erq_core/timm_models.txt",
+            "storage/queue.py", "storage/migrate.py", "erq_cli.py", "erq_client/client.py", "erq_client/cli.py"} \
+        | versions <= names
+    packages = {str(init.parent.relative_to(ROOT)) for init in ROOT.glob("*/**/__init__.py")
+                if init.parts[len(ROOT.parts)] not in ("tests", "bench", ".venv", "build", "migrations")}
+    assert {f"{package}/__init__.py" for package in packages} <= names, "a package is missing from pyproject's list"
+    assert not any(name.startswith(("jobspec/", "migrations/", "tests/", "bench/")) for name in names)
 
 
 @pytest.fixture(scope="module")
