@@ -116,7 +116,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     owner_id: Mapped[int] = mapped_column(ForeignKey("owners.id"), index=True)
-    key_id: Mapped[Optional[int]] = mapped_column(ForeignKey("api_keys.id"), nullable=True)  # the key that submitted
+    key_id: Mapped[Optional[int]] = mapped_column(ForeignKey("api_keys.id"), nullable=True, index=True)  # the key that submitted
     idempotency_key: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
     request_sha256: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)  # of the submitted body
     status: Mapped[JobStatus] = mapped_column(
