@@ -13,13 +13,12 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from storage.artifacts import LOG_NAME, PUBLISHED, StoredFile, stored_file
+from storage.artifacts import LOG_NAME, PUBLISHED, StoredFile
 from storage.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Artifact, Job, JobStatus, Owner, db_now
 
 TERMINAL = TERMINAL_STATUSES
@@ -155,19 +154,16 @@ def report_progress(session: Session, job_id: str, worker: str, stage: str, prog
 
 
 def finish(session: Session, job_id: str, status: JobStatus, error: Optional[str] = None,
-           metrics: Optional[dict] = None, run_dir: Optional[Path] = None, worker: Optional[str] = None,
-           attempt: Optional[int] = None, run: Optional[str] = None, stored: Sequence[StoredFile] = (),
-           error_code: Optional[str] = None) -> bool:
+           metrics: Optional[dict] = None, worker: Optional[str] = None, attempt: Optional[int] = None,
+           run: Optional[str] = None, stored: Sequence[StoredFile] = (), error_code: Optional[str] = None) -> bool:
     """End a job (unless it already ended); with `worker`, only while the job is that worker's run,
     or, given its `attempt`, while the job waits re-queued with no newer run started (its lease ran
     out while the database was unreachable: the finished result still counts). The `stored` files
-    of `run` (already stored and verified) become the job's artifacts; `run_dir`, a folder store's
-    run folder, stands for both. Returns whether this call ended the job."""
+    of `run` (already stored and verified) become the job's artifacts. Returns whether this call
+    ended the job."""
     job = session.get(Job, job_id, populate_existing=True, with_for_update=True)
     if job is None or job.status in TERMINAL or not _is_current_run(job, worker, attempt):
         return False
-    if run_dir is not None:
-        run, stored = run_dir.name, [stored_file(run_dir, name) for name in PUBLISHED if (run_dir / name).is_file()]
     if run is not None:
         # A job that did not succeed publishes only its log: files of an unfinished run are not results.
         published = PUBLISHED if status == JobStatus.SUCCEEDED else (LOG_NAME,)

@@ -1,5 +1,4 @@
 """The whole pipeline on the bundled fixture: ERQ must beat round-to-nearest."""
-import pytest
 
 from erq_core import ErqConfig, run
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL, FIXTURE_VAL_LIMIT

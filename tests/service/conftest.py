@@ -187,3 +187,27 @@ def run_erq(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProces
 
     erq = str(Path(sys.executable).parent / "erq")
     return subprocess.run([erq, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def end_job_with_files(settings: Settings, job_id: str, contents: dict[str, bytes | int], status=None,
+                       error: str | None = None, worker: str = "w1") -> Path:
+    """What a worker does to a queued job, by hand: claim it, write `contents` into the run's folder
+    (bytes, or a size for a sparse file: a big checkpoint that takes no disk), and end it with those
+    files (the job-state code the worker uses). Returns the run folder."""
+    from storage import jobs
+    from storage.artifacts import stored_file
+    from storage.db import session_scope
+    from storage.folder import FolderStore
+    from storage.models import JobStatus
+
+    status = status or JobStatus.SUCCEEDED
+    with session_scope(settings.database_url) as session:
+        attempt = jobs.claim(session, job_id, worker).attempts
+    folder = FolderStore(settings.artifact_dir).fresh_run_dir(job_id, f"attempt-{attempt}")
+    for name, data in contents.items():
+        with open(folder / name, "wb") as handle:
+            handle.truncate(data) if isinstance(data, int) else handle.write(data)
+    with session_scope(settings.database_url) as session:
+        assert jobs.finish(session, job_id, status, error, metrics={}, worker=worker, run=folder.name,
+                           stored=[stored_file(folder, name) for name in contents])
+    return folder

@@ -399,22 +399,11 @@ def test_a_chunked_body_over_64_kib_answers_413(client, alice):
 
 def _finished_job(client, headers, settings, size: int | None = None) -> dict:
     """A job submitted through the API and ended by the job-state code the worker uses, with files."""
-    from storage import jobs
-    from storage.folder import FolderStore
-    from storage.db import session_scope
-    from storage.models import JobStatus
+    from tests.service.conftest import end_job_with_files
 
     job_id = submit(client, headers).json()["id"]
-    with session_scope(settings.database_url) as session:
-        attempt = jobs.claim(session, job_id, "w1").attempts
-    folder = FolderStore(settings.artifact_dir).fresh_run_dir(job_id, f"attempt-{attempt}")
-    (folder / "config.json").write_text('{"w_bits": 4}')
-    (folder / "job.log").write_text("done\n")
-    with open(folder / "quantized.safetensors", "wb") as handle:
-        handle.truncate(size or 1000)  # sparse: a big checkpoint takes no disk
-    (folder / "metrics.json").write_text("{}")
-    with session_scope(settings.database_url) as session:
-        assert jobs.finish(session, job_id, JobStatus.SUCCEEDED, metrics={}, run_dir=folder, worker="w1")
+    end_job_with_files(settings, job_id, {"config.json": b'{"w_bits": 4}', "job.log": b"done\n",
+                                          "metrics.json": b"{}", "quantized.safetensors": size or 1000})
     return client.get(f"/v1/jobs/{job_id}", headers=headers).json()
 
 

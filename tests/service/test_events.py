@@ -12,6 +12,7 @@ from typing import Iterator
 import httpx
 
 from storage import jobs
+from storage.artifacts import stored_file
 from storage.folder import FolderStore
 from storage.db import session_scope
 from storage.models import JobStatus
@@ -73,7 +74,8 @@ def run_job_by_hand(settings, job_id: str, lines: list[str]) -> None:
             jobs.report_progress(session, job_id, "w1", "wqer", (i + 1) / (len(lines) + 1))
         time.sleep(0.6)
     with session_scope(settings.database_url) as session:
-        jobs.finish(session, job_id, JobStatus.SUCCEEDED, metrics={}, run_dir=folder, worker="w1")
+        jobs.finish(session, job_id, JobStatus.SUCCEEDED, metrics={}, worker="w1", run=folder.name,
+                    stored=[stored_file(folder, "job.log")])
 
 
 @ON_SQLITE

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from storage import jobs
+from storage.artifacts import stored_file
 from storage.folder import FolderStore
 from storage.db import session_scope
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
@@ -46,7 +47,8 @@ def test_a_log_is_read_from_an_offset_and_says_where_to_go_on(client, alice, set
 def test_an_ended_jobs_log_is_complete_at_its_end(client, alice, settings):
     job_id, log = _running_job_with_log(client, alice, settings, b"x" * 10)
     with session_scope(settings.database_url) as session:
-        jobs.finish(session, job_id, jobs.JobStatus.FAILED, "broken", run_dir=log.parent, worker="w1")
+        jobs.finish(session, job_id, jobs.JobStatus.FAILED, "broken", worker="w1", run=log.parent.name,
+                    stored=[stored_file(log.parent, "job.log")])
     first = client.get(f"/v1/jobs/{job_id}/log?offset=4", headers=alice)
     assert first.text == "xxxxxx" and first.headers["Erq-Log-Complete"] == "true"
 

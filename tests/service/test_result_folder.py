@@ -10,12 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from storage import jobs
 from storage.folder import FolderStore
-from storage.db import session_scope
 from storage.models import JobStatus
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
-from tests.service.conftest import ON_SQLITE, make_key, worker_and_api
+from tests.service.conftest import ON_SQLITE, end_job_with_files, make_key, worker_and_api
 from tests.service.processes import wait_for_job
 
 JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "val_limit": 50}
@@ -28,14 +26,7 @@ def alice(settings) -> dict:
 
 def _finish(client, alice, settings, contents: dict[str, bytes], status=JobStatus.SUCCEEDED) -> str:
     job_id = client.post("/v1/jobs", json=JOB, headers=alice).json()["id"]
-    with session_scope(settings.database_url) as session:
-        attempt = jobs.claim(session, job_id, "w1").attempts
-    folder = FolderStore(settings.artifact_dir).fresh_run_dir(job_id, f"attempt-{attempt}")
-    for name, data in contents.items():
-        (folder / name).write_bytes(data)
-    with session_scope(settings.database_url) as session:
-        jobs.finish(session, job_id, status, None if status == JobStatus.SUCCEEDED else "x", metrics={},
-                    run_dir=folder, worker="w1")
+    end_job_with_files(settings, job_id, contents, status, None if status == JobStatus.SUCCEEDED else "x")
     return job_id
 
 

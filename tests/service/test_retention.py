@@ -11,9 +11,8 @@ from service.app import create_app
 from storage import jobs
 from storage.folder import FolderStore
 from storage.db import session_scope
-from storage.models import JobStatus
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
-from tests.service.conftest import ON_SQLITE, make_key, service_env
+from tests.service.conftest import ON_SQLITE, end_job_with_files, make_key, service_env
 from tests.service.processes import api_client, erq_process, free_port, wait_for_http
 
 JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "val_limit": 50}
@@ -27,13 +26,8 @@ def alice(settings) -> dict:
 def finished_job(client, headers, settings) -> dict:
     """A job submitted through the API and ended by the job-state code the worker uses, with files."""
     job_id = client.post("/v1/jobs", json=JOB, headers=headers).json()["id"]
-    with session_scope(settings.database_url) as session:
-        attempt = jobs.claim(session, job_id, "w1").attempts
-    folder = FolderStore(settings.artifact_dir).fresh_run_dir(job_id, f"attempt-{attempt}")
-    for name in ("config.json", "metrics.json", "quantized.safetensors", "job.log"):
-        (folder / name).write_text(name)
-    with session_scope(settings.database_url) as session:
-        assert jobs.finish(session, job_id, JobStatus.SUCCEEDED, metrics={}, run_dir=folder, worker="w1")
+    end_job_with_files(settings, job_id, {name: name.encode() for name in
+                                          ("config.json", "metrics.json", "quantized.safetensors", "job.log")})
     return client.get(f"/v1/jobs/{job_id}", headers=headers).json()
 
 

@@ -162,3 +162,26 @@ def test_processes_starting_together_migrate_one_at_a_time(postgres_server):
         with admin_engine.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin_engine.dispose()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_another_owners_key_gets_404_from_every_download_form(settings, tmp_path):
+    """GET and HEAD of an artifact, the result tar, the log (whole and by offset) and the event stream of
+    alice's finished job answer 404 to bob's key, as if the job did not exist; alice's key gets them."""
+    from tests.service.conftest import end_job_with_files
+
+    alice, bob = bearer(new_key(settings, tmp_path, "alice")), bearer(new_key(settings, tmp_path, "bob"))
+    with TestClient(create_app(settings)) as client:
+        job_id = client.post("/v1/jobs", json=JOB, headers=alice).json()["id"]
+        end_job_with_files(settings, job_id, {"quantized.safetensors": b"q" * 64, "config.json": b"{}",
+                                              "metrics.json": b"{}", "job.log": b"done\n"})
+        forms = [("GET", f"/v1/jobs/{job_id}/artifacts/quantized.safetensors"),
+                 ("HEAD", f"/v1/jobs/{job_id}/artifacts/config.json"), ("GET", f"/v1/jobs/{job_id}/artifacts.tar"),
+                 ("GET", f"/v1/jobs/{job_id}/log"), ("GET", f"/v1/jobs/{job_id}/log?offset=2"),
+                 ("GET", f"/v1/jobs/{job_id}/events")]
+        for method, path in forms:
+            theirs = client.request(method, path, headers=bob)
+            assert theirs.status_code == 404, (method, path, theirs.status_code)
+            if method == "GET":
+                assert theirs.json()["code"] == "job_not_found" and b"done" not in theirs.content
+            assert client.request(method, path, headers=alice).status_code in (200, 206), (method, path)

@@ -7,7 +7,6 @@ import re
 import shutil
 import signal
 import struct
-import subprocess
 import time
 import zlib
 from contextlib import contextmanager
