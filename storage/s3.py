@@ -23,8 +23,8 @@ import boto3
 from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError, \
-    NoCredentialsError, ReadTimeoutError
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionClosedError, ConnectTimeoutError, \
+    EndpointConnectionError, NoCredentialsError, ReadTimeoutError
 
 from storage.artifacts import LOG_NAME, ArtifactStore, ArtifactStoreError, StoredFile, media_type
 from storage.settings import Settings
@@ -34,7 +34,8 @@ SHA256_KEY = "sha256"  # object metadata: x-amz-meta-sha256
 MISSING = ("404", "NoSuchKey", "NotFound")
 MISSING_BUCKET = ("404", "NoSuchBucket", "NotFound")
 DENIED = ("403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch")
-UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError)
+# Refused, timed out, or dropped before an answer: the endpoint is not an S3 server that is up.
+UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
 WRITE_CHECK_NAME = ".erq-write-check-"
 S3_ERRORS = (BotoCoreError, ClientError, Boto3Error, OSError)
 

@@ -66,3 +66,26 @@ class TcpProxy:
     def close(self) -> None:
         self.cut()
         self.listener.close()
+
+
+class CountingListener:
+    """A port on 127.0.0.1 that counts the connections made to it and drops each at once: how many
+    times a client tried, or whether it tried at all, without timing anything."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.count = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.count += 1
+            connection.close()
+
+    def close(self) -> None:
+        self.listener.close()

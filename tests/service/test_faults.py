@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 import httpx
 import pytest
@@ -19,9 +20,13 @@ SLOW_JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DA
 QUICK_JOB = {**SLOW_JOB, "calib_size": 32, "val_limit": 50}
 MEDIUM_JOB = {**SLOW_JOB, "calib_size": 128, "val_limit": 200}
 
-def _wait_running_past_start(client: httpx.Client, job_id: str) -> dict:
-    job = wait_for_job(client, job_id, ("running",), 120)
+def _wait_running_past_start(client: httpx.Client, job_id: str, seconds: float = 120) -> dict:
+    """The job once it runs past loading its model; fails if it ends first or after `seconds`."""
+    deadline = time.monotonic() + seconds
+    job = wait_for_job(client, job_id, ("running",), seconds)
     while job["stage"] in (None, "starting", "load_model"):
+        assert job["status"] == "running" and time.monotonic() < deadline, job
+        time.sleep(0.1)
         job = client.get(f"/v1/jobs/{job_id}").json()
     return job
 
