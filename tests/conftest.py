@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import pytest
 # more than they save: under load a tiny Swin ERQ run took 46 s with two threads and 1.6 s with
 # one. Set before anything imports torch; an OMP_NUM_THREADS from the environment still wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Hypothesis (under schemathesis) keeps its example database outside the checkout: tests write nothing there.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "erq-tests-hypothesis"))
 
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL, FIXTURE_VAL_LIMIT
 
