@@ -7,9 +7,10 @@ import logging
 import os
 from typing import TYPE_CHECKING, Iterator, Optional
 
-from fastapi import HTTPException, Request, Response, status
+from fastapi import Request, Response, status
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 
+from service.problems import Problem
 from storage.artifacts import ArtifactStore, media_type
 from storage.folder import FolderStore
 from storage.models import Artifact, Job
@@ -31,14 +32,19 @@ def artifact_response(request: Request, store: ArtifactStore, job: Job, artifact
         return _from_bucket(request, store, job, artifact, etag, mode)
     except (BotoCoreError, ClientError) as exc:
         log.warning("job %s: artifact %s unreadable from %s: %s", job.id, artifact.name, store.describe(), exc)
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the artifact store is unreachable; retry later",
-                            headers={"Retry-After": "10"}) from None
+        raise Problem(status.HTTP_503_SERVICE_UNAVAILABLE, "artifact_store_unavailable",
+                      "the artifact store is unreachable; retry later", headers={"Retry-After": "10"}) from None
 
 
-def _gone(job: Job, name: str, where: str) -> HTTPException:
+def _gone(job: Job, name: str, where: str) -> Problem:
     log.error("job %s: artifact %s is recorded but %s is missing", job.id, name, where)
-    return HTTPException(status.HTTP_410_GONE, f"the file of artifact {name!r} of job {job.id} is no longer in "
-                                               "the artifact store")
+    return artifact_missing(job.id, name)
+
+
+def artifact_missing(job_id: str, name: str) -> Problem:
+    """A recorded artifact whose file is gone: the same answer from every route."""
+    return Problem(status.HTTP_410_GONE, "artifact_missing",
+                   f"the file of artifact {name!r} of job {job_id} is no longer in the artifact store")
 
 
 def _from_folder(store: FolderStore, job: Job, name: str, etag: str) -> Response:

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from service import events, problems
 from service.auth import CurrentCaller
 from service.deps import AppSettings, Artifacts, DbSession, Queue
-from service.downloads import artifact_response
+from service.downloads import artifact_missing, artifact_response
 from service.problems import Problem
 from service.schemas import ArtifactOut, JobList, JobOut, JobSubmission, LogChunk, WebhookOut
 from service.validation import InvalidJob, validate_job
@@ -277,8 +277,7 @@ def download_result_folder(job_id: str, caller: CurrentCaller, session: DbSessio
     recorded = {a.name: a for a in job.artifacts}
     for name in RESULT_FOLDER:
         if name not in recorded or store.read_range(job_id, job.published_run, name, 0, 0) is None:
-            raise Problem(status.HTTP_410_GONE, "artifact_missing", f"the file of artifact {name!r} of job {job_id} "
-                                                                    "is no longer in the artifact store")
+            raise artifact_missing(job_id, name)
     members = [(store.iter_bytes(job_id, job.published_run, name), _tar_header(name, recorded[name].size, job))
                for name in RESULT_FOLDER]
     etag = '"' + hashlib.sha256("".join(recorded[n].sha256 for n in RESULT_FOLDER).encode()).hexdigest()[:32] + '"'

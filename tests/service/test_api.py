@@ -418,7 +418,7 @@ def test_artifacts_answer_head_and_if_none_match(client, alice, settings):
     assert client.get(config["url"], headers={**alice, "If-None-Match": '"other"'}).content == b'{"w_bits": 4}'
 
 
-def test_an_artifact_whose_file_is_missing_answers_410(client, alice, settings):
+def test_an_artifact_whose_file_is_missing_answers_410_artifact_missing_from_every_route(client, alice, settings):
     from storage.folder import FolderStore
 
     job = _finished_job(client, alice, settings)
@@ -428,7 +428,9 @@ def test_an_artifact_whose_file_is_missing_answers_410(client, alice, settings):
     for method in ("GET", "HEAD"):
         answer = client.request(method, url, headers=alice)
         assert answer.status_code == 410, (method, answer.status_code)
-    assert "no longer in the artifact store" in client.get(url, headers=alice).json()["detail"]
+    for answer in (client.get(url, headers=alice), client.get(f"/v1/jobs/{job['id']}/artifacts.tar", headers=alice)):
+        assert answer.status_code == 410 and answer.json()["code"] == "artifact_missing", answer.json()
+        assert "no longer in the artifact store" in answer.json()["detail"]
 
 
 @ON_POSTGRESQL
