@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv fixture bench lint clean
+.PHONY: run test test-fast venv fixture bench lint clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,10 @@ run: venv
 
 test: venv
 	$(BIN)/python -m pytest
+
+# The unit lane: pure computation and the API in process on SQLite, in under two minutes.
+test-fast: venv
+	$(BIN)/python -m pytest -m unit -q
 
 fixture: venv
 	$(BIN)/python tests/fixtures/make_fixture.py

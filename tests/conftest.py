@@ -46,3 +46,20 @@ def erq_w4a4_run(tmp_path_factory) -> tuple[Path, dict]:
 def _quiet_engine_log():
     logging.getLogger("erq").setLevel(logging.WARNING)
     yield
+
+
+# The two lanes (`make test-fast` runs `unit` alone; `make test` runs both). A test is `integration`
+# when it is marked so (it starts real processes, a browser, a compose check) or when it needs
+# PostgreSQL, Redis or an S3 server; every other test is `unit`: pure computation, or the API in
+# process on SQLite.
+SERVER_FIXTURES = {"postgres_server", "postgres_url", "redis_server", "redis_broker", "s3_server", "s3_bucket"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("integration") or item.get_closest_marker("unit"):
+            continue
+        on_postgresql = getattr(item, "callspec", None) and item.callspec.params.get("database_url") == "postgresql"
+        needs_server = SERVER_FIXTURES & set(item.fixturenames) or on_postgresql
+        item.add_marker(pytest.mark.integration if needs_server else pytest.mark.unit)
+

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # the real erq command
+
 ERQ = str(Path(sys.executable).parent / "erq")
 
 

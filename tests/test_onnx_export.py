@@ -53,6 +53,7 @@ def exported(erq_w4a4_run, tmp_path_factory):
     return folder, metrics, out, result
 
 
+@pytest.mark.integration
 def test_onnxruntime_alone_gives_erq_evaluate_accuracy_and_logits(exported, tmp_path):
     folder, metrics, path, _ = exported
     images, labels = validation_images(folder)
@@ -108,6 +109,7 @@ def test_only_standard_operators_and_a_qdq_pair_per_uniform_activation_quantizer
     assert Counter(n.op_type for n in proto.graph.node)["Log"] == len(log_sqrt2) > 0
 
 
+@pytest.mark.integration
 def test_cli_writes_the_model_and_refuses_what_it_cannot_express(erq_w4a4_run, tmp_path):
     folder, _ = erq_w4a4_run
     result = subprocess.run([ERQ, "export", str(folder), "--format", "onnx", "--out", str(tmp_path / "m.onnx")],
@@ -150,6 +152,7 @@ def test_every_supported_family_exports_with_the_quantized_models_outputs(kind, 
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_erq_quantize_export_onnx_writes_model_onnx_beside_the_checkpoint(tmp_path, fixture_model_spec,
                                                                           fixture_dataset):
     common = ["quantize", "--model", fixture_model_spec, "--dataset", str(fixture_dataset), "--calib-size", "8",

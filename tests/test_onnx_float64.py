@@ -127,6 +127,7 @@ def float64_run(tmp_path_factory, fixture_model_spec, fixture_dataset):
     return out, json.loads((out / "metrics.json").read_text())
 
 
+@pytest.mark.integration
 def test_onnxruntime_alone_gives_the_float64_evaluation_image_for_image(float64_run, tmp_path):
     folder, metrics = float64_run
     path = folder / "model-float64.onnx"
@@ -158,6 +159,7 @@ def test_onnxruntime_alone_gives_the_float64_evaluation_image_for_image(float64_
                 and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)]
 
 
+@pytest.mark.integration
 def test_erq_export_writes_the_same_float64_model_the_run_wrote(float64_run):
     folder, _ = float64_run
     written = (folder / "model-float64.onnx").read_bytes()
@@ -195,6 +197,7 @@ def test_every_supported_family_exports_in_float64_with_the_float64_models_outpu
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_the_report_shows_the_float64_accuracy_of_metrics_json(float64_run):
     from tests.test_report import rendered
 

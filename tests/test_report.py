@@ -15,6 +15,8 @@ import pytest
 from erq_core.report import layer_series, render_report
 
 
+pytestmark = pytest.mark.integration  # headless Chromium
+
 def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:

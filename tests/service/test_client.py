@@ -23,6 +23,7 @@ def erq(args: list[str], env: dict, cwd: Path, timeout: float = 300) -> subproce
     return subprocess.run([ERQ, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.integration
 def test_the_client_imports_neither_torch_nor_the_service():
     code = ("import sys, erq_client, erq_client.cli; "
             "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'service', 'storage', 'worker', "
@@ -40,6 +41,7 @@ def test_submit_offers_every_job_parameter_of_erqconfig():
     assert not {spec.name for spec in fields() if not spec.option.rest} & dests  # e.g. random_init stays local
 
 
+@pytest.mark.integration
 def test_submit_checks_the_bounds_of_erqconfig_before_sending(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ERQ_API_KEY": "erq_unused"}
     refused = erq(["submit", "--server", "http://127.0.0.1:1", "--model", MODEL, "--dataset", "/d", "--w-bits", "9"],
@@ -52,6 +54,7 @@ def test_submit_checks_the_bounds_of_erqconfig_before_sending(tmp_path):
 
 
 @ON_SQLITE
+@pytest.mark.integration
 def test_submit_wait_download_and_the_jobs_commands(tmp_path, settings):
     import erq_core
 
@@ -103,6 +106,7 @@ def test_submit_wait_download_and_the_jobs_commands(tmp_path, settings):
 
 
 @ON_SQLITE
+@pytest.mark.integration
 def test_the_library_follows_events_and_reports_problems(tmp_path, settings):
     from erq_client import ErqClient, ErqClientError
 

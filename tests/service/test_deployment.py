@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # docker-compose, a wheel build and python processes
+
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE_FOLDERS = {"erq_core", "storage", "service", "worker"}
 ENGINE_PACKAGES = {"torch", "torchvision", "timm", "safetensors", "numpy", "pillow"}

@@ -14,16 +14,19 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+import pytest
 from sqlalchemy import select
 
 from storage import jobs
 from storage.db import session_scope
 from storage.keys import find_key
 from storage.models import Job, db_now
+from storage.queue import ORPHAN_GRACE_SECONDS, OrphanedJobs, enqueue, make_celery, ready_messages
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_POSTGRESQL, ON_SQLITE, _unavailable, make_key, service_env
 from tests.service.processes import api_client, erq_process, free_port, wait_for_http, wait_for_job
-from storage.queue import ORPHAN_GRACE_SECONDS, OrphanedJobs, enqueue, make_celery, ready_messages
+
+pytestmark = pytest.mark.integration  # real erq processes, a Redis of its own
 
 SHORT_JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "calib_size": 32,
              "evaluate": False}

@@ -7,10 +7,13 @@ import http.client
 import time
 
 import httpx
+import pytest
 
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import run_erq, service_env
 from tests.service.processes import erq_process, free_port, serving, wait_for_http
+
+pytestmark = pytest.mark.integration  # real erq processes
 
 VAL_LIMIT = 200
 FIXTURE_JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "w_bits": 4,

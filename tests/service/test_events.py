@@ -10,15 +10,18 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import httpx
+import pytest
 
 from storage import jobs
 from storage.artifacts import stored_file
-from storage.folder import FolderStore
 from storage.db import session_scope
+from storage.folder import FolderStore
 from storage.models import JobStatus
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_SQLITE, make_key, service_env, worker_and_api
 from tests.service.processes import api_client, erq_process, free_port, wait_for_http
+
+pytestmark = pytest.mark.integration  # a real erq api process
 
 JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "val_limit": 50}
 

@@ -9,11 +9,14 @@ import signal
 
 import httpx
 import numpy as np
+import pytest
 
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import service_env
 from tests.service.processes import free_port, serving, wait_for_job
 from tests.test_onnx_export import run_onnxruntime_alone
+
+pytestmark = pytest.mark.integration  # real erq processes
 
 VAL_LIMIT = 200
 JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "w_bits": 4, "a_bits": 4,

@@ -16,6 +16,8 @@ from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_POSTGRESQL, ON_SQLITE, make_key, service_env, worker_and_api
 from tests.service.processes import api_client, erq_process, free_port, serving, wait_for_http, wait_for_job
 
+pytestmark = pytest.mark.integration  # real erq processes
+
 SLOW_JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "calib_size": 320}
 QUICK_JOB = {**SLOW_JOB, "calib_size": 32, "val_limit": 50}
 MEDIUM_JOB = {**SLOW_JOB, "calib_size": 128, "val_limit": 200}

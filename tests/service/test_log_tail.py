@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from storage import jobs
 from storage.artifacts import stored_file
-from storage.folder import FolderStore
 from storage.db import session_scope
+from storage.folder import FolderStore
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_SQLITE, worker_and_api
 
@@ -54,6 +56,7 @@ def test_an_ended_jobs_log_is_complete_at_its_end(client, alice, settings):
 
 
 @ON_SQLITE
+@pytest.mark.integration
 def test_tailing_a_real_jobs_log_by_offsets_gives_the_whole_log(tmp_path, settings):
     with worker_and_api(tmp_path, settings) as client:
         job_id = client.post("/v1/jobs", json=JOB).json()["id"]

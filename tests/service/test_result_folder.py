@@ -64,6 +64,7 @@ def test_no_tar_without_a_result(settings, alice):
 
 
 @ON_SQLITE
+@pytest.mark.integration
 def test_a_real_jobs_tar_loads_as_a_quantized_model(tmp_path, settings):
     import erq_core
 

@@ -95,6 +95,7 @@ def test_without_a_retention_nothing_expires(settings, alice):
 
 
 @ON_SQLITE
+@pytest.mark.integration
 def test_a_real_worker_sweeps_expired_artifacts(tmp_path, settings, monkeypatch):
     """`erq worker`'s sweeper runs the retention duty (every 60 s; the first round at start)."""
     key = make_key(settings, "alice")

@@ -17,6 +17,8 @@ from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import run_erq, service_env
 from tests.service.processes import api_client, erq_process, free_port, wait_for_http
 
+pytestmark = pytest.mark.integration  # the real erq admin command
+
 JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "val_limit": 50}
 
 

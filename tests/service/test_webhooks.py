@@ -15,6 +15,8 @@ from tests.service.conftest import ON_SQLITE, make_key, run_erq, service_env
 from tests.service.processes import api_client, erq_process, free_port, wait_for_http, wait_for_job
 from tests.service.webhook_receiver import Receiver, verify
 
+pytestmark = pytest.mark.integration  # the real erq admin command, a real worker
+
 JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "val_limit": 50}
 
 

@@ -29,6 +29,8 @@ from tests.service.processes import api_client, erq_process, free_port, wait_for
     wait_for_text
 from tests.service.tcp_proxy import TcpProxy
 
+pytestmark = pytest.mark.integration  # real erq processes
+
 QUICK_JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "calib_size": 32,
              "val_limit": 50}
 SLOW_JOB = {**QUICK_JOB, "calib_size": 320, "val_limit": None}
