@@ -1,24 +1,32 @@
 """The whole pipeline on the bundled fixture: ERQ must beat round-to-nearest."""
+import pytest
 
 from erq_core import ErqConfig, run
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL, FIXTURE_VAL_LIMIT
 
 
-def test_at_2_bit_weights_erq_keeps_what_rtn_loses_and_erq_plus_keeps_more(tmp_path):
+@pytest.mark.integration  # nine runs of the whole pipeline: the slow lane
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_at_2_bit_weights_erq_keeps_what_rtn_loses_and_erq_plus_keeps_more(tmp_path, seed):
     """At W4/A4 the fixture separates no method (all within a few images of FP); at 2-bit weights
-    round-to-nearest loses many points, ERQ's error reduction keeps most of them, and erq+ more."""
+    round-to-nearest loses many points, ERQ's error reduction keeps most of them, and erq+ more.
+
+    Measured on the 500-image subset (FP 84.8), seeds 0-2: rtn 69.0-70.4, erq 79.2-80.6, erq+
+    84.6-84.8. So each bound below holds for every seed with a margin of at least 2 points (10
+    images): rtn is 14.4 or more below FP (bound 10), erq 5.6 or less below FP (bound 8) and 9.2 or
+    more above rtn (bound 5), erq+ 4.0 or more above erq (bound 2)."""
     results = {}
     for method in ("rtn", "erq", "erq+"):
         results[method] = run(ErqConfig(model=FIXTURE_MODEL, dataset=str(FIXTURE_DATASET), method=method,
-                                        w_bits=2, a_bits=4, val_limit=FIXTURE_VAL_LIMIT), tmp_path / method,
-                              device="cpu")
+                                        w_bits=2, a_bits=4, val_limit=FIXTURE_VAL_LIMIT, seed=seed),
+                              tmp_path / method, device="cpu")
     fp = results["erq"]["fp"]["top1"]
     assert results["rtn"]["fp"] == results["erq"]["fp"] and results["erq"]["n_val"] == FIXTURE_VAL_LIMIT
     top1 = {method: result["quantized"]["top1"] for method, result in results.items()}
     print(top1, "FP", fp)
     assert top1["rtn"] < fp - 10
-    assert top1["erq"] > fp - 6 and top1["erq"] > top1["rtn"] + 5
-    assert top1["erq+"] > top1["erq"] + 1  # at least 5 of the 500 images
+    assert top1["erq"] > fp - 8 and top1["erq"] > top1["rtn"] + 5
+    assert top1["erq+"] > top1["erq"] + 2
 
 
 def test_metrics_report_every_layer_and_stage(erq_w4a4_run):
