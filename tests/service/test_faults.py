@@ -87,6 +87,34 @@ def test_ctrl_c_on_serve_requeues_the_running_job_and_the_next_start_runs_it(tmp
         assert wait_for_job(client, job_id, ("cancelled", "succeeded", "failed"), 30)["status"] == "cancelled"
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_serve_stopped_by_a_signal_stops_its_worker_warm(tmp_path, stop):
+    """A service manager's stop (SIGTERM) as Ctrl-C (SIGINT): erq serve exits only once its embedded
+    worker has handed the running job back and exited, leaving no worker behind."""
+    env = service_env(tmp_path)
+    port = free_port()
+    worker_pid = None
+    try:
+        with serving(tmp_path, env, port) as (serve, client):
+            job_id = client.post("/v1/jobs", json=SLOW_JOB).json()["id"]
+            _wait_running_past_start(client, job_id)
+            with session_scope(env["ERQ_DATABASE_URL"]) as session:
+                worker_pid = int(session.get(Job, job_id).worker.rsplit(":", 1)[1])
+            serve.send_signal(stop)
+            assert serve.wait(60) == 0, (tmp_path / "serve.log").read_text()[-2000:]
+        with session_scope(env["ERQ_DATABASE_URL"]) as session:  # handed back: queued, no attempt spent
+            job = session.get(Job, job_id)
+            assert (job.status, job.attempts, job.worker) == ("queued", 0, None), job.stage
+        with pytest.raises(ProcessLookupError):
+            os.kill(worker_pid, 0)
+    finally:
+        if worker_pid is not None:
+            try:
+                os.kill(worker_pid, signal.SIGKILL)  # an orphan must not go on consuming the queue
+            except ProcessLookupError:
+                pass
+
+
 def test_an_expired_lease_on_the_last_attempt_fails_the_job_with_a_reason(settings):
     key = make_key(settings, "alice")
     with session_scope(settings.database_url) as session:
