@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 import httpx
 import pytest
@@ -37,6 +38,28 @@ def test_cancel_a_running_job_then_the_worker_takes_the_next(tmp_path, settings)
         assert [a["name"] for a in cancelled["artifacts"]] == ["job.log"]  # the log only, no results
         quick = client.post("/v1/jobs", json=QUICK_JOB).json()["id"]
         assert wait_for_job(client, quick, ("succeeded", "failed"), 120)["status"] == "succeeded"
+
+
+@ON_SQLITE
+def test_cancel_during_reconstruction_stops_the_job_within_the_block(tmp_path, settings):
+    """erq+ --reconstruct learns each block for reconstruct_iters steps, 100,000 here: far longer than
+    this test waits. Its steps report progress (stage `reconstruct`), where a cancel is seen."""
+    job = {**QUICK_JOB, "method": "erq+", "reconstruct": True, "reconstruct_iters": 100_000,
+           "reconstruct_images": 32}
+    with worker_and_api(tmp_path, settings) as client:
+        job_id = client.post("/v1/jobs", json=job).json()["id"]
+        running = wait_for_job(client, job_id, ("running",), 120)
+        deadline = time.monotonic() + 240
+        while running["stage"] != "reconstruct":
+            assert time.monotonic() < deadline and running["status"] == "running", running
+            time.sleep(0.3)
+            running = client.get(f"/v1/jobs/{job_id}").json()
+        assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+        cancelled = wait_for_job(client, job_id, ("cancelled", "succeeded", "failed"), 60)
+        log = client.get(f"/v1/jobs/{job_id}/log").text
+    assert cancelled["status"] == "cancelled", cancelled
+    assert cancelled["progress"] == running["progress"] > 0  # the layers' progress holds while a block learns
+    assert "reconstructed" not in log, log  # no block's reconstruction ended: the cancel was seen within one
 
 
 @ON_POSTGRESQL
