@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from erq_core.config import ErqConfig
 from erq_core.layer import LayerPlan, augmented_weight, solve_layer
 from erq_core.output_aware import linear_input_loss, matmul_loss, search_range
+from erq_core.progress import LAYERS_STAGE, RECONSTRUCT_STAGE
 from erq_core.qmodules import QuantLinear, QuantMatMul, set_quant_state
 from erq_core.ridge import choose_aqer_alpha, mean_diagonal
 from erq_core.sequential import call_arguments, leading_images, quantize_sequentially
@@ -94,9 +95,9 @@ def quantize_plus(model: nn.Module, calibration: Iterable, config: ErqConfig, se
         def after_block(name: str, block: nn.Module, inputs: list[Tensor], targets: list[Tensor]) -> None:
             images = config.reconstruct_images
             with timed(seconds, "reconstruct"):
-                before, after = reconstruct_block(block, leading_images(inputs, images),
-                                                  leading_images(targets, images), config.reconstruct_iters,
-                                                  seed=config.seed)
+                before, after = reconstruct_block(
+                    block, leading_images(inputs, images), leading_images(targets, images), config.reconstruct_iters,
+                    seed=config.seed, progress=lambda done, total: progress(RECONSTRUCT_STAGE, done, total))
             log.info("reconstructed %s: block output error %.4g -> %.4g", name, before, after)
 
     def timed_calibration(unit: nn.Module, module: nn.Module, unit_input: Tensor) -> None:
@@ -107,7 +108,7 @@ def quantize_plus(model: nn.Module, calibration: Iterable, config: ErqConfig, se
     reports = quantize_sequentially(
         model, fp_model, batches, config.calib_size, solve,
         calibrate_quantizers=timed_calibration if options.output_aware_activations else None,
-        after_block=after_block, progress=lambda done, total: progress("quantize_layers", done, total))
+        after_block=after_block, progress=lambda done, total: progress(LAYERS_STAGE, done, total))
     # what the walk spent outside the stages timed above: the forwards and the statistics
     inside = sum(seconds.values()) - attributed
     seconds["collect_statistics"] = round(time.perf_counter() - start - inside, 3)

@@ -1,8 +1,16 @@
-"""Progress reporting: the engine calls progress(stage, done, total); this turns it into tqdm bars."""
+"""Progress reporting: the engine calls progress(stage, done, total); this turns it into tqdm bars.
+
+The engine's callers stop a run from their progress callback (the worker raises there on cancel,
+shutdown or time limit), so every long loop of the engine calls it at least every few seconds.
+"""
 from __future__ import annotations
 
 import sys
 from typing import Optional
+
+# erq+ walks the blocks once (LAYERS_STAGE, `done` counting layers); with --reconstruct, each block's
+# reconstruction steps are RECONSTRUCT_STAGE, reported between its layers and the next block's.
+LAYERS_STAGE, RECONSTRUCT_STAGE = "quantize_layers", "reconstruct"
 
 
 class TqdmProgress:

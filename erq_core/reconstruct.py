@@ -13,6 +13,9 @@ training, which keeps the learned weights from overfitting the few calibration i
 
 When a block is done its weights are put back exactly on the (unchanged) weight grid, so the
 checkpoint format does not change.
+
+`progress(done, total)` is called after every step: a block's reconstruction is long (minutes on a
+CPU), and the caller's progress callback is where a job is stopped (cancel, shutdown, time limit).
 """
 from __future__ import annotations
 
@@ -126,8 +129,10 @@ def _trainable(block: nn.Module) -> Iterator[tuple[list[_LearnedWeight], list[_L
 
 
 def reconstruct_block(block: nn.Module, q_inputs: list[Tensor], targets: list[Tensor], iterations: int,
-                      batch_size: int = 32, seed: int = 0) -> tuple[float, float]:
-    """Learn the block's rounding, activation scales and biases; returns the loss before and after."""
+                      batch_size: int = 32, seed: int = 0,
+                      progress: Optional[Callable[[int, int], None]] = None) -> tuple[float, float]:
+    """Learn the block's rounding, activation scales and biases; returns the loss before and after.
+    An exception raised by `progress` stops it with the block's modules restored."""
     x_all = torch.cat(q_inputs)
     y_all = torch.cat(targets)
     generator = torch.Generator().manual_seed(seed)
@@ -146,12 +151,14 @@ def reconstruct_block(block: nn.Module, q_inputs: list[Tensor], targets: list[Te
         with torch.no_grad():
             before = float(loss_on(None, False))
         with torch.enable_grad():
-            for _ in range(iterations):
+            for step in range(iterations):
                 indices = torch.randint(0, x_all.shape[0], (min(batch_size, x_all.shape[0]),), generator=generator)
                 optimizer.zero_grad()
                 loss = loss_on(indices, True)
                 loss.backward()
                 optimizer.step()
+                if progress is not None:
+                    progress(step + 1, iterations)
         with torch.no_grad():
             after = float(loss_on(None, False))
             if after > before:  # learning made it worse (too few images, too many steps): keep the start

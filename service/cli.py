@@ -40,17 +40,48 @@ def _server_args(prog: str, argv: list[str]) -> argparse.Namespace:
 KEEP_ALIVE_SECONDS = 75
 
 
+EXIT_STARTUP_FAILURE = 3  # uvicorn's: the server did not start (the address is in use, ...)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a service manager's stop) is Ctrl-C here. uvicorn stops gracefully on both and, once
+    stopped, raises the signal again: as KeyboardInterrupt it ends `erq api` and `erq serve` through
+    their own clean-up (the embedded worker stopped warm), where SIGTERM's default killed the process
+    and left that worker running."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def _run_api(settings: Settings, host: str, port: int) -> None:
+    """Serve until SIGTERM or Ctrl-C. Then event streams end at once with a final `closed` event, and
+    other requests get ERQ_API_GRACE_SECONDS to finish before they are cut."""
     import uvicorn
 
     from service.app import create_app
+    from service.events import end_streams
 
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info",
-                timeout_keep_alive=KEEP_ALIVE_SECONDS)
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # the signal handler, in the event loop's thread
+            super().handle_exit(sig, frame)
+            try:
+                end_streams(getattr(app.state, "event_hub", None))
+            except RuntimeError:  # the loop is closed already
+                pass
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_keep_alive=KEEP_ALIVE_SECONDS,
+                                   timeout_graceful_shutdown=settings.api_grace_seconds))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass  # the signal that stopped the server, raised again by uvicorn
+    if not server.started:
+        raise SystemExit(EXIT_STARTUP_FAILURE)
 
 
 def api_main(argv: list[str]) -> int:
     args = _server_args("erq api", argv)
+    _stop_on_sigterm()
     settings = get_settings()
     _prepare(settings)
     _run_api(settings, args.host, args.port)
@@ -80,6 +111,7 @@ def ensure_local_key(settings: Settings) -> None:
 
 def serve_main(argv: list[str]) -> int:
     args = _server_args("erq serve", argv)
+    _stop_on_sigterm()
     settings = get_settings()
     _prepare(settings)
     ensure_local_key(settings)
@@ -95,7 +127,8 @@ def serve_main(argv: list[str]) -> int:
 
 
 class EmbeddedWorker(threading.Thread):
-    """The worker beside `erq serve`'s API: restarted if it dies, stopped with the API."""
+    """The worker beside `erq serve`'s API: restarted if it dies, stopped (warm) with the API, on
+    SIGTERM as on Ctrl-C."""
 
     def __init__(self):
         super().__init__(daemon=True, name="embedded-worker")

@@ -9,12 +9,18 @@ line. After a job's terminal status event its followers' streams end.
 Event ids are `ATTEMPT:OFFSET`: the run whose log is being sent, and the byte offset of the log
 sent so far. A client that reconnects with `Last-Event-ID` gets the current status again and the
 log from where it stopped (from the start if the job has moved on to another run).
+
+A stream also ends, before its job does, with a final `closed` event (`{reason, detail}`):
+- `shutdown`: the API process is stopping (SIGTERM or Ctrl-C; `end_streams`, called from the
+  signal handler, so that no follower holds a deploy until its job ends);
+- `key_revoked`: the key that opened the stream was revoked (re-checked every KEY_CHECK_SECONDS).
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
@@ -23,11 +29,12 @@ from sqlalchemy import select
 
 from storage.artifacts import LOG_NAME, open_store
 from storage.db import session_factory
-from storage.models import TERMINAL_STATUSES, Job
+from storage.models import TERMINAL_STATUSES, ApiKey, Job
 from storage.settings import Settings
 
 POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0
+KEY_CHECK_SECONDS = 5.0  # a stream whose key was revoked ends within this long (plus a poll)
 MAX_QUEUED_EVENTS = 10_000  # a follower this far behind is dropped (it reconnects with Last-Event-ID)
 log = logging.getLogger("erq")
 
@@ -49,6 +56,7 @@ class Follower:
     job_id: str
     run: Optional[int]  # from Last-Event-ID: whose log `offset` counts in
     offset: int
+    key_id: Optional[int] = None  # the API key that opened the stream: it ends when that key is revoked
     queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(MAX_QUEUED_EVENTS))
     sent: Optional[Snapshot] = None
     partial: bytes = b""  # bytes of a line not finished yet
@@ -59,6 +67,15 @@ class Follower:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
             self.done = True  # too slow: drop it; it may resume with Last-Event-ID
+
+    def close(self, reason: str, detail: str) -> None:
+        """End the stream before the job's end with a final `closed` event (its id resumes the log)."""
+        if self.done:
+            return
+        self.done = True
+        event_id = f"{self.run}:{self.offset}" if self.run is not None else ""
+        self.put(sse("closed", event_id, {"reason": reason, "detail": detail}))
+        self.put(None)
 
 
 def parse_last_event_id(value: Optional[str]) -> tuple[Optional[int], int]:
@@ -83,14 +100,27 @@ class EventHub:
         self.followers: dict[str, set[Follower]] = {}
         self.task: Optional[asyncio.Task] = None
         self.ticks = 0  # polls done (one database query each): for tests and the bench
+        self.loop = asyncio.get_running_loop()  # made in the app's event loop (routes/jobs.py, event_hub)
+        self.stopping = False
+        self.keys_checked = time.monotonic()
 
-    def follow(self, job_id: str, last_event_id: Optional[str]) -> Follower:
+    def follow(self, job_id: str, last_event_id: Optional[str], key_id: Optional[int] = None) -> Follower:
         run, offset = parse_last_event_id(last_event_id)
-        follower = Follower(job_id, run, offset)
+        follower = Follower(job_id, run, offset, key_id)
+        if self.stopping:  # a request that arrived just before the shutdown
+            follower.close(*SHUTDOWN)
+            return follower
         self.followers.setdefault(job_id, set()).add(follower)
         if self.task is None or self.task.done():
-            self.task = asyncio.get_running_loop().create_task(self._run(), name="erq-event-hub")
+            self.task = self.loop.create_task(self._run(), name="erq-event-hub")
         return follower
+
+    def shut_down(self) -> None:
+        """End every stream now with a final `closed` event: the process is stopping."""
+        self.stopping = True
+        for followers in list(self.followers.values()):
+            for follower in list(followers):
+                follower.close(*SHUTDOWN)
 
     def unfollow(self, follower: Follower) -> None:
         followers = self.followers.get(follower.job_id)
@@ -111,6 +141,8 @@ class EventHub:
         job_ids = list(self.followers)
         snapshots = await anyio.to_thread.run_sync(self._read_jobs, job_ids)
         self.ticks += 1
+        if time.monotonic() - self.keys_checked >= KEY_CHECK_SECONDS:
+            await self._end_streams_of_revoked_keys()
         for job_id in job_ids:
             followers = [f for f in self.followers.get(job_id, ()) if not f.done]
             snapshot = snapshots.get(job_id)
@@ -121,6 +153,20 @@ class EventHub:
                 continue
             if followers:
                 await self._publish(job_id, snapshot, followers)
+
+    async def _end_streams_of_revoked_keys(self) -> None:
+        followers = [f for group in self.followers.values() for f in group if f.key_id is not None and not f.done]
+        revoked = await anyio.to_thread.run_sync(self._revoked, {f.key_id for f in followers})
+        self.keys_checked = time.monotonic()
+        for follower in followers:
+            if follower.key_id in revoked:
+                follower.close("key_revoked", "the API key that opened this stream was revoked")
+
+    def _revoked(self, key_ids: set[int]) -> set[int]:
+        if not key_ids:
+            return set()
+        with session_factory(self.settings.database_url)() as session:
+            return set(session.scalars(select(ApiKey.id).where(ApiKey.id.in_(key_ids), ApiKey.revoked_at.is_not(None))))
 
     def _read_log(self, job_id: str, run: Optional[str], offset: int) -> bytes:
         found = self.store.read_range(job_id, run, LOG_NAME, offset)
@@ -171,6 +217,15 @@ class EventHub:
             follower.put(sse("status", event_id(), _status_data(snapshot)))
             follower.done = True
             follower.put(None)
+
+
+SHUTDOWN = ("shutdown", "the API is shutting down; reconnect with Last-Event-ID to go on where this stream stopped")
+
+
+def end_streams(hub: Optional[EventHub]) -> None:
+    """From a signal handler (or any thread): end the hub's streams in its own event loop."""
+    if hub is not None:
+        hub.loop.call_soon_threadsafe(hub.shut_down)
 
 
 def _status_data(snapshot: Snapshot) -> dict:

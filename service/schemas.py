@@ -75,6 +75,7 @@ class WebhookDeliveryOut(BaseModel):
     status_code: Optional[int] = Field(description="the receiver's answer to the last attempt")
     error: Optional[str] = Field(description="why the last attempt failed")
     created_at: Optional[dt.datetime]
+    last_attempt_at: Optional[dt.datetime] = Field(description="when the latest attempt started")
     delivered_at: Optional[dt.datetime]
     given_up_at: Optional[dt.datetime]
 

@@ -180,7 +180,11 @@ class WebhookDelivery(Base):
     url: Mapped[str] = mapped_column(String(2048))
     body: Mapped[str] = mapped_column(Text)  # the job's JSON when the event happened; each attempt signs it anew
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    next_attempt_at: Mapped[Optional[dt.datetime]] = mapped_column(nullable=True, index=True)  # None: done
+    # When the next attempt is due; while an attempt runs, when its lease ends; None: done.
+    next_attempt_at: Mapped[Optional[dt.datetime]] = mapped_column(nullable=True, index=True)
+    # The token of the attempt in flight: only that attempt records its outcome (None: none in flight).
+    lease: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)
+    last_attempt_at: Mapped[Optional[dt.datetime]] = mapped_column(nullable=True)  # when the latest attempt started
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     status_code: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)  # of the last attempt
     last_error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)

@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     webhook_allowed_hosts: str = ""
     webhook_retry_seconds: float = Field(3600, gt=0)  # a failing delivery is retried this long after its event
     webhook_timeout_seconds: float = Field(5, gt=0, le=60)  # per attempt: connecting, sending, reading the answer
+    # `erq api` / `erq serve` stopped (SIGTERM, Ctrl-C): event streams end at once, other requests get this long.
+    api_grace_seconds: float = Field(10, gt=0, le=3600)
 
     @model_validator(mode="after")
     def _fill_from_home(self) -> "Settings":

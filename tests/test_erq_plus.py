@@ -100,7 +100,8 @@ def test_output_aware_range_ignores_outliers_in_a_channel_the_layer_does_not_rea
         assert searched <= output_loss(*range_to_scale(upper.reshape(1), lower.reshape(1), 4)) + 1e-6
 
 
-def test_block_reconstruction_lowers_the_blocks_output_error_and_keeps_weights_on_the_grid():
+def block_to_reconstruct() -> tuple[torch.nn.Module, list[torch.Tensor], list[torch.Tensor]]:
+    """The first block of a small model with quantized weights, its input and its FP output."""
     q_model, fp_model, x = quantized_and_fp()
     for layer in q_model.modules():
         if isinstance(layer, QuantLinear):
@@ -110,6 +111,12 @@ def test_block_reconstruction_lowers_the_blocks_output_error_and_keeps_weights_o
     inputs = unit_inputs(q_model, block, [x])
     with torch.no_grad():
         targets = [fp_block(t) for t in unit_inputs(fp_model, fp_block, [x])]
+    return block, inputs, targets
+
+
+def test_block_reconstruction_lowers_the_blocks_output_error_and_keeps_weights_on_the_grid():
+    block, inputs, targets = block_to_reconstruct()
+    with torch.no_grad():
         direct_before = float((block(inputs[0]) - targets[0]).pow(2).mean())
     before, after = reconstruct_block(block, inputs, targets, iterations=60, batch_size=8)
     with torch.no_grad():
@@ -120,6 +127,32 @@ def test_block_reconstruction_lowers_the_blocks_output_error_and_keeps_weights_o
     for layer in block.modules():
         if isinstance(layer, QuantLinear):
             torch.testing.assert_close(layer.weight_quantizer(layer.weight.detach()), layer.weight.detach())
+
+
+def test_block_reconstruction_reports_each_step_and_stops_when_its_progress_callback_raises():
+    """The callback is where a job is stopped: raising there ends the block's learning at once, with the
+    block as it was (nothing committed, its modules' own forwards back)."""
+    block, inputs, targets = block_to_reconstruct()
+    with torch.no_grad():
+        output_before = block(inputs[0])
+    weights_before = {name: p.detach().clone() for name, p in block.named_parameters()}
+    steps = []
+
+    class Stop(Exception):
+        pass
+
+    def progress(done: int, total: int) -> None:
+        steps.append((done, total))
+        if done == 5:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        reconstruct_block(block, inputs, targets, iterations=10_000, batch_size=8, progress=progress)
+    assert steps == [(done, 10_000) for done in range(1, 6)]
+    for name, parameter in block.named_parameters():
+        torch.testing.assert_close(parameter.detach(), weights_before[name], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(block(inputs[0]), output_before, rtol=0, atol=0)
 
 
 def test_reconstruct_runs_end_to_end_on_cpu_with_tiny_settings(tmp_path):

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Optional, TypeVar
 from celery.signals import worker_shutting_down
 from sqlalchemy.exc import OperationalError
 
+from erq_core.progress import LAYERS_STAGE, RECONSTRUCT_STAGE
 from storage import jobs
 from storage.artifacts import LOG_NAME, PUBLISHED, ArtifactStore, ArtifactStoreError, StoredFile, open_store, run_name
 from storage.db import session_scope
@@ -57,8 +58,9 @@ def _on_worker_shutting_down(**_) -> None:
 STAGE_WEIGHTS = {"load_model": 0.05, "evaluate_fp": 0.15, "calibrate_activations": 0.05,
                  "collect_statistics": 0.2, "aqer": 0.05, "calibrate_weights": 0.05, "wqer": 0.2,
                  "evaluate": 0.2, "save": 0.05, "evaluate_float64": 0.0, "export": 0.0}
-# erq+ walks the blocks once instead of the four layer stages of erq: it stands for all four
-SEQUENTIAL_STAGE, LAYER_STAGES = "quantize_layers", ("collect_statistics", "aqer", "calibrate_weights", "wqer")
+# erq+ walks the blocks once (LAYERS_STAGE) instead of the four layer stages of erq: it stands for all
+# four; its RECONSTRUCT_STAGE (--reconstruct) keeps the progress reached, its steps are within a block.
+LAYER_STAGES = ("collect_statistics", "aqer", "calibrate_weights", "wqer")
 PROGRESS_WRITE_SECONDS = 0.5
 
 
@@ -91,12 +93,13 @@ class ProgressReporter:
         self.job_id, self.settings, self.worker = job_id, settings, worker
         self.started = time.monotonic()
         self.last_write = 0.0
+        self.reached = 0.0  # the fraction of the job done, as of the last call
 
     def fraction(self, stage: str, done: int, total: int) -> float:
         share = done / total if total else 0.0
         before = 0.0
         for name, weight in STAGE_WEIGHTS.items():
-            if stage == SEQUENTIAL_STAGE and name == LAYER_STAGES[0]:
+            if stage == LAYERS_STAGE and name == LAYER_STAGES[0]:
                 return min(1.0, before + sum(STAGE_WEIGHTS[s] for s in LAYER_STAGES) * share)
             if name == stage:
                 return min(1.0, before + weight * share)
@@ -109,13 +112,14 @@ class ProgressReporter:
         now = time.monotonic()
         if now - self.started > self.settings.max_job_seconds:
             raise JobTimedOut(f"the job ran longer than ERQ_MAX_JOB_SECONDS={self.settings.max_job_seconds}")
+        if stage != RECONSTRUCT_STAGE:
+            self.reached = self.fraction(stage, done, total)
         if now - self.last_write < PROGRESS_WRITE_SECONDS:  # stages change per layer: throttle on time alone
             return
         self.last_write = now
         try:
             with session_scope(self.settings.database_url) as session:
-                stop = jobs.report_progress(session, self.job_id, self.worker, stage,
-                                            self.fraction(stage, done, total))
+                stop = jobs.report_progress(session, self.job_id, self.worker, stage, self.reached)
         except OperationalError as exc:
             log.warning("job %s: progress not recorded, the database is unreachable (%s)", self.job_id,
                         str(exc).splitlines()[0])

@@ -227,7 +227,8 @@ def _check_not_expired(job: Job) -> None:
 @router.get("/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "Server-Sent Events: `status`, `progress` and `log` events, each with "
-                                            "an `id` and JSON `data`; the stream ends after the terminal status"},
+                                            "an `id` and JSON `data`; the stream ends after the terminal status, "
+                                            "or earlier with a `closed` event (`shutdown`, `key_revoked`)"},
                        **JOB_ROUTE_ERRORS})
 async def job_events(job_id: str, request: Request, caller: CurrentCaller, session: DbSession,
                      last_event_id: Optional[str] = Header(None, max_length=100, description="resume after this "
@@ -244,7 +245,7 @@ async def job_events(job_id: str, request: Request, caller: CurrentCaller, sessi
     if job is None:
         raise _not_found(job_id)
     hub = event_hub(request.app)
-    follower = hub.follow(job_id, last_event_id)
+    follower = hub.follow(job_id, last_event_id, caller.key_id)
     return StreamingResponse(events.stream(hub, follower), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

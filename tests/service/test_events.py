@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import threading
 import time
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from storage.db import session_scope
 from storage.folder import FolderStore
 from storage.models import JobStatus
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
-from tests.service.conftest import ON_SQLITE, make_key, service_env, worker_and_api
+from tests.service.conftest import ON_SQLITE, make_key, run_erq, service_env, worker_and_api
 from tests.service.processes import api_client, erq_process, free_port, wait_for_http
 
 pytestmark = pytest.mark.integration  # a real erq api process
@@ -27,10 +28,11 @@ JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET
 
 
 def read_events(client: httpx.Client, job_id: str, last_event_id: str | None = None,
-                timeout: float = 120) -> list[dict]:
-    """Every event of the stream until the server ends it: [{id, event, data}]."""
+                timeout: float = 120, sink: list | None = None) -> list[dict]:
+    """Every event of the stream until the server ends it: [{id, event, data}] (appended to `sink` as
+    they arrive, when given)."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-    events, current = [], {}
+    events, current = ([] if sink is None else sink), {}
     with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=timeout) as answer:
         assert answer.status_code == 200, answer.read()
         assert answer.headers["content-type"].startswith("text/event-stream")
@@ -49,10 +51,17 @@ class Following(threading.Thread):
     def __init__(self, client: httpx.Client, job_id: str, last_event_id: str | None = None):
         super().__init__(daemon=True)
         self.client, self.job_id, self.last_event_id = client, job_id, last_event_id
-        self.events: list[dict] | None = None
+        self.events: list[dict] | None = None  # once the stream ended
+        self.so_far: list[dict] = []  # as they arrive
 
     def run(self) -> None:
-        self.events = read_events(self.client, self.job_id, self.last_event_id)
+        self.events = read_events(self.client, self.job_id, self.last_event_id, sink=self.so_far)
+
+    def wait_for_events(self, count: int = 1, seconds: float = 30) -> None:
+        deadline = time.monotonic() + seconds
+        while len(self.so_far) < count:
+            assert time.monotonic() < deadline and self.is_alive(), self.so_far
+            time.sleep(0.1)
 
 
 @contextmanager
@@ -183,3 +192,54 @@ def test_a_burst_of_followers_connecting_at_once_is_served(tmp_path, settings):
         key = client.headers["Authorization"].split()[1]
         answers = asyncio.run(burst(str(client.base_url), key, job_ids))  # each read has a 25 s deadline
         assert answers == [200] * 200, [a for a in answers if a != 200][:5]
+
+
+@ON_SQLITE
+def test_sigterm_ends_open_streams_with_a_final_event_and_the_api_exits(tmp_path, settings):
+    """A service manager stops `erq api` while a client follows a job that will not end (no worker):
+    the stream gets a final `closed` event and the process exits, instead of waiting for the job."""
+    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url)
+    port = free_port()
+    with erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+        with api_client(port, make_key(settings, "alice")) as client:
+            job_id = client.post("/v1/jobs", json=JOB).json()["id"]
+            following = Following(client, job_id)
+            following.start()
+            following.wait_for_events(2)  # the current status and progress: the stream is open
+            api.send_signal(signal.SIGTERM)
+            following.join(30)
+            assert following.events is not None, "the stream was not ended"
+            assert api.wait(30) == 0, (tmp_path / "api.log").read_text()[-2000:]
+    closed = following.events[-1]
+    assert closed["event"] == "closed" and closed["data"]["reason"] == "shutdown", following.events
+    assert closed["id"] == following.events[-2]["id"]  # resuming from it goes on where the stream stopped
+    assert [e["data"]["status"] for e in following.events if e["event"] == "status"] == ["queued"]
+
+
+@ON_SQLITE
+def test_a_stream_ends_when_its_key_is_revoked(tmp_path, settings):
+    """The hub re-checks its streams' keys every KEY_CHECK_SECONDS; a revoked key's stream ends with a
+    `closed` event, while the same owner's stream opened with another key goes on."""
+    from service.events import KEY_CHECK_SECONDS
+    from storage.keys import PREFIX_LENGTH
+
+    with api_only(tmp_path, settings) as client, \
+            api_client(client.base_url.port, make_key(settings, "alice")) as other_client:
+        job_id = client.post("/v1/jobs", json=JOB).json()["id"]
+        doomed, kept = Following(client, job_id), Following(other_client, job_id)
+        for following in (doomed, kept):
+            following.start()
+            following.wait_for_events(2)
+        key = client.headers["Authorization"].split()[1]
+        env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url)
+        assert run_erq(["admin", "revoke-key", key[:PREFIX_LENGTH]], env, tmp_path).returncode == 0
+        doomed.join(KEY_CHECK_SECONDS + 25)
+        assert doomed.events is not None, "the stream of the revoked key did not end"
+        assert kept.is_alive() and kept.events is None
+        assert client.get(f"/v1/jobs/{job_id}").status_code == 401
+        assert other_client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"  # the job did not end
+        other_client.post(f"/v1/jobs/{job_id}/cancel")
+        kept.join(30)
+    assert doomed.events[-1]["event"] == "closed" and doomed.events[-1]["data"]["reason"] == "key_revoked"
+    assert kept.events[-1]["event"] == "status" and kept.events[-1]["data"]["status"] == "cancelled"

@@ -21,6 +21,9 @@ pytestmark = pytest.mark.integration  # real erq processes
 SLOW_JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "calib_size": 320}
 QUICK_JOB = {**SLOW_JOB, "calib_size": 32, "val_limit": 50}
 MEDIUM_JOB = {**SLOW_JOB, "calib_size": 128, "val_limit": 200}
+# erq+ --reconstruct with 100,000 steps per block: one block outlasts any test
+RECONSTRUCTING_JOB = {**QUICK_JOB, "method": "erq+", "reconstruct": True, "reconstruct_iters": 100_000,
+                      "reconstruct_images": 32}
 
 def _wait_running_past_start(client: httpx.Client, job_id: str, seconds: float = 120) -> dict:
     """The job once it runs past loading its model; fails if it ends first or after `seconds`."""
@@ -29,6 +32,16 @@ def _wait_running_past_start(client: httpx.Client, job_id: str, seconds: float =
     while job["stage"] in (None, "starting", "load_model"):
         assert job["status"] == "running" and time.monotonic() < deadline, job
         time.sleep(0.1)
+        job = client.get(f"/v1/jobs/{job_id}").json()
+    return job
+
+
+def _wait_reconstructing(client: httpx.Client, job_id: str) -> dict:
+    job = wait_for_job(client, job_id, ("running",), 120)
+    deadline = time.monotonic() + 240
+    while job["stage"] != "reconstruct":
+        assert time.monotonic() < deadline and job["status"] == "running", job
+        time.sleep(0.3)
         job = client.get(f"/v1/jobs/{job_id}").json()
     return job
 
@@ -44,6 +57,21 @@ def test_cancel_a_running_job_then_the_worker_takes_the_next(tmp_path, settings)
         assert [a["name"] for a in cancelled["artifacts"]] == ["job.log"]  # the log only, no results
         quick = client.post("/v1/jobs", json=QUICK_JOB).json()["id"]
         assert wait_for_job(client, quick, ("succeeded", "failed"), 120)["status"] == "succeeded"
+
+
+@ON_SQLITE
+def test_cancel_during_reconstruction_stops_the_job_within_the_block(tmp_path, settings):
+    """erq+ --reconstruct learns each block for reconstruct_iters steps, 100,000 here: far longer than
+    this test waits. Its steps report progress (stage `reconstruct`), where a cancel is seen."""
+    with worker_and_api(tmp_path, settings) as client:
+        job_id = client.post("/v1/jobs", json=RECONSTRUCTING_JOB).json()["id"]
+        running = _wait_reconstructing(client, job_id)
+        assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+        cancelled = wait_for_job(client, job_id, ("cancelled", "succeeded", "failed"), 60)
+        log = client.get(f"/v1/jobs/{job_id}/log").text
+    assert cancelled["status"] == "cancelled", cancelled
+    assert cancelled["progress"] == running["progress"] > 0  # the layers' progress holds while a block learns
+    assert "reconstructed" not in log, log  # no block's reconstruction ended: the cancel was seen within one
 
 
 @ON_POSTGRESQL
@@ -92,6 +120,35 @@ def test_ctrl_c_on_serve_requeues_the_running_job_and_the_next_start_runs_it(tmp
         assert job["status"] == "running" and job["attempts"] == 1 and job["heartbeat_at"]
         client.post(f"/v1/jobs/{job_id}/cancel")
         assert wait_for_job(client, job_id, ("cancelled", "succeeded", "failed"), 30)["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_serve_stopped_by_a_signal_stops_its_worker_warm(tmp_path, stop):
+    """A service manager's stop (SIGTERM) as Ctrl-C (SIGINT): erq serve exits only once its embedded
+    worker has handed the running job back and exited, leaving no worker behind. The job is inside a
+    block's reconstruction, which outlasts the worker's 10 s to stop warm before it is killed."""
+    env = service_env(tmp_path)
+    port = free_port()
+    worker_pid = None
+    try:
+        with serving(tmp_path, env, port) as (serve, client):
+            job_id = client.post("/v1/jobs", json=RECONSTRUCTING_JOB).json()["id"]
+            _wait_reconstructing(client, job_id)
+            with session_scope(env["ERQ_DATABASE_URL"]) as session:
+                worker_pid = int(session.get(Job, job_id).worker.rsplit(":", 1)[1])
+            serve.send_signal(stop)
+            assert serve.wait(60) == 0, (tmp_path / "serve.log").read_text()[-2000:]
+        with session_scope(env["ERQ_DATABASE_URL"]) as session:  # handed back: queued, no attempt spent
+            job = session.get(Job, job_id)
+            assert (job.status, job.attempts, job.worker) == ("queued", 0, None), job.stage
+        with pytest.raises(ProcessLookupError):
+            os.kill(worker_pid, 0)
+    finally:
+        if worker_pid is not None:
+            try:
+                os.kill(worker_pid, signal.SIGKILL)  # an orphan must not go on consuming the queue
+            except ProcessLookupError:
+                pass
 
 
 def test_an_expired_lease_on_the_last_attempt_fails_the_job_with_a_reason(settings):

@@ -15,15 +15,18 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float
+    completed: bool = False  # the whole answer was written (False: the sender hung up first)
 
 
 class Receiver:
     """`answers` are consumed one per request (the last one repeats): an int status, ("redirect", URL),
-    ("slow", seconds), or ("endless", status) for an answer body that never ends."""
+    ("slow", seconds), ("endless", status) for an answer body that never ends, or ("trickle", seconds):
+    the status line, then one byte of a header every `seconds` until `release()`, then a 200."""
 
     def __init__(self, answers=(200,)):
         self.answers = list(answers)
         self.received: list[Received] = []
+        self.released = threading.Event()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -32,10 +35,12 @@ class Receiver:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                receiver.received.append(Received(self.path, dict(self.headers), body, time.monotonic()))
+                request = Received(self.path, dict(self.headers), body, time.monotonic())
+                receiver.received.append(request)
                 answer = receiver.answers.pop(0) if len(receiver.answers) > 1 else receiver.answers[0]
                 try:
                     receiver.answer(self, answer)
+                    request.completed = True
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the sender stopped reading, as it should
 
@@ -44,8 +49,11 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    @staticmethod
-    def answer(handler: BaseHTTPRequestHandler, answer) -> None:
+    def release(self) -> None:
+        """Trickling answers finish now (and later requests are answered 200 at once)."""
+        self.released.set()
+
+    def answer(self, handler: BaseHTTPRequestHandler, answer) -> None:
         if isinstance(answer, int):
             handler.send_response(answer)
             handler.send_header("Content-Length", "2")
@@ -58,19 +66,28 @@ class Receiver:
             handler.end_headers()
         elif answer[0] == "slow":
             time.sleep(answer[1])
-            Receiver.answer(handler, 200)
+            self.answer(handler, 200)
+        elif answer[0] == "held":  # answers 200 once the test calls release()
+            self.released.wait(answer[1])
+            self.answer(handler, 200)
         elif answer[0] == "endless":
             handler.send_response(answer[1])
             handler.end_headers()
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 handler.wfile.write(b"x" * 65536)
+        elif answer[0] == "trickle":  # every byte resets a per-read time-out: only a total deadline ends it
+            handler.wfile.write(b"HTTP/1.1 200 OK\r\nX-Trickle: ")
+            while not self.released.wait(answer[1]):
+                handler.wfile.write(b"x")
+            handler.wfile.write(b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
 
     def __enter__(self) -> "Receiver":
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.release()
         self.server.shutdown()
         self.server.server_close()
 
