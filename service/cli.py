@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
-import subprocess
 import sys
-import threading
 
 from storage.db import session_scope
 from storage.keys import PREFIX_LENGTH, create_key, find_key_to_revoke, has_keys, list_keys, owner_named, revoke_key
@@ -15,7 +14,6 @@ from storage.settings import LocalFolderError, Settings, get_settings, prepare_l
 
 LOCAL_KEY_NAME = "local"
 WORKER_STOP_SECONDS = 10
-WORKER_RESTART_SECONDS = 2
 
 
 def _prepare(settings: Settings) -> None:
@@ -115,7 +113,7 @@ def serve_main(argv: list[str]) -> int:
     settings = get_settings()
     _prepare(settings)
     ensure_local_key(settings)
-    worker = EmbeddedWorker() if settings.embedded_broker else None
+    worker = _embedded_worker() if settings.embedded_broker else None
     if worker is not None:
         worker.start()
     try:
@@ -123,44 +121,20 @@ def serve_main(argv: list[str]) -> int:
     finally:
         if worker is not None:
             worker.stop()
+    if worker is not None and worker.misconfigured:
+        print("erq serve: error: the embedded worker cannot start as configured (its reason is above); stopped",
+              file=sys.stderr, flush=True)
+        return 2
     return 0
 
 
-class EmbeddedWorker(threading.Thread):
-    """The worker beside `erq serve`'s API: restarted if it dies, stopped (warm) with the API, on
-    SIGTERM as on Ctrl-C."""
+def _embedded_worker():
+    """The worker beside `erq serve`'s API: started again if it dies, stopped (warm) with the API. One
+    that cannot start as configured stops `erq serve` (as Ctrl-C does) instead of failing forever."""
+    from worker.keeper import Keeper
 
-    def __init__(self):
-        super().__init__(daemon=True, name="embedded-worker")
-        self.stopping = threading.Event()
-        self.lock = threading.Lock()
-        self.process: subprocess.Popen | None = None
-
-    def run(self) -> None:
-        while True:
-            with self.lock:
-                if self.stopping.is_set():
-                    return
-                # Its own session, so that Ctrl-C reaches only `erq serve`, which then stops the worker.
-                self.process = subprocess.Popen([sys.executable, "-m", "erq_cli", "worker"], start_new_session=True)
-            code = self.process.wait()
-            if self.stopping.wait(WORKER_RESTART_SECONDS):
-                return
-            print(f"erq serve: the worker exited with code {code}; starting a new one", file=sys.stderr, flush=True)
-
-    def stop(self) -> None:
-        """Warm shutdown: the running job goes back to the queue; kill after WORKER_STOP_SECONDS."""
-        with self.lock:
-            self.stopping.set()
-            process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(WORKER_STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    return Keeper("erq serve's worker", [sys.executable, "-m", "erq_cli", "worker"], stop_seconds=WORKER_STOP_SECONDS,
+                  on_misconfigured=lambda keeper: os.kill(os.getpid(), signal.SIGINT))
 
 
 def admin_main(argv: list[str]) -> int:

@@ -4,27 +4,24 @@
 process itself (no daemonic pool child), so the engine's data loaders can start their own worker
 processes, and killing the worker kills its job with it. `--concurrency N` starts N such
 processes, one per slot, under a small supervisor: slot i sees only GPU i (CUDA_VISIBLE_DEVICES),
-is restarted if it dies, and is stopped warm (its job handed back) when the supervisor is stopped.
+is kept running by a worker.keeper.Keeper (as `erq serve`'s embedded worker is), and is stopped warm (its job handed back) when the supervisor is stopped.
 The supervisor runs the sweeper; a single worker runs it itself.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 from typing import Optional
 
 from storage.settings import Settings, get_settings
+from worker.keeper import EXIT_CONFIGURATION, Keeper, stop_all
 
 SLOT_VARIABLE = "ERQ_WORKER_SLOT"  # set by the supervisor for its slot processes
-EXIT_CONFIGURATION = 2  # a worker that cannot start as configured; the supervisor does not restart it
-SLOT_RESTART_SECONDS = 2
 # A slot's warm shutdown (its job stops at the next progress step and goes back to the queue) may take
 # this long before it is killed; docker-compose.yml's stop_grace_period is longer.
 SLOT_STOP_SECONDS = 90
@@ -177,23 +174,12 @@ def gpu_ids(settings: Settings, slots: int) -> list[Optional[str]]:
     return ids[:slots]
 
 
-def _die_with_parent() -> None:
-    """In a slot process: receive SIGTERM (a warm shutdown) if the supervisor dies, even by SIGKILL."""
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass  # not Linux: a supervisor killed with SIGKILL leaves its slots running
-
-
 class Supervisor:
-    """N slot processes (`erq worker` with ERQ_WORKER_SLOT=i), each on its own GPU."""
+    """N slot processes (`erq worker` with ERQ_WORKER_SLOT=i), each on its own GPU, each kept by a Keeper."""
 
     def __init__(self, args: argparse.Namespace, settings: Settings):
         self.args, self.settings = args, settings
         self.stopping = threading.Event()
-        self.processes: dict[int, subprocess.Popen] = {}
-        self.lock = threading.Lock()
         self.exit_code = 0
 
     def command(self) -> list[str]:
@@ -215,48 +201,16 @@ class Supervisor:
         sweeper = _start_sweeper(make_celery(self.settings), self.settings)
         log.info("erq worker: %d slots on %s", len(gpus),
                  ", ".join(f"GPU {gpu}" if gpu is not None else "CPU" for gpu in gpus))
-        threads = [threading.Thread(target=self.keep_running, args=(slot, gpu), name=f"slot-{slot}")
-                   for slot, gpu in enumerate(gpus)]
-        for thread in threads:
-            thread.start()
+        keepers = [Keeper(f"erq worker slot {slot}", self.command(), self.environment(slot, gpu), SLOT_STOP_SECONDS,
+                          on_misconfigured=self.misconfigured) for slot, gpu in enumerate(gpus)]
+        for keeper in keepers:
+            keeper.start()
         self.stopping.wait()
-        self.stop_slots()
-        for thread in threads:
-            thread.join()
+        stop_all(keepers)
         sweeper.stop()
         return self.exit_code
 
-    def keep_running(self, slot: int, gpu: Optional[str]) -> None:
-        while True:
-            with self.lock:
-                if self.stopping.is_set():
-                    return
-                # Its own session: a Ctrl-C reaches the supervisor only, which stops each slot once.
-                process = subprocess.Popen(self.command(), env=self.environment(slot, gpu), start_new_session=True,
-                                           preexec_fn=_die_with_parent)
-                self.processes[slot] = process
-            code = process.wait()
-            if self.stopping.is_set():
-                return
-            if code == EXIT_CONFIGURATION:
-                log.error("erq worker: slot %d cannot start as configured (exit code %d); stopping", slot, code)
-                self.exit_code = EXIT_CONFIGURATION
-                self.stopping.set()
-                return
-            log.warning("erq worker: slot %d exited with code %s; starting it again", slot, code)
-            if self.stopping.wait(SLOT_RESTART_SECONDS):
-                return
-
-    def stop_slots(self) -> None:
-        """Warm shutdown of every slot at once; those still running after SLOT_STOP_SECONDS are killed."""
-        with self.lock:
-            running = [p for p in self.processes.values() if p.poll() is None]
-        for process in running:
-            process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + SLOT_STOP_SECONDS
-        for process in running:
-            try:
-                process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    def misconfigured(self, keeper: Keeper) -> None:
+        """A slot that cannot start as configured stops them all: the others would fail the same way."""
+        self.exit_code = EXIT_CONFIGURATION
+        self.stopping.set()

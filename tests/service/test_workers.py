@@ -7,6 +7,8 @@ import re
 import shutil
 import signal
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from contextlib import contextmanager
@@ -90,6 +92,19 @@ def test_a_worker_told_to_use_cuda_without_a_gpu_refuses_to_start(tmp_path):
         result = run_erq(args, env, tmp_path)
         assert result.returncode == 2, result.stderr[-2000:]
         assert "ERQ_DEVICE=cuda but no CUDA GPU is visible" in result.stderr
+
+
+def test_erq_serve_whose_worker_cannot_start_stops_with_code_2_instead_of_restarting_it_forever(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    env = service_env(tmp_path, ERQ_DEVICE="cuda")
+    result = subprocess.run([str(Path(sys.executable).parent / "erq"), "serve", "--port", "0"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.count("ERQ_DEVICE=cuda but no CUDA GPU is visible") == 1  # started once, not again
+    assert "the embedded worker cannot start as configured" in result.stderr
 
 
 
