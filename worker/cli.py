@@ -4,8 +4,9 @@
 process itself (no daemonic pool child), so the engine's data loaders can start their own worker
 processes, and killing the worker kills its job with it. `--concurrency N` starts N such
 processes, one per slot, under a small supervisor: slot i sees only GPU i (CUDA_VISIBLE_DEVICES),
-is kept running by a worker.keeper.Keeper (as `erq serve`'s embedded worker is), and is stopped warm (its job handed back) when the supervisor is stopped.
-The supervisor runs the sweeper; a single worker runs it itself.
+is kept running by a worker.keeper.Keeper (as `erq serve`'s embedded worker is), and is stopped
+warm (its job handed back) when the supervisor is stopped. The supervisor runs the sweeper; a
+single worker runs it itself.
 """
 from __future__ import annotations
 
