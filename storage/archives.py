@@ -129,7 +129,7 @@ def _entries(path: Path, fmt: str) -> Iterator[tuple[str, str, int, Callable[[],
                 infos = archive.infolist()
                 yield from _zip_entries(archive, infos)
         else:
-            with tarfile.open(path, "r|gz" if fmt == "tar.gz" else "r|") as archive:
+            with tarfile.open(path, "r:gz" if fmt == "tar.gz" else "r:") as archive:
                 for member in archive:
                     kind = ("file" if member.isreg() else "dir" if member.isdir() else
                             "link" if member.issym() or member.islnk() else "special")
@@ -229,12 +229,12 @@ class _Counted:
 
 
 def check_dataset(path: Path, limits: Limits, extract_to: Optional[Path] = None) -> DatasetSummary:
-    """Check an ImageFolder archive (every image decoded), or, with `extract_to`, extract it there
-    (members checked the same way; the images were decoded when it was uploaded). Raises ArchiveRefused."""
+    """Check an ImageFolder archive, or, with `extract_to`, extract it there. Two passes: the first
+    checks every member's name, type and size (cheap: a zip's directory, a tar's headers), the second
+    decodes every image, or extracts. Raises ArchiveRefused."""
     fmt = sniff_format(path)
     counts: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
-    unpacked = 0
-    for name, stream in _walk(path, fmt, limits, SPLITS):
+    for name, _ in _walk(path, fmt, limits, SPLITS):
         parts = name.split("/")
         if len(parts) != 3 or parts[0] not in SPLITS:
             raise ArchiveRefused(f"member {name!r} is not where an ImageFolder puts images: expected "
@@ -242,15 +242,7 @@ def check_dataset(path: Path, limits: Limits, extract_to: Optional[Path] = None)
         if not parts[2].lower().endswith(IMAGE_EXTENSIONS):
             raise ArchiveRefused(f"member {name!r} is not an image file (allowed: {', '.join(IMAGE_EXTENSIONS)})",
                                  "invalid_image")
-        if extract_to is None:
-            unpacked += _check_image(name, stream, limits)
-        else:
-            target = extract_to / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "xb") as out:
-                unpacked += stream.copy_to(out)
-        split, label = parts[0], parts[1]
-        counts[split][label] = counts[split].get(label, 0) + 1
+        counts[parts[0]][parts[1]] = counts[parts[0]].get(parts[1], 0) + 1
     if not counts["train"]:
         raise ArchiveRefused("the archive has no train/CLASS/IMAGE files: a dataset is an ImageFolder with "
                              "train/ (calibration) and optionally val/ (evaluation)", "invalid_dataset")
@@ -259,6 +251,15 @@ def check_dataset(path: Path, limits: Limits, extract_to: Optional[Path] = None)
         only_val = sorted(set(counts["val"]) - set(counts["train"]))[:5]
         raise ArchiveRefused(f"train/ and val/ have different classes (only in train: {only_train}, only in val: "
                              f"{only_val}): the class folders name the labels and must match", "invalid_dataset")
+    unpacked = 0
+    for name, stream in _walk(path, fmt, limits, SPLITS):
+        if extract_to is None:
+            unpacked += _check_image(name, stream, limits)
+        else:
+            target = extract_to / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "xb") as out:
+                unpacked += stream.copy_to(out)
     return DatasetSummary(classes=sorted(counts["train"]), train_images=sum(counts["train"].values()),
                           val_images=sum(counts["val"].values()), unpacked_size=unpacked)
 
