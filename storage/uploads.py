@@ -67,7 +67,8 @@ def find_content(session: Session, owner_id: int, kind: UploadKind, sha256: str)
 
 
 def bytes_used(session: Session, owner_id: int) -> int:
-    return session.scalar(select(func.coalesce(func.sum(Upload.size), 0)).where(Upload.owner_id == owner_id)) or 0
+    # int(): PostgreSQL sums a BIGINT column as NUMERIC (a Decimal)
+    return int(session.scalar(select(func.coalesce(func.sum(Upload.size), 0)).where(Upload.owner_id == owner_id)) or 0)
 
 
 def record(session: Session, store: UploadStore, owner_id: int, staged: Staged, path, quota: int) -> tuple[Upload, bool]:
