@@ -134,14 +134,13 @@ def submit_uploading(client: ErqClient, params: dict[str, Any], metadata: Option
         try:
             return client.submit(params, metadata=metadata)
         except ErqClientError as exc:
-            local = _local_path(exc, params)
+            local, field = _local_path(exc, params), exc.field
             if local is None:
                 raise
-        method, _ = UPLOADABLE[exc.field]
         print(f"the server cannot read {local}: uploading it", file=sys.stderr, flush=True)
-        upload = getattr(client, method)(local, on_progress=None if quiet else UploadBar(local.name))
+        upload = getattr(client, UPLOADABLE[field][0])(local, on_progress=None if quiet else UploadBar(local.name))
         print(f"uploaded {local} as {upload['spec']} (sha256 {upload['sha256'][:12]})", file=sys.stderr, flush=True)
-        params = {**params, exc.field: upload["spec"]}
+        params = {**params, field: upload["spec"]}
 
 
 def _local_path(exc: ErqClientError, params: dict[str, Any]) -> Optional[Path]:
