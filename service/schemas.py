@@ -16,8 +16,8 @@ from storage.webhooks import EVENTS as WEBHOOK_EVENTS
 
 
 # Forms of a job's fields that only the service accepts (uploads; storage/uploads.py).
-SERVICE_FORMS = {"dataset": " On this service also `dataset:ID`: a dataset uploaded with POST /v1/datasets.",
-                 "model": " On this service also `upload:ID`: a model uploaded with POST /v1/models."}
+SERVICE_FORMS = {"dataset": "; or `dataset:ID`, a dataset uploaded with POST /v1/datasets",
+                 "model": "; or `upload:ID`, a model uploaded with POST /v1/models"}
 
 
 def _job_field(spec: FieldSpec) -> tuple[Any, Any]:
