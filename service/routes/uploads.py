@@ -58,7 +58,7 @@ Uploads = Annotated[UploadStore, Depends(upload_store)]
 
 
 def _binary(description: str) -> dict[str, Any]:
-    return {"schema": {"type": "string", "format": "binary"}, "description": description}
+    return {"schema": {"type": "string", "format": "binary", "description": description}}
 
 
 def _request_body(parts: dict[str, str]) -> dict[str, Any]:
