@@ -278,6 +278,11 @@ def _page(session, caller: Caller, kind: UploadKind, limit: int, after: Optional
     return uploads.list_uploads(session, caller.owner_id, kind, limit, cursor, after_upload)
 
 
+def _listing(key: str, found: tuple[list[Upload], Optional[str]], settings: Settings) -> dict[str, Any]:
+    page, next_cursor = found
+    return {key: [_out(u, settings) for u in page], "has_more": next_cursor is not None, "next_cursor": next_cursor}
+
+
 def _delete(session, caller: Caller, upload_id: str, kind: UploadKind, store: UploadStore) -> Response:
     upload = _owned(session, upload_id, caller, kind)
     try:
@@ -313,9 +318,7 @@ async def upload_dataset(request: Request, response: Response, caller: CurrentCa
 def list_datasets(caller: CurrentCaller, session: DbSession, settings: AppSettings, limit: int = LIMIT,
                   after: Optional[str] = AFTER, cursor: Optional[str] = CURSOR) -> Any:
     """The owner's datasets, newest first."""
-    page, next_cursor = _page(session, caller, UploadKind.DATASET, limit, after, cursor)
-    return {"datasets": [_out(u, settings) for u in page], "has_more": next_cursor is not None,
-            "next_cursor": next_cursor}
+    return _listing("datasets", _page(session, caller, UploadKind.DATASET, limit, after, cursor), settings)
 
 
 @router.get("/v1/datasets/{dataset_id}", tags=["datasets"], name="get_dataset", response_model=DatasetOut,
@@ -356,9 +359,7 @@ async def upload_model(request: Request, response: Response, caller: CurrentCall
 def list_uploaded_models(caller: CurrentCaller, session: DbSession, settings: AppSettings, limit: int = LIMIT,
                          after: Optional[str] = AFTER, cursor: Optional[str] = CURSOR) -> Any:
     """The owner's uploaded models, newest first (GET /v1/models lists the forms a job's `model` takes)."""
-    page, next_cursor = _page(session, caller, UploadKind.MODEL, limit, after, cursor)
-    return {"models": [_out(u, settings) for u in page], "has_more": next_cursor is not None,
-            "next_cursor": next_cursor}
+    return _listing("models", _page(session, caller, UploadKind.MODEL, limit, after, cursor), settings)
 
 
 @router.get("/v1/models/{model_id}", tags=["models"], name="get_uploaded_model", response_model=UploadedModelOut,

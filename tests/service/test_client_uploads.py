@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
-from tests.service.conftest import ON_SQLITE, make_key, service_env
+from tests.service.conftest import ON_SQLITE, env_without_data_roots, make_key
 from tests.service.processes import ERQ, erq_process, free_port, wait_for_http
 
 pytestmark = pytest.mark.integration
@@ -22,10 +22,7 @@ def erq(args: list[str], env: dict, cwd, timeout: float = 300) -> subprocess.Com
 
 @ON_SQLITE
 def test_submit_uploads_local_folders_the_server_cannot_read_and_the_upload_commands(tmp_path, settings):
-    empty = tmp_path / "nothing"
-    empty.mkdir()
-    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
-                      ERQ_DATA_ROOTS=str(empty))
+    env = env_without_data_roots(tmp_path, settings)
     port = free_port()
     work = tmp_path / "laptop"  # the user's folders, which the server cannot see
     shutil.copytree(FIXTURE_DATASET, work / "fmnist16")

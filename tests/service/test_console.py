@@ -14,7 +14,7 @@ import pytest
 
 from tests.browser import chromium
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
-from tests.service.conftest import ON_SQLITE, make_key, service_env
+from tests.service.conftest import ON_SQLITE, env_without_data_roots, make_key
 from tests.service.processes import erq_process, free_port, wait_for_http
 from tests.upload_archives import zip_folder
 
@@ -57,10 +57,7 @@ def sign_in(driver, key: str) -> None:
 
 @ON_SQLITE
 def test_the_console_runs_a_job_from_an_uploaded_dataset_end_to_end(tmp_path, settings):
-    empty = tmp_path / "no-data"
-    empty.mkdir()
-    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
-                      ERQ_DATA_ROOTS=str(empty))
+    env = env_without_data_roots(tmp_path, settings)
     port, downloads = free_port(), tmp_path / "downloads"
     downloads.mkdir()
     dataset_zip = zip_folder(FIXTURE_DATASET, tmp_path / "fmnist16.zip", inside="fmnist16")
