@@ -59,17 +59,6 @@ def small_dataset(classes: int = 2, per_class: int = 3, val: bool = True) -> dic
     return members
 
 
-def tar_with(out: Path, entries: list[tarfile.TarInfo], data: dict[str, bytes] | None = None) -> Path:
-    data = data or {}
-    with tarfile.open(out, "w") as archive:
-        for info in entries:
-            payload = data.get(info.name)
-            if payload is not None:
-                info.size = len(payload)
-            archive.addfile(info, io.BytesIO(payload) if payload is not None else None)
-    return out
-
-
 def zip_bomb(out: Path, unpacked_bytes: int, name: str = "train/zeros/bomb.png") -> Path:
     """A valid zip of one member of `unpacked_bytes` zeros (a multiple of 1 MiB, under 4 GiB), about
     a thousandth of that on disk. Made without compressing it all: one fully flushed deflate block

@@ -51,7 +51,9 @@ def sign_in(driver, key: str) -> None:
 
     field = wait_until(lambda: driver.find_elements("id", "api-key"), 30, "the key form", driver)[0]
     assert driver.switch_to.active_element == field  # focused: a keyboard user types straight away
-    field.send_keys(key, Keys.ENTER)
+    field.send_keys(key, Keys.TAB)  # and tabs to the button, which Enter presses
+    assert driver.switch_to.active_element.text == "Use this key"
+    driver.switch_to.active_element.send_keys(Keys.ENTER)
     wait_until(lambda: driver.find_elements("css selector", "form.filters"), 30, "the job list", driver)
 
 
@@ -109,6 +111,14 @@ def test_the_console_runs_a_job_from_an_uploaded_dataset_end_to_end(tmp_path, se
             driver.get(f"{base}/ui/#/jobs")
             rows = wait_until(lambda: driver.find_elements("css selector", "table.jobs tbody tr"), 30, "the list", driver)
             assert len(rows) == 1 and "succeeded" in rows[0].text and "W4/A4" in rows[0].text
+            for status, shown in (("failed", 0), ("succeeded", 1)):  # the API's filters, from the form
+                driver.get(f"{base}/ui/#/jobs")
+                wait_until(lambda: driver.find_elements("css selector", "form.filters"), 30, "the filters", driver)
+                driver.find_element("css selector", f"input[name=status][value={status}]").click()
+                driver.find_element("css selector", "form.filters button[type=submit]").click()
+                wait_until(lambda: f"status={status}" in driver.current_url and (
+                    len(driver.find_elements("css selector", "table.jobs tbody tr")) == shown
+                    if shown else "No jobs match" in text_of(driver, "main")), 30, f"the {status} filter", driver)
 
             # A second owner's key sees none of it.
             driver.find_element("id", "forget-key").click()

@@ -11,7 +11,7 @@ from sqlalchemy import update
 from service.app import create_app
 from storage.db import session_scope
 from storage.models import Upload
-from tests.service.conftest import ON_SQLITE, end_job_with_files, make_key, run_erq, service_env
+from tests.service.conftest import ON_SQLITE, end_job_with_files, run_erq, service_env
 from tests.upload_archives import png, small_dataset, zip_of
 
 

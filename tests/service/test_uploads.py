@@ -18,7 +18,7 @@ from service.app import create_app
 from storage.archives import IMAGE_EXTENSIONS
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_SQLITE
-from tests.upload_archives import (many_files_tar_gz, png, png_claiming, small_dataset, tar_folder, tar_with, zip_bomb,
+from tests.upload_archives import (many_files_tar_gz, png, png_claiming, small_dataset, tar_folder, zip_bomb,
                                    zip_folder, zip_of)
 
 ZIP = {"Content-Type": "application/zip"}
