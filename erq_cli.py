@@ -1,7 +1,7 @@
 """The `erq` command: a thin dispatcher.
 
 `quantize` and `evaluate` go to the engine (erq_core); `serve`, `api`, `worker` and `admin`
-go to the service side; `submit` and `jobs` to the HTTP client (erq_client). Each side parses its own arguments.
+go to the service side; `submit`, `jobs`, `datasets` and `models` to the HTTP client (erq_client). Each side parses its own arguments.
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ COMMANDS = {
     "migrate": ("service.cli", "migrate_main", "apply the database migrations and exit"),
     "submit": ("erq_client.cli", "submit_main", "submit a job to an erq service (--wait, --out DIR)"),
     "jobs": ("erq_client.cli", "jobs_main", "list, show, cancel, delete jobs of an erq service; logs; downloads"),
+    "datasets": ("erq_client.cli", "datasets_main", "upload, list, show, delete datasets on an erq service"),
+    "models": ("erq_client.cli", "models_main", "upload, list, show, delete uploaded models on an erq service"),
 }
 
 

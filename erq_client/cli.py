@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 from erq_client.client import TERMINAL, ErqClient, ErqClientError, Event
@@ -105,7 +106,7 @@ def submit_main(argv: list[str]) -> int:
         parser.exit(EXIT_USAGE, f"erq submit: error: {exc}\n")
     try:
         with ErqClient(args.server) as client:
-            job = client.submit(params, metadata=metadata)
+            job = submit_uploading(client, params, metadata, quiet=args.quiet)
             print(f"job {job['id']} {job['status']}", flush=True)
             if not (args.wait or args.out):
                 return 0
@@ -119,6 +120,51 @@ def submit_main(argv: list[str]) -> int:
             return 0
     except ErqClientError as exc:
         return _fail("erq submit", exc)
+
+
+# A refusal of these fields that a local path answers: the server cannot read it, so it is uploaded.
+UPLOADABLE = {"dataset": ("upload_dataset", ""), "model": ("upload_model", "local-dir:")}
+
+
+def submit_uploading(client: ErqClient, params: dict[str, Any], metadata: Optional[dict[str, str]],
+                     quiet: bool = False) -> dict:
+    """Submit the job; if the server refuses its dataset or model and that names a folder or archive
+    here, upload it (with a progress bar), name the upload instead and submit again."""
+    while True:
+        try:
+            return client.submit(params, metadata=metadata)
+        except ErqClientError as exc:
+            local, field = _local_path(exc, params), exc.field
+            if local is None:
+                raise
+        print(f"the server cannot read {local}: uploading it", file=sys.stderr, flush=True)
+        upload = getattr(client, UPLOADABLE[field][0])(local, on_progress=None if quiet else UploadBar(local.name))
+        print(f"uploaded {local} as {upload['spec']} (sha256 {upload['sha256'][:12]})", file=sys.stderr, flush=True)
+        params = {**params, field: upload["spec"]}
+
+
+def _local_path(exc: ErqClientError, params: dict[str, Any]) -> Optional[Path]:
+    if exc.status != 422 or exc.field not in UPLOADABLE:
+        return None
+    value = str(params.get(exc.field) or "").removeprefix(UPLOADABLE[exc.field][1])
+    path = Path(value).expanduser()
+    return path if value and path.exists() else None
+
+
+class UploadBar:
+    """An upload's bytes sent, as a one-line bar on stderr."""
+
+    def __init__(self, label: str, stream=None):
+        self.label, self.stream = label, stream or sys.stderr
+
+    def __call__(self, sent: int, total: int) -> None:
+        share = sent / total if total else 1.0
+        filled = int(round(share * BAR_WIDTH))
+        self.stream.write(f"\r{self.label[:24]:<24} [{'#' * filled}{' ' * (BAR_WIDTH - filled)}] {100 * share:5.1f}% "
+                          f"{sent / 1e6:.1f}/{total / 1e6:.1f} MB")
+        if sent >= total:
+            self.stream.write("\n")
+        self.stream.flush()
 
 
 class ProgressBar:
@@ -251,3 +297,80 @@ def _download(client: ErqClient, args: argparse.Namespace) -> int:
 
 JOB_COMMANDS = {"list": _list, "show": _show, "cancel": _cancel, "delete": _delete, "log": _log,
                 "download": _download}
+
+
+# `erq datasets` and `erq models`: the owner's uploads.
+UPLOAD_KINDS = {"datasets": ("dataset", "datasets", "upload_dataset", "dataset", "delete_dataset"),
+                "models": ("uploaded model", "models", "upload_model", "uploaded_model", "delete_uploaded_model")}
+
+
+def uploads_parser(command: str) -> argparse.ArgumentParser:
+    what = UPLOAD_KINDS[command][0]
+    parser = argparse.ArgumentParser(prog=f"erq {command}", description=f"Upload, list, show and delete the {what}s "
+                                     "of your API key's owner.")
+    common = argparse.ArgumentParser(add_help=False)
+    _server_option(common)
+    commands = parser.add_subparsers(dest="command", required=True)
+    add = lambda name, **kw: commands.add_parser(name, parents=[common], **kw)  # noqa: E731
+    listing = add("list", help=f"the {what}s, newest first")
+    listing.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    upload = add("upload", help=f"upload a folder or its .zip/.tar/.tar.gz and print the {what}")
+    upload.add_argument("path")
+    upload.add_argument("--quiet", action="store_true", help="no progress bar")
+    add("show", help=f"the {what} as JSON").add_argument("id")
+    add("delete", help=f"delete the {what} (refused while a queued or running job uses it)").add_argument("id")
+    return parser
+
+
+def datasets_main(argv: list[str]) -> int:
+    return _uploads_main("datasets", argv)
+
+
+def models_main(argv: list[str]) -> int:
+    return _uploads_main("models", argv)
+
+
+def _uploads_main(command: str, argv: list[str]) -> int:
+    what, listing, upload, show, delete = UPLOAD_KINDS[command]
+    args = uploads_parser(command).parse_args(argv)
+    try:
+        with ErqClient(args.server) as client:
+            if args.command == "upload":
+                item = getattr(client, upload)(args.path, on_progress=None if args.quiet else UploadBar(
+                    Path(args.path).name))
+                print(json.dumps(item, indent=2))
+            elif args.command == "show":
+                print(json.dumps(getattr(client, show)(args.id), indent=2))
+            elif args.command == "delete":
+                getattr(client, delete)(args.id)
+                print(f"{what} {args.id} deleted")
+            else:
+                _list_uploads(client, command, args)
+            return 0
+    except ErqClientError as exc:
+        return _fail(f"erq {command} {args.command}", exc)
+
+
+def _list_uploads(client: ErqClient, command: str, args: argparse.Namespace) -> int:
+    page_of = client.datasets if command == "datasets" else client.uploaded_models
+    items, after = [], None
+    while len(items) < args.limit:
+        page = page_of(limit=min(args.limit - len(items), 100), after=after)
+        items += page[command]
+        if not page["has_more"] or not page[command]:
+            break
+        after = page[command][-1]["id"]
+    if args.json:
+        for item in items:
+            print(json.dumps(item))
+        return 0
+    described = (lambda d: f"{d['train_images']} train / {d['val_images']} val, {len(d['classes'])} classes") \
+        if command == "datasets" else (lambda m: f"{m['architecture']}, {m['parameters']} parameters")
+    rows = [("spec", "size", "contents", "name", "created")]
+    rows += [(item["spec"], f"{item['size'] / 1e6:.1f} MB", described(item), item.get("filename") or "-",
+              item["created_at"][:19]) for item in items]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0

@@ -1,4 +1,5 @@
-"""ErqClient: submit, follow (Server-Sent Events), list, cancel, delete, logs and downloads."""
+"""ErqClient: submit, follow (Server-Sent Events), list, cancel, delete, logs and downloads; upload
+datasets and models."""
 from __future__ import annotations
 
 import hashlib
@@ -171,6 +172,93 @@ class ErqClient:
                     raise ErqClientError(f"{path.name} of job {job_id} does not match its sha256; download again")
                 shutil.move(str(path), out / path.name)
         return out
+
+
+    # Uploads.
+    def upload_dataset(self, path: str | os.PathLike, on_progress: Optional[Progress] = None) -> dict:
+        """Upload an ImageFolder (a folder with train/ and val/, or its .zip/.tar/.tar.gz) and return the
+        dataset: a job names it as its `spec` (`dataset:ID`). The same bytes again answer the same dataset."""
+        return self._upload("/v1/datasets", Path(path), on_progress)
+
+    def upload_model(self, path: str | os.PathLike, on_progress: Optional[Progress] = None) -> dict:
+        """Upload a timm folder (config.json + model.safetensors, or its archive) and return the model:
+        a job names it as its `spec` (`upload:ID`)."""
+        return self._upload("/v1/models", Path(path), on_progress)
+
+    def _upload(self, route: str, path: Path, on_progress: Optional[Progress]) -> dict:
+        if not path.exists():
+            raise ErqClientError(f"{path} does not exist")
+        with tempfile.TemporaryDirectory(prefix="erq-upload-") as scratch:
+            archive = pack_folder(path, Path(scratch) / f"{path.name}.tar") if path.is_dir() else path
+            size = archive.stat().st_size
+            headers = {"Content-Type": ARCHIVE_TYPES.get(_archive_suffix(archive), "application/octet-stream"),
+                       "Content-Length": str(size), "X-Filename": path.name}
+            answer = self._request("POST", route, content=_read_in_blocks(archive, size, on_progress),
+                                   headers=headers, timeout=httpx.Timeout(self.http.timeout.connect, read=600,
+                                                                          write=600, pool=60))
+        return answer.json()
+
+    def datasets(self, limit: int = 20, after: Optional[str] = None) -> dict:
+        """One page of the owner's datasets: {datasets, has_more, next_cursor}."""
+        return self._request("GET", "/v1/datasets", params=_page(limit, after)).json()
+
+    def dataset(self, dataset_id: str) -> dict:
+        return self._request("GET", f"/v1/datasets/{dataset_id}").json()
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._request("DELETE", f"/v1/datasets/{dataset_id}")
+
+    def uploaded_models(self, limit: int = 20, after: Optional[str] = None) -> dict:
+        """One page of the owner's uploaded models: {models, has_more, next_cursor}."""
+        return self._request("GET", "/v1/models/uploads", params=_page(limit, after)).json()
+
+    def uploaded_model(self, model_id: str) -> dict:
+        return self._request("GET", f"/v1/models/{model_id}").json()
+
+    def delete_uploaded_model(self, model_id: str) -> None:
+        self._request("DELETE", f"/v1/models/{model_id}")
+
+
+Progress = Callable[[int, int], None]  # (bytes sent, bytes in all)
+ARCHIVE_TYPES = {".zip": "application/zip", ".tar": "application/x-tar", ".tar.gz": "application/gzip",
+                 ".tgz": "application/gzip"}
+BLOCK = 1 << 20
+
+
+def _archive_suffix(path: Path) -> str:
+    name = path.name.lower()
+    return next((suffix for suffix in ARCHIVE_TYPES if name.endswith(suffix)), path.suffix.lower())
+
+
+def _page(limit: int, after: Optional[str]) -> dict[str, Any]:
+    return {"limit": limit, **({"after": after} if after else {})}
+
+
+def pack_folder(folder: Path, out: Path) -> Path:
+    """A tar of the folder's files (hidden ones left out) in a fixed order with fixed metadata: the same
+    files give the same bytes, so uploading a folder again finds the upload made before."""
+    with tarfile.open(out, "w", format=tarfile.GNU_FORMAT) as archive:
+        for root, folders, files in os.walk(folder):
+            folders[:] = sorted(name for name in folders if not name.startswith("."))
+            for name in sorted(files):
+                path = Path(root) / name
+                if name.startswith(".") or not path.is_file():
+                    continue
+                info = tarfile.TarInfo(path.relative_to(folder).as_posix())
+                info.size, info.mode, info.mtime = path.stat().st_size, 0o644, 0
+                with open(path, "rb") as handle:
+                    archive.addfile(info, handle)
+    return out
+
+
+def _read_in_blocks(path: Path, size: int, on_progress: Optional[Progress]) -> Iterator[bytes]:
+    sent = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(BLOCK):
+            sent += len(block)
+            yield block
+            if on_progress is not None:
+                on_progress(sent, size)
 
 
 def _raise_for_problem(answer: httpx.Response) -> None:

@@ -8,7 +8,7 @@ from fastapi import FastAPI
 
 from service import problems
 from service.guards import BodySizeLimit, FailedAuthThrottle
-from service.routes import jobs, system
+from service.routes import jobs, system, ui, uploads
 from storage.artifacts import open_store
 from storage.queue import make_celery
 from storage.settings import Settings, get_settings
@@ -25,9 +25,11 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     app.state.artifact_store = open_store(settings)
     app.state.auth_throttle = FailedAuthThrottle()
-    app.add_middleware(BodySizeLimit)
+    app.add_middleware(BodySizeLimit, exempt=uploads.UPLOAD_PATHS)
     app.include_router(jobs.router)
+    app.include_router(uploads.router)  # before system's GET /v1/models: /v1/models/uploads is more specific
     app.include_router(system.router)
+    app.include_router(ui.router)
 
     problems.install(app)
 

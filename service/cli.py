@@ -138,8 +138,8 @@ def _embedded_worker():
 
 
 def admin_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="erq admin", description="Manage owners, their API keys and webhook "
-                                                                   "secrets.")
+    parser = argparse.ArgumentParser(prog="erq admin", description="Manage owners, their API keys, webhook "
+                                                                   "secrets and data.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("create-key", help="add a key for OWNER (created on first use) and print it alone on "
                                            "the last line").add_argument("owner")
@@ -149,9 +149,14 @@ def admin_main(argv: list[str]) -> int:
     commands.add_parser("webhook-secret", help="make a new webhook signing secret for OWNER (replacing its "
                                                "old one) and print it alone on the last line, once").add_argument(
         "owner")
+    commands.add_parser("delete-owner-data", help="delete OWNER's ended jobs with their files and its uploads; "
+                                                  "its queued and running jobs are asked to cancel (run it again "
+                                                  "once they have ended)").add_argument("owner")
     args = parser.parse_args(argv)
     settings = get_settings()
     _prepare(settings)
+    if args.command == "delete-owner-data":
+        return _delete_owner_data(settings, args.owner)
     with session_scope(settings.database_url) as session:
         if args.command == "create-key":
             return _create_key(session, args.owner)
@@ -160,6 +165,24 @@ def admin_main(argv: list[str]) -> int:
         if args.command == "webhook-secret":
             return _webhook_secret(session, args.owner)
         return _revoke_key(session, args.key)
+
+
+def _delete_owner_data(settings: Settings, owner: str) -> int:
+    from storage.owner_data import delete_owner_data
+
+    with session_scope(settings.database_url) as session:
+        found = owner_named(session, owner)
+        owner_id = found.id if found is not None else None
+    if owner_id is None:
+        print(f"erq admin: error: no owner {owner!r} (see erq admin list-keys)", file=sys.stderr)
+        return 2
+    deleted = delete_owner_data(settings, owner_id)
+    print(f"owner {owner!r}: deleted {deleted.jobs} ended job(s) with their files and {deleted.uploads} upload(s)")
+    if deleted.cancelling or deleted.uploads_in_use:
+        print(f"{len(deleted.cancelling)} queued or running job(s) were asked to cancel and "
+              f"{len(deleted.uploads_in_use)} upload(s) they use were kept: run this again once they have ended")
+        return 1
+    return 0
 
 
 def _webhook_secret(session, owner: str) -> int:

@@ -15,11 +15,11 @@ class BodySizeLimit:
     """Refuse request bodies over MAX_BODY_BYTES with 413, whether they declare a Content-Length or
     arrive chunked. The body (at most the limit) is read here and handed on to the app."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES):
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES, exempt: tuple[str, ...] = ()):
+        self.app, self.limit, self.exempt = app, limit, exempt  # exempt: paths that stream (and bound) their body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("path") in self.exempt:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:

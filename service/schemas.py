@@ -15,6 +15,11 @@ from storage.webhooks import DEFAULT_EVENTS as DEFAULT_WEBHOOK_EVENTS
 from storage.webhooks import EVENTS as WEBHOOK_EVENTS
 
 
+# Forms of a job's fields that only the service accepts (uploads; storage/uploads.py).
+SERVICE_FORMS = {"dataset": "; or `dataset:ID`, a dataset uploaded with POST /v1/datasets",
+                 "model": "; or `upload:ID`, a model uploaded with POST /v1/models"}
+
+
 def _job_field(spec: FieldSpec) -> tuple[Any, Any]:
     """The pydantic (annotation, Field) of one ErqConfig field, with the same bounds and help."""
     option = spec.option
@@ -32,7 +37,7 @@ def _job_field(spec: FieldSpec) -> tuple[Any, Any]:
                    if getattr(option, name) is not None}
     if spec.base_type is int:
         constraints = {k: int(v) if k != "max_length" else v for k, v in constraints.items()}
-    return annotation, Field(default, description=option.help, **constraints)
+    return annotation, Field(default, description=option.help + SERVICE_FORMS.get(spec.name, ""), **constraints)
 
 
 JobRequest = create_model(
@@ -96,7 +101,7 @@ def _stored_field(spec: FieldSpec) -> tuple[Any, Any]:
     before a bound changed still reads), defaults filled for fields added since."""
     annotation, field = _job_field(spec)
     default = field.default if field.default is not PydanticUndefined else ...
-    return annotation, Field(default, description=spec.option.help)
+    return annotation, Field(default, description=spec.option.help + SERVICE_FORMS.get(spec.name, ""))
 
 
 JobParams = create_model(
@@ -154,7 +159,7 @@ class ModelOut(BaseModel):
     alias: str = Field(description="what to send as `model`: an alias, a timm name, or a form such as "
                                    "hf-hub:ORG/NAME")
     timm_name: Optional[str] = Field(description="the timm architecture it builds (None for a form)")
-    kind: Literal["alias", "timm", "hf-hub", "local-dir"]
+    kind: Literal["alias", "timm", "hf-hub", "local-dir", "upload"]
     allowed: bool = Field(description="whether this service accepts it (ERQ_ALLOWED_MODELS)")
     note: Optional[str] = None
 
@@ -166,3 +171,47 @@ class LogChunk(BaseModel):
     next_offset: int = Field(description="send this as `offset` to continue")
     complete: bool = Field(description="the job has ended and the log has been sent to its end")
     text: str
+
+
+class UploadOut(BaseModel):
+    """What every uploaded dataset or model shows."""
+
+    id: str
+    spec: str = Field(description="what a job sends to use it: `dataset:ID` as its `dataset`, `upload:ID` as "
+                                  "its `model`")
+    sha256: str = Field(description="of the stored archive: the same bytes uploaded again are this upload")
+    size: int = Field(description="bytes of the stored archive (what ERQ_MAX_UPLOAD_BYTES_PER_OWNER counts)")
+    unpacked_size: int = Field(description="bytes once extracted")
+    filename: Optional[str] = Field(None, description="the name the client gave the file")
+    created_at: dt.datetime
+    last_used_at: dt.datetime = Field(description="when it was uploaded or last named by a submitted job")
+    expires_at: Optional[dt.datetime] = Field(None, description="with ERQ_UPLOAD_TTL_DAYS: when it is removed "
+                                                                "unless a job names it before")
+
+
+class DatasetOut(UploadOut):
+    """An uploaded ImageFolder dataset."""
+
+    train_images: int
+    val_images: int = Field(description="0 for a dataset with train/ only (jobs on it need `evaluate: false`)")
+    classes: list[str] = Field(description="the class folders, in label order")
+
+
+class UploadedModelOut(UploadOut):
+    """An uploaded timm model folder (config.json + model.safetensors)."""
+
+    architecture: str = Field(description="the timm architecture of config.json")
+    num_classes: Optional[int]
+    parameters: int = Field(description="elements of every tensor of model.safetensors")
+
+
+class DatasetList(BaseModel):
+    datasets: list[DatasetOut]
+    has_more: bool = Field(False, description="more match: ask again with `after` (the last id) or `cursor`")
+    next_cursor: Optional[str] = Field(description="send as `cursor` for the next page; None on the last")
+
+
+class UploadedModelList(BaseModel):
+    models: list[UploadedModelOut]
+    has_more: bool = Field(False, description="more match: ask again with `after` (the last id) or `cursor`")
+    next_cursor: Optional[str] = Field(description="send as `cursor` for the next page; None on the last")

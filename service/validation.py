@@ -7,16 +7,20 @@ from pathlib import Path
 from erq_core.config import ErqConfig, fields
 from erq_core.errors import ConfigError
 from erq_core.registry import MODEL_ALIASES, local_dir_path
+from sqlalchemy.orm import Session
+
+from storage import uploads
 from storage.settings import Settings
+from storage.uploads import upload_ref
 
 
 class InvalidJob(ValueError):
     """The job cannot run as submitted; the message says what to fix, `code` is stable (README, "Error
     codes") and `field` names the offending job field."""
 
-    def __init__(self, message: str, code: str = "invalid_parameter", field: str | None = None):
+    def __init__(self, message: str, code: str = "invalid_parameter", field: str | None = None, status: int = 422):
         super().__init__(message)
-        self.code, self.field = code, field
+        self.code, self.field, self.status = code, field, status
 
 
 def resolve_under_roots(raw: str, what: str, roots: list[Path], field: str | None = None) -> Path:
@@ -40,11 +44,18 @@ def check_model_allowed(spec: str, settings: Settings) -> None:
                          "model_not_allowed", "model")
 
 
+# What the engine's checks see in place of an upload's name (`dataset:ID`, `upload:ID`): they check the
+# form of a path or a model spec, and an upload has neither. The owner's uploads are checked by
+# check_uploads, under the owner's lock.
+UPLOAD_STAND_INS = {"dataset": "uploaded-dataset", "model": "local-dir:uploaded-model"}
+
+
 def validate_job(params: dict, settings: Settings) -> dict:
     """Check a job's parameters; return them with paths resolved and derived defaults filled in.
     Raises InvalidJob."""
+    named = {field: stand_in for field, stand_in in UPLOAD_STAND_INS.items() if upload_ref(field, params.get(field))}
     try:
-        config = ErqConfig.from_dict(params).validate()
+        config = ErqConfig.from_dict({**params, **named}).validate()
     except ConfigError as exc:
         message = str(exc)
         raise InvalidJob(message, "unknown_model" if message.startswith("unknown model") else "invalid_parameter",
@@ -53,12 +64,14 @@ def validate_job(params: dict, settings: Settings) -> dict:
     roots = settings.roots
     # Defaults the config derives (calib_size from the method) are filled in: the job shows what it runs.
     params = {name: config.to_dict()[name] if params[name] is None else value for name, value in params.items()}
-    dataset = resolve_under_roots(params["dataset"], "dataset", roots, "dataset")
-    for split in ("train", "val"):
-        if not (dataset / split).is_dir():
-            raise InvalidJob(f"dataset {params['dataset']!r} has no {split!r} folder (expected an ImageFolder root "
-                             "with train/<class>/<image> and val/<class>/<image>)", "invalid_dataset", "dataset")
-    params["dataset"] = str(dataset)
+    if "dataset" not in named:
+        dataset = resolve_under_roots(params["dataset"], "dataset", roots, "dataset")
+        for split in ("train", "val"):
+            if not (dataset / split).is_dir():
+                raise InvalidJob(f"dataset {params['dataset']!r} has no {split!r} folder (expected an ImageFolder "
+                                 "root with train/<class>/<image> and val/<class>/<image>)", "invalid_dataset",
+                                 "dataset")
+        params["dataset"] = str(dataset)
     folder = local_dir_path(params["model"])
     if folder is not None:
         resolved = resolve_under_roots(folder, "local model folder", roots, "model")
@@ -72,6 +85,29 @@ def validate_job(params: dict, settings: Settings) -> dict:
                              "invalid_checkpoint", "checkpoint")
         params["checkpoint"] = str(checkpoint)
     return params
+
+
+def check_uploads(session: Session, owner_id: int, params: dict) -> None:
+    """The uploads a job names are the owner's (else 404), fit the job (a dataset without val/ needs
+    `evaluate: false`; enough training images for the calibration) and are renewed for retention.
+    Raises InvalidJob."""
+    found = uploads.use(session, owner_id, params)
+    for field, (what, listing) in (("dataset", ("dataset", "GET /v1/datasets")),
+                                   ("model", ("uploaded model", "GET /v1/models/uploads"))):
+        upload_id = upload_ref(field, params.get(field))
+        if upload_id is not None and field not in found:
+            raise InvalidJob(f"no {what} {upload_id!r} for this API key's owner ({listing} lists yours)",
+                             "upload_not_found", field, status=404)
+    dataset = found.get("dataset")
+    if dataset is not None:
+        if params.get("evaluate", True) and not dataset.details.get("val_images"):
+            raise InvalidJob(f"dataset {params['dataset']} has no val/ images to evaluate on: upload it with val/, "
+                             "or submit with evaluate false", "invalid_dataset", "dataset")
+        needed = max(params.get("calib_size") or 0, params.get("reconstruct_images") or 0
+                     if params.get("reconstruct") else 0)
+        if needed > dataset.details.get("train_images", 0):
+            raise InvalidJob(f"the job draws {needed} calibration images but dataset {params['dataset']} has "
+                             f"{dataset.details['train_images']} in train/", "invalid_parameter", "calib_size")
 
 
 def _field_named_in(message: str) -> str | None:

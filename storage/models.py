@@ -192,3 +192,33 @@ class WebhookDelivery(Base):
     given_up_at: Mapped[Optional[dt.datetime]] = mapped_column(nullable=True)
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
+
+
+class UploadKind(StrEnum):
+    DATASET = "dataset"
+    MODEL = "model"
+
+
+class Upload(Base):
+    """A dataset or a model an owner uploaded (storage/uploads.py). Its archive lives in the artifact
+    store under uploads/OWNER/SHA256: content-addressed, so the same bytes uploaded twice by one owner
+    are one upload. A job names it as `dataset:ID` or `upload:ID`."""
+
+    __tablename__ = "uploads"
+    __table_args__ = (UniqueConstraint("owner_id", "kind", "sha256", name="uq_uploads_owner_kind_sha256"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("owners.id"), index=True)
+    kind: Mapped[UploadKind] = mapped_column(
+        Enum(UploadKind, native_enum=False, create_constraint=False, length=16,
+             values_callable=lambda kinds: [k.value for k in kinds]))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)  # of the stored archive
+    size: Mapped[int] = mapped_column(BigInteger)  # of the stored archive: what the owner's quota counts
+    unpacked_size: Mapped[int] = mapped_column(BigInteger)  # what a worker's cache holds once extracted
+    archive_format: Mapped[str] = mapped_column(String(16))  # zip, tar or tar.gz
+    filename: Mapped[Optional[str]] = mapped_column(String(255), nullable=True)  # as the client named it
+    # A dataset: train_images, val_images, classes; a model: architecture, num_classes, parameters.
+    details: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    # Submitting a job that names it renews it: ERQ_UPLOAD_TTL_DAYS counts from here.
+    last_used_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)

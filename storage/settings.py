@@ -15,9 +15,10 @@ from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_BROKER_PREFIXES = ("sqla+", "filesystem:", "memory:")
-# ERQ_ALLOWED_MODELS when unset: the aliases (erq_core.registry.MODEL_ALIASES) and local folders,
-# which must lie under ERQ_DATA_ROOTS in any case.
-DEFAULT_ALLOWED_MODELS = "@aliases,local-dir:*"
+# ERQ_ALLOWED_MODELS when unset: the aliases (erq_core.registry.MODEL_ALIASES), local folders,
+# which must lie under ERQ_DATA_ROOTS in any case, and the owner's uploaded models (upload:ID).
+DEFAULT_ALLOWED_MODELS = "@aliases,local-dir:*,upload:*"
+GiB = 1 << 30
 
 
 class Settings(BaseSettings):
@@ -57,6 +58,17 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(5, gt=0, le=60)  # per attempt: connecting, sending, reading the answer
     # `erq api` / `erq serve` stopped (SIGTERM, Ctrl-C): event streams end at once, other requests get this long.
     api_grace_seconds: float = Field(10, gt=0, le=3600)
+    # Uploaded datasets and models (POST /v1/datasets, /v1/models; storage/uploads.py): the archive bytes
+    # one owner may keep, how long an unused upload is kept (None: until deleted), and the bounds every
+    # archive is checked against before it is accepted (storage/archives.py).
+    max_upload_bytes_per_owner: int = Field(20 * GiB, ge=0)
+    upload_ttl_days: Optional[float] = Field(None, gt=0)
+    upload_max_unpacked_bytes: int = Field(20 * GiB, ge=1)
+    upload_max_files: int = Field(65_536, ge=1)
+    upload_max_image_pixels: int = Field(50_000_000, ge=1)
+    # A worker's local copies of uploads, by sha256 (worker/upload_cache.py), and their total size.
+    upload_cache_dir: Optional[Path] = None  # default: HOME/upload-cache
+    upload_cache_bytes: int = Field(50 * GiB, ge=0)
 
     @model_validator(mode="after")
     def _fill_from_home(self) -> "Settings":
@@ -70,6 +82,8 @@ class Settings(BaseSettings):
             self.worker_health_file = self.home / "worker.alive"
         if self.scratch_dir is None:
             self.scratch_dir = self.home / "scratch"
+        if self.upload_cache_dir is None:
+            self.upload_cache_dir = self.home / "upload-cache"
         if not self.artifact_url:
             self.artifact_url = None
         elif not self.artifact_url.startswith("s3://") or not self.artifact_url[5:].strip("/"):

@@ -61,6 +61,8 @@ def standard_duties(app: Celery, settings: Settings) -> list[Duty]:
             settings.scratch_dir, settings.max_job_seconds + SCRATCH_GRACE_SECONDS)))
     if settings.artifact_ttl_days is not None:
         duties.append(Duty("artifact retention", RETENTION_SWEEP_SECONDS, lambda: expire_artifacts(settings)))
+    if settings.upload_ttl_days is not None:
+        duties.append(Duty("upload retention", RETENTION_SWEEP_SECONDS, lambda: expire_uploads(settings)))
     if settings.webhook_allowed_hosts.strip():
         duties.append(Duty("webhooks", WEBHOOK_SWEEP_SECONDS, WebhookDuty(settings)))
     return duties
@@ -85,6 +87,17 @@ def expire_artifacts(settings: Settings) -> list[str]:
         log.info("removed the artifacts of %d job(s) past ERQ_ARTIFACT_TTL_DAYS=%s", len(expired),
                  settings.artifact_ttl_days)
     return expired
+
+
+def expire_uploads(settings: Settings) -> list[str]:
+    """Remove the uploads no job has named for ERQ_UPLOAD_TTL_DAYS (none in use by an active job)."""
+    from storage.upload_store import open_upload_store
+    from storage.uploads import expire
+
+    removed = expire(settings.database_url, open_upload_store(settings), settings.upload_ttl_days * 86400)
+    if removed:
+        log.info("removed %d upload(s) unused for ERQ_UPLOAD_TTL_DAYS=%s", len(removed), settings.upload_ttl_days)
+    return removed
 
 
 class Sweeper(threading.Thread):

@@ -152,7 +152,9 @@ def run_worker(args: argparse.Namespace, settings: Settings, sweep: bool) -> int
 def _start_sweeper(app, settings: Settings):
     from storage.sweeper import Sweeper, standard_duties
 
-    sweeper = Sweeper(standard_duties(app, settings), settings.worker_health_file)
+    from worker.upload_cache import sweeper_duties
+
+    sweeper = Sweeper(standard_duties(app, settings) + sweeper_duties(settings), settings.worker_health_file)
     sweeper.start()
     return sweeper
 

@@ -22,6 +22,7 @@ from storage.db import session_scope
 from storage.models import Job, JobStatus
 from storage.queue import RUN_JOB_TASK, enqueue, make_celery
 from storage.settings import Settings, get_settings
+from worker.upload_cache import localized as localized_uploads
 
 app = make_celery()
 log = logging.getLogger("erq")
@@ -352,9 +353,10 @@ def _run_pipeline(job_id: str, params: dict, out: Path, settings: Settings,
     log.info("data loaders: %s", f"{workers} worker processes" if workers is not None
              else "the engine's default (4 worker processes on a GPU, none on the CPU)")
     try:
-        config = erq_core.ErqConfig.from_dict(params)
-        metrics = erq_core.run(config, out, progress=ProgressReporter(job_id, settings, worker),
-                               device=engine.device, loader_workers=workers)
+        with localized_uploads(job_id, params, settings) as local:  # dataset:ID, upload:ID -> this host's cache
+            config = erq_core.ErqConfig.from_dict(local)
+            metrics = erq_core.run(config, out, progress=ProgressReporter(job_id, settings, worker),
+                                   device=engine.device, loader_workers=workers)
     except LeaseLost:
         log.warning("job %s was re-queued while this worker ran it (late heartbeat); stopping this run", job_id)
         return "lost", None, None, None

@@ -20,7 +20,7 @@ from service.deps import AppSettings, Artifacts, DbSession, Queue
 from service.downloads import artifact_missing, artifact_response
 from service.problems import Problem
 from service.schemas import ArtifactOut, JobList, JobOut, JobSubmission, LogChunk, WebhookOut
-from service.validation import InvalidJob, validate_job
+from service.validation import InvalidJob, check_uploads, validate_job
 from storage import jobs
 from storage.artifacts import LOG_NAME, PUBLISHED, ArtifactStore, run_name
 from storage.models import Job, JobStatus, Owner
@@ -91,6 +91,10 @@ def submit_job(body: JobSubmission, request: Request, response: Response, caller
         webhook = {"url": body.webhook.url, "events": list(dict.fromkeys(body.webhook.events))}
     try:
         jobs.lock_owner(session, caller.owner_id)  # held until the commit: the count below cannot go stale
+        try:
+            check_uploads(session, caller.owner_id, params)  # under the lock: a named upload cannot go meanwhile
+        except InvalidJob as exc:
+            raise Problem(exc.status, exc.code, str(exc), field=exc.field) from None
         limit = settings.max_active_jobs_per_owner
         if jobs.active_job_count(session, caller.owner_id) >= limit:
             raise Problem(status.HTTP_429_TOO_MANY_REQUESTS, "too_many_active_jobs",

@@ -20,6 +20,9 @@ from storage.artifacts import ArtifactStore, ArtifactStoreError
 from storage.db import ping
 from storage.models import JobStatus
 from storage.settings import Settings
+from storage.uploads import PREFIXES
+
+UPLOAD_PREFIX = PREFIXES["model"][0]
 
 log = logging.getLogger("erq.api")
 router = APIRouter()
@@ -44,7 +47,9 @@ def accepted_models(settings: Settings) -> list[ModelOut]:
                for name in sorted(supported_timm_names())]
     for prefix, kind, form, where in ((HF_HUB_PREFIX, "hf-hub", "hf-hub:ORG/NAME", "a Hugging Face Hub repository"),
                                       (LOCAL_DIR_PREFIX, "local-dir", "local-dir:/path",
-                                       "a timm folder (config.json, model.safetensors) under ERQ_DATA_ROOTS")):
+                                       "a timm folder (config.json, model.safetensors) under ERQ_DATA_ROOTS"),
+                                      (UPLOAD_PREFIX, "upload", "upload:ID",
+                                       "a model this owner uploaded (POST /v1/models; GET /v1/models/uploads)")):
         enabled = [p for p in patterns if p.startswith(prefix)]
         note = f"{where}; accepted: {', '.join(enabled)}" if enabled else f"{where}; not enabled (ERQ_ALLOWED_MODELS)"
         models.append(ModelOut(alias=form, timm_name=None, kind=kind, allowed=bool(enabled), note=note))

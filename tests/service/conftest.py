@@ -172,6 +172,15 @@ def service_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
     return env
 
 
+def env_without_data_roots(tmp_path: Path, settings: Settings) -> dict[str, str]:
+    """service_env on the settings' database and broker, with an empty ERQ_DATA_ROOTS: every dataset
+    and model a job uses must be uploaded."""
+    empty = tmp_path / "no-data-roots"
+    empty.mkdir(exist_ok=True)
+    return service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
+                       ERQ_DATA_ROOTS=str(empty))
+
+
 @contextmanager
 def worker_and_api(tmp_path: Path, settings: Settings, owner: str = "alice",
                    **env_overrides: str) -> Iterator[httpx.Client]:

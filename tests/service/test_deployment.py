@@ -18,7 +18,8 @@ pytestmark = pytest.mark.integration  # docker-compose, a wheel build and python
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE_FOLDERS = {"erq_core", "storage", "service", "worker"}
-ENGINE_PACKAGES = {"torch", "torchvision", "timm", "safetensors", "numpy", "pillow"}
+# Pillow is not among them: the API decodes uploaded images with it (storage/archives.py).
+ENGINE_PACKAGES = {"torch", "torchvision", "timm", "safetensors", "numpy"}
 
 
 @dataclass
@@ -108,7 +109,7 @@ def test_the_api_image_installs_no_torch_and_the_worker_image_installs_the_engin
 
 def test_the_api_runs_where_torch_cannot_be_imported(tmp_path):
     """The API process (app, routes, validation, enqueue) with torch, timm and the worker package
-    made unimportable: it starts, validates a job and answers."""
+    made unimportable: it starts, validates a job, checks an uploaded model and answers."""
     code = f"""
 import sys
 class Refuse:
@@ -133,6 +134,10 @@ with TestClient(create_app(settings)) as client:
     answer = client.post('/v1/jobs', headers=headers, json={{'model': 'local-dir:{ROOT}/tests/fixtures/fmnist_vit',
                                                             'dataset': '{ROOT}/tests/fixtures/fmnist16'}})
     assert answer.status_code == 202, answer.text
+    model = '{ROOT}/tests/fixtures/fmnist_vit'
+    with open(model + '/config.json', 'rb') as config, open(model + '/model.safetensors', 'rb') as weights:
+        uploaded = client.post('/v1/models', headers=headers, files={{'config': config, 'weights': weights}})
+    assert uploaded.status_code == 201 and uploaded.json()['architecture'] == 'vit_tiny_patch16_224', uploaded.text
 print('API ran without', sorted(m for m in ('torch', 'timm', 'worker') if m not in sys.modules))
 """
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -158,7 +163,8 @@ def test_the_wheel_holds_the_migrations_and_the_engine_data(tmp_path):
     versions = {f"erq_migrations/versions/{p.name}" for p in (ROOT / "migrations/versions").glob("*.py")}
     assert len(versions) >= 5
     assert {"erq_migrations/env.py", "erq_migrations/script.py.mako", "erq_core/timm_models.txt",
-            "storage/queue.py", "storage/migrate.py", "erq_cli.py", "erq_client/client.py", "erq_client/cli.py"} \
+            "storage/queue.py", "storage/migrate.py", "erq_cli.py", "erq_client/client.py", "erq_client/cli.py",
+            "service/ui/index.html", "service/ui/app.js", "service/ui/style.css"} \
         | versions <= names
     assert {f"{package}/__init__.py" for package in packages} <= names, "a package is missing from pyproject's list"
     assert not any(name.startswith(("jobspec/", "migrations/", "tests/", "bench/")) for name in names)
