@@ -7,17 +7,9 @@ where K Wa^T = Xqa^T Y, Y the layer's FP output.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-
-def ridge_solve(gram: Tensor, rhs: Tensor, lam: float) -> Tensor:
-    """(gram + lam I)^-1 rhs through one Cholesky factorisation, for all right-hand sides."""
-    regularized = gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    factor, info = torch.linalg.cholesky_ex(regularized)
-    if int(info) != 0:  # not numerically positive definite: fall back to a least-squares solve
-        return torch.linalg.lstsq(regularized, rhs).solution
-    return torch.cholesky_solve(rhs, factor)
+from erq_core.ridge import ridge_solve
 
 
 def aqer_update(weight: Tensor, H: Tensor, output_cross: Tensor, lam: float) -> Tensor:

@@ -132,14 +132,6 @@ class ErqConfig:
         """Calibration images to draw: the statistics' and, with reconstruct, reconstruction's."""
         return max(self.calib_size, self.reconstruct_images if self.reconstruct else 0)
 
-    @property
-    def uses_aqer(self) -> bool:
-        return self.method in ("erq", "erq+") and self.aqer
-
-    @property
-    def uses_wqer(self) -> bool:
-        return self.method in ("erq", "erq+") and self.wqer
-
     def to_dict(self) -> dict[str, Any]:
         return {spec.name: _jsonable(getattr(self, spec.name)) for spec in fields()}
 

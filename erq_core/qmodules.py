@@ -9,7 +9,6 @@ from __future__ import annotations
 import types
 from typing import Iterator, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -188,12 +187,6 @@ def convert_model(
                     child, a_bits, w_bits, full in per_channel_inputs, full in two_part_weights))
             elif isinstance(child, nn.Conv2d):  # ViT and Swin convolve only in the patch embedding
                 setattr(module, child_name, QuantConv2d(child, w_bits))
-
-
-def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            yield name, module
 
 
 def weight_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

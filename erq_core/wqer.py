@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from erq_core.aqer import ridge_solve
+from erq_core.ridge import ridge_solve
 from erq_core.quantizers import WeightQuantizer
 
 REFINE_ROUNDS = 100
