@@ -186,15 +186,13 @@ def worker_and_api(tmp_path: Path, settings: Settings, owner: str = "alice",
                    **env_overrides: str) -> Iterator[httpx.Client]:
     """A real `erq worker` and `erq api` on the settings' database and broker (and `env_overrides`),
     and a client with a key of `owner`, for as long as the block runs."""
-    from tests.service.processes import api_client, erq_process, free_port, wait_for_http
+    from tests.service.processes import api_client, api_process, erq_process
 
     env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
                       **env_overrides)
     key = make_key(settings, owner)
-    port = free_port()
     with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
-            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+            api_process(["api"], env, tmp_path, tmp_path / "api.log") as (api, port):
         with api_client(port, key) as client:
             yield client
 

@@ -20,7 +20,7 @@ from storage.folder import FolderStore
 from storage.models import JobStatus
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_SQLITE, make_key, run_erq, service_env, worker_and_api
-from tests.service.processes import api_client, erq_process, free_port, wait_for_http
+from tests.service.processes import api_client, api_process
 
 pytestmark = pytest.mark.integration  # a real erq api process
 
@@ -67,9 +67,7 @@ class Following(threading.Thread):
 @contextmanager
 def api_only(tmp_path, settings) -> Iterator[httpx.Client]:
     env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url)
-    port = free_port()
-    with erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+    with api_process(["api"], env, tmp_path, tmp_path / "api.log") as (api, port):
         with api_client(port, make_key(settings, "alice")) as client:
             yield client
 
@@ -199,9 +197,7 @@ def test_sigterm_ends_open_streams_with_a_final_event_and_the_api_exits(tmp_path
     """A service manager stops `erq api` while a client follows a job that will not end (no worker):
     the stream gets a final `closed` event and the process exits, instead of waiting for the job."""
     env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url)
-    port = free_port()
-    with erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+    with api_process(["api"], env, tmp_path, tmp_path / "api.log") as (api, port):
         with api_client(port, make_key(settings, "alice")) as client:
             job_id = client.post("/v1/jobs", json=JOB).json()["id"]
             following = Following(client, job_id)

@@ -9,11 +9,11 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from storage import jobs
-from storage.folder import FolderStore
 from storage.db import session_scope
+from storage.folder import FolderStore
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_SQLITE, end_job_with_files, make_key, service_env
-from tests.service.processes import api_client, erq_process, free_port, wait_for_http
+from tests.service.processes import api_client, api_process, erq_process
 
 JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "val_limit": 50}
 
@@ -105,10 +105,8 @@ def test_a_real_worker_sweeps_expired_artifacts(tmp_path, settings, monkeypatch)
     time.sleep(1.5)
     env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
                       ERQ_ARTIFACT_TTL_DAYS=str(1 / 86400))
-    port = free_port()
     with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
-            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+            api_process(["api"], env, tmp_path, tmp_path / "api.log") as (api, port):
         with api_client(port, key) as client:
             deadline = time.monotonic() + 120
             while client.get(f"/v1/jobs/{job['id']}").json()["artifacts_expired_at"] is None:
