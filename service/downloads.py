@@ -12,11 +12,11 @@ from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 
 from service.problems import Problem
 from storage.artifacts import ArtifactStore, media_type
-from storage.folder import FolderStore
+from storage.artifacts.folder import FolderStore
 from storage.models import Artifact, Job
 
 if TYPE_CHECKING:
-    from storage.s3 import S3Store
+    from storage.artifacts.s3 import S3Store
 
 log = logging.getLogger("erq")
 CHUNK = 1 << 20
@@ -59,7 +59,7 @@ def _from_folder(store: FolderStore, job: Job, name: str, etag: str) -> Response
 def _from_bucket(request: Request, store: "S3Store", job: Job, artifact: Artifact, etag: str, mode: str) -> Response:
     from botocore.exceptions import ClientError
 
-    from storage.s3 import MISSING, error_code
+    from storage.artifacts.s3 import MISSING, error_code
 
     name, run = artifact.name, job.published_run
     headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Disposition": f'attachment; filename="{name}"'}

@@ -55,7 +55,7 @@ def standard_duties(app: Celery, settings: Settings) -> list[Duty]:
     duties = [Duty("lost leases", SWEEP_SECONDS, lambda: requeue_lost_jobs(app, settings)),
               Duty("orphaned jobs", SWEEP_SECONDS, orphans.reannounce)]
     if settings.s3_artifacts:  # the scratch folders of this host's runs, left by killed workers
-        from storage.s3 import remove_stale_scratch
+        from storage.artifacts.s3 import remove_stale_scratch
 
         duties.append(Duty("stale scratch folders", SCRATCH_SWEEP_SECONDS, lambda: remove_stale_scratch(
             settings.scratch_dir, settings.max_job_seconds + SCRATCH_GRACE_SECONDS)))

@@ -214,7 +214,7 @@ def end_job_with_files(settings: Settings, job_id: str, contents: dict[str, byte
     from storage import jobs
     from storage.artifacts import stored_file
     from storage.db import session_scope
-    from storage.folder import FolderStore
+    from storage.artifacts.folder import FolderStore
     from storage.models import JobStatus
 
     status = status or JobStatus.SUCCEEDED

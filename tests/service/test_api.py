@@ -201,7 +201,7 @@ def test_an_unreachable_queue_answers_503_and_keeps_no_job(tmp_path, alice, sett
 @ON_SQLITE
 def test_an_artifact_folder_that_is_a_file_is_not_ready(tmp_path, settings, caplog):
     """ERQ_ARTIFACT_DIR naming a regular file (tests run as root: permission bits would not stop them)."""
-    from storage.folder import FolderStore
+    from storage.artifacts.folder import FolderStore
     from storage.settings import Settings
 
     not_a_folder = tmp_path / "artifacts-file"
@@ -229,7 +229,7 @@ def test_an_artifact_folder_that_is_a_file_is_not_ready(tmp_path, settings, capl
 
 @ON_SQLITE
 def test_the_write_check_of_an_artifact_folder_leaves_nothing_behind(settings):
-    from storage.folder import FolderStore
+    from storage.artifacts.folder import FolderStore
 
     before = set(settings.artifact_dir.iterdir())
     FolderStore(settings.artifact_dir).check(write=True)
@@ -419,7 +419,7 @@ def test_artifacts_answer_head_and_if_none_match(client, alice, settings):
 
 
 def test_an_artifact_whose_file_is_missing_answers_410_artifact_missing_from_every_route(client, alice, settings):
-    from storage.folder import FolderStore
+    from storage.artifacts.folder import FolderStore
 
     job = _finished_job(client, alice, settings)
     folder = FolderStore(settings.artifact_dir).run_dir(job["id"], "attempt-1")

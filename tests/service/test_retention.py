@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from storage import jobs
-from storage.folder import FolderStore
+from storage.artifacts.folder import FolderStore
 from storage.db import session_scope
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_SQLITE, end_job_with_files, make_key, service_env

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from storage.artifacts import ArtifactStoreError
-from storage.s3 import S3Store, local_digest
+from storage.artifacts.s3 import S3Store, local_digest
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.s3_server import READER, WRITER
 from tests.service.conftest import run_erq, service_env
@@ -233,7 +233,7 @@ def test_an_artifact_url_that_is_not_s3_is_refused_with_what_to_do():
 
 
 def test_scratch_folders_of_runs_that_cannot_still_run_are_swept(tmp_path):
-    from storage.s3 import remove_stale_scratch
+    from storage.artifacts.s3 import remove_stale_scratch
 
     old, fresh = tmp_path / "job1" / "attempt-1", tmp_path / "job2" / "attempt-1"
     for folder in (old, fresh):

@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import select
 
 from storage import jobs
-from storage.folder import FolderStore
+from storage.artifacts.folder import FolderStore
 from storage.db import session_scope
 from storage.keys import find_key
 from storage.models import Job, JobStatus, db_now

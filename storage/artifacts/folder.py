@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
-from storage.artifacts import PUBLISHED, ArtifactStore, ArtifactStoreError, StoredFile, stored_file
+from storage.artifacts.interface import ArtifactStore, ArtifactStoreError, StoredFile, stored_file
+from storage.artifacts.names import PUBLISHED
 
 
 class FolderStore(ArtifactStore):

@@ -26,7 +26,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionClosedError, ConnectTimeoutError, \
     EndpointConnectionError, NoCredentialsError, ReadTimeoutError
 
-from storage.artifacts import LOG_NAME, ArtifactStore, ArtifactStoreError, StoredFile, media_type
+from storage.artifacts.interface import ArtifactStore, ArtifactStoreError, StoredFile
+from storage.artifacts.names import LOG_NAME, media_type
 from storage.settings import Settings
 
 MiB = 1 << 20
