@@ -145,3 +145,15 @@ def test_the_service_side_never_loads_the_engine(side):
 
 def test_the_api_app_never_loads_the_worker_package():
     assert sorted(m for m in loaded_with("service.app") if m.split(".")[0] == "worker") == []
+
+
+def test_the_api_never_asks_which_store_it_has():
+    """No `isinstance` on a store class in service/: every read goes through the store's methods."""
+    stores = {node.name for path in (ROOT / "storage").rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+              if isinstance(node, ast.ClassDef) and node.name.endswith(("Store", "Uploads"))}
+    assert {"ArtifactStore", "FolderStore", "S3Store", "FolderUploads", "S3Uploads"} <= stores
+    asked = [(str(path.relative_to(ROOT)), node.lineno) for path in (ROOT / "service").rglob("*.py")
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("isinstance", "issubclass")
+             and stores & {n.id if isinstance(n, ast.Name) else getattr(n, "attr", "") for n in ast.walk(node.args[1])}]
+    assert asked == []

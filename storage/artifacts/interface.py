@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
+from storage.artifacts.download import Download, DownloadRequest
+
 
 @dataclass(frozen=True)
 class StoredFile:
@@ -53,6 +55,12 @@ class ArtifactStore(ABC):
                    limit: Optional[int] = None) -> Optional[tuple[bytes, int]]:
         """(at most `limit` bytes of a stored file from `offset`, the file's size); None when absent.
         An offset past the end gives no bytes."""
+
+    @abstractmethod
+    def download(self, job_id: str, run: Optional[str], name: str, request: DownloadRequest) -> Download:
+        """How to answer a client's download of a stored file: the one way the API reads an artifact.
+        Raises ArtifactGone when the file is not there, RangeNotSatisfiable for a range past its end,
+        ArtifactStoreError when the store cannot be read."""
 
     def iter_bytes(self, job_id: str, run: Optional[str], name: str, block: int = 1 << 20) -> Iterator[bytes]:
         """A stored file in blocks (for streaming it through the API)."""

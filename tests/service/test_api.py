@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 from fastapi.testclient import TestClient
@@ -431,6 +432,15 @@ def test_an_artifact_whose_file_is_missing_answers_410_artifact_missing_from_eve
     for answer in (client.get(url, headers=alice), client.get(f"/v1/jobs/{job['id']}/artifacts.tar", headers=alice)):
         assert answer.status_code == 410 and answer.json()["code"] == "artifact_missing", answer.json()
         assert "no longer in the artifact store" in answer.json()["detail"]
+
+
+def test_a_byte_range_is_served_and_a_range_this_api_does_not_serve_is_ignored(client, alice, settings):
+    from tests.service.conftest import assert_range_answers, end_job_with_files
+
+    checkpoint = os.urandom(5000)
+    job_id = submit(client, alice).json()["id"]
+    end_job_with_files(settings, job_id, {"quantized.safetensors": checkpoint, "job.log": b"done\n"})
+    assert_range_answers(client, f"/v1/jobs/{job_id}/artifacts/quantized.safetensors", checkpoint, alice)
 
 
 @ON_POSTGRESQL

@@ -18,7 +18,7 @@ from storage.artifacts import ArtifactStoreError
 from storage.artifacts.s3 import S3Store, local_digest
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.s3_server import READER, WRITER
-from tests.service.conftest import run_erq, service_env
+from tests.service.conftest import assert_range_answers, run_erq, service_env
 from tests.service.tcp_proxy import CountingListener
 from tests.service.processes import api_client, erq_process, free_port, serving, wait_for_http, wait_for_job, \
     wait_for_text
@@ -179,13 +179,7 @@ def _check_streamed_downloads(client: httpx.Client, artifacts: dict, checkpoint:
     assert whole.status_code == 200 and whole.content == checkpoint
     assert whole.headers["ETag"] == f'"{sha}"' and hashlib.sha256(whole.content).hexdigest() == sha
     assert 'filename="quantized.safetensors"' in whole.headers["Content-Disposition"]
-    part = client.get(url, headers={"Range": "bytes=100-299"})
-    assert part.status_code == 206 and part.content == checkpoint[100:300]
-    assert part.headers["Content-Range"] == f"bytes 100-299/{len(checkpoint)}"
-    tail = client.get(url, headers={"Range": "bytes=-10"})
-    assert tail.status_code == 206 and tail.content == checkpoint[-10:]
-    beyond = client.get(url, headers={"Range": f"bytes={len(checkpoint) + 10}-"})
-    assert beyond.status_code == 416 and beyond.headers["Content-Range"] == f"bytes */{len(checkpoint)}"
+    assert_range_answers(client, url, checkpoint)
     assert client.get(url, headers={"If-None-Match": f'"{sha}"'}).status_code == 304
     head = client.head(url)
     assert head.status_code == 200 and head.headers["Content-Length"] == str(len(checkpoint))
