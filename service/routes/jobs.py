@@ -1,5 +1,5 @@
 """/v1/jobs: submit, follow (poll, events, log), list, cancel, delete, download. Reads only read: lost leases and orphaned
-jobs are repaired by the sweeper on the worker side (storage/sweeper.py)."""
+jobs are repaired by the sweeper on the worker side (worker/sweeper.py)."""
 from __future__ import annotations
 
 import datetime as dt

@@ -306,7 +306,7 @@ def _claim_with_a_silent_worker(settings, job_id: str) -> None:
 
 def _sweep(settings) -> None:
     from storage.queue import make_celery
-    from storage.sweeper import Sweeper, standard_duties
+    from worker.sweeper import Sweeper, standard_duties
 
     assert Sweeper(standard_duties(make_celery(settings), settings)).run_due()
 

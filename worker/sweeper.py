@@ -26,9 +26,9 @@ from storage import jobs
 from storage.artifacts import open_store
 from storage.db import session_scope
 from storage.models import db_now
-from storage.queue import OrphanedJobs, requeue_lost_jobs
-from storage.webhooks import WebhookDuty
 from storage.settings import Settings
+from worker.queue_repairs import OrphanedJobs, requeue_lost_jobs
+from worker.webhook_delivery import WebhookDuty
 
 SWEEP_SECONDS = 5
 SCRATCH_SWEEP_SECONDS = 600
