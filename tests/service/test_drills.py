@@ -1,6 +1,6 @@
 """Drills with real processes: the API killed under load, and Redis restarted without persistence.
 Whatever the outage, every job that was accepted (202) ends, and none is left queued with no
-broker message behind it (worker/celery_app.py OrphanedJobs)."""
+broker message behind it (worker/queue_repairs.py OrphanedJobs)."""
 from __future__ import annotations
 
 import os
@@ -21,7 +21,8 @@ from storage import jobs
 from storage.db import session_scope
 from storage.keys import find_key
 from storage.models import Job, db_now
-from storage.queue import ORPHAN_GRACE_SECONDS, OrphanedJobs, enqueue, make_celery, ready_messages
+from storage.queue import enqueue, make_celery, ready_messages
+from worker.queue_repairs import ORPHAN_GRACE_SECONDS, OrphanedJobs
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_POSTGRESQL, ON_SQLITE, _unavailable, make_key, service_env
 from tests.service.processes import api_client, api_process, erq_process, free_port, wait_for_job

@@ -16,7 +16,7 @@ import pytest
 from storage import jobs
 from storage.artifacts import stored_file
 from storage.db import session_scope
-from storage.folder import FolderStore
+from storage.artifacts.folder import FolderStore
 from storage.models import JobStatus
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_SQLITE, make_key, run_erq, service_env, worker_and_api

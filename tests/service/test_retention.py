@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from storage import jobs
+from storage.artifacts.folder import FolderStore
 from storage.db import session_scope
-from storage.folder import FolderStore
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_SQLITE, end_job_with_files, make_key, service_env
 from tests.service.processes import api_client, api_process, erq_process
@@ -63,7 +63,7 @@ def test_an_active_job_must_be_cancelled_before_it_is_deleted(settings, alice):
 
 def test_artifacts_past_the_retention_are_removed_and_answer_410(settings, alice):
     from storage.queue import make_celery
-    from storage.sweeper import Sweeper, standard_duties
+    from worker.sweeper import Sweeper, standard_duties
 
     settings = settings.model_copy(update={"artifact_ttl_days": 2 / 86400})  # two seconds
     with TestClient(create_app(settings)) as client:
@@ -85,7 +85,7 @@ def test_artifacts_past_the_retention_are_removed_and_answer_410(settings, alice
 
 
 def test_without_a_retention_nothing_expires(settings, alice):
-    from storage.sweeper import expire_artifacts, standard_duties
+    from worker.sweeper import expire_artifacts, standard_duties
 
     assert all(duty.name != "artifact retention" for duty in standard_duties(None, settings))
     with TestClient(create_app(settings)) as client:

@@ -15,10 +15,10 @@ import httpx
 import pytest
 
 from storage.artifacts import ArtifactStoreError
-from storage.s3 import S3Store, local_digest
+from storage.artifacts.s3 import S3Store, local_digest
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.s3_server import READER, WRITER
-from tests.service.conftest import run_erq, service_env
+from tests.service.conftest import assert_range_answers, run_erq, service_env
 from tests.service.processes import api_client, api_process, serving, wait_for_job, wait_for_text
 from tests.service.tcp_proxy import CountingListener
 
@@ -175,13 +175,7 @@ def _check_streamed_downloads(client: httpx.Client, artifacts: dict, checkpoint:
     assert whole.status_code == 200 and whole.content == checkpoint
     assert whole.headers["ETag"] == f'"{sha}"' and hashlib.sha256(whole.content).hexdigest() == sha
     assert 'filename="quantized.safetensors"' in whole.headers["Content-Disposition"]
-    part = client.get(url, headers={"Range": "bytes=100-299"})
-    assert part.status_code == 206 and part.content == checkpoint[100:300]
-    assert part.headers["Content-Range"] == f"bytes 100-299/{len(checkpoint)}"
-    tail = client.get(url, headers={"Range": "bytes=-10"})
-    assert tail.status_code == 206 and tail.content == checkpoint[-10:]
-    beyond = client.get(url, headers={"Range": f"bytes={len(checkpoint) + 10}-"})
-    assert beyond.status_code == 416 and beyond.headers["Content-Range"] == f"bytes */{len(checkpoint)}"
+    assert_range_answers(client, url, checkpoint)
     assert client.get(url, headers={"If-None-Match": f'"{sha}"'}).status_code == 304
     head = client.head(url)
     assert head.status_code == 200 and head.headers["Content-Length"] == str(len(checkpoint))
@@ -228,7 +222,7 @@ def test_an_artifact_url_that_is_not_s3_is_refused_with_what_to_do():
 
 
 def test_scratch_folders_of_runs_that_cannot_still_run_are_swept(tmp_path):
-    from storage.s3 import remove_stale_scratch
+    from storage.artifacts.s3 import remove_stale_scratch
 
     old, fresh = tmp_path / "job1" / "attempt-1", tmp_path / "job2" / "attempt-1"
     for folder in (old, fresh):

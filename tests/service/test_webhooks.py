@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from storage.webhooks import SENDERS_PER_OWNER, WebhookDuty
+from worker.webhook_delivery import SENDERS_PER_OWNER, WebhookDuty
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_SQLITE, make_key, run_erq, service_env
 from tests.service.processes import api_client, api_process, erq_process, wait_for_job
@@ -376,7 +376,7 @@ def test_only_the_holder_of_a_delivery_s_lease_records_its_outcome(hooked, alice
     anything: the row ends with the current attempt's outcome only, never delivered and given up."""
     from storage.db import session_scope
     from storage.models import WebhookDelivery, db_now
-    from storage.webhooks import announce, claim_due, record
+    from worker.webhook_delivery import announce, claim_due, record
 
     webhook_secret(hooked, tmp_path)
     with TestClient(create_app(hooked)) as client:

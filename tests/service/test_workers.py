@@ -20,8 +20,8 @@ import pytest
 from sqlalchemy import select
 
 from storage import jobs
+from storage.artifacts.folder import FolderStore
 from storage.db import session_scope
-from storage.folder import FolderStore
 from storage.keys import find_key
 from storage.models import Job, JobStatus, db_now
 from storage.queue import enqueue, make_celery
