@@ -30,6 +30,9 @@ STAGES = (Stage("load_model", 0.05), Stage("evaluate_fp", 0.15), Stage("calibrat
 STAGE_WEIGHTS = {stage.name: stage.weight for stage in STAGES}
 # erq+ walks the blocks once (LAYERS_STAGE) instead of erq's four layer stages: it stands for all four.
 LAYER_STAGES = ("collect_statistics", "aqer", "calibrate_weights", "wqer")
+# erq solves layer by layer, reporting these three in turn for each layer: they share one span of the
+# run, or the fraction would fall back at every layer (after wqer of layer i comes aqer of layer i+1).
+INTERLEAVED_STAGES = ("aqer", "calibrate_weights", "wqer")
 
 
 def run_fraction(stage: str, done: int, total: int) -> float:
@@ -41,6 +44,8 @@ def run_fraction(stage: str, done: int, total: int) -> float:
     for declared in STAGES:
         if stage == LAYERS_STAGE and declared.name == LAYER_STAGES[0]:
             return min(1.0, before + sum(STAGE_WEIGHTS[name] for name in LAYER_STAGES) * share)
+        if stage in INTERLEAVED_STAGES and declared.name == INTERLEAVED_STAGES[0]:
+            return min(1.0, before + sum(STAGE_WEIGHTS[name] for name in INTERLEAVED_STAGES) * share)
         if declared.name == stage:
             return min(1.0, before + declared.weight * share)
         before += declared.weight

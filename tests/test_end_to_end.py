@@ -55,6 +55,7 @@ def test_progress_reports_every_stage_in_order(tmp_path):
     assert stages == [name for name in STAGE_WEIGHTS if name in stages]  # the stages the engine declares, in order
     fractions = [run_fraction(*call) for call in calls]  # the worker's 0..1 progress of the job
     assert all(0.0 <= fraction <= 1.0 for fraction in fractions) and fractions[-1] == pytest.approx(1.0)
+    assert fractions == sorted(fractions)  # a job's progress never goes back, erq's interleaved layer stages too
 
 
 def test_same_config_and_folder_give_the_same_result(tmp_path):
