@@ -14,7 +14,8 @@ happens. Nothing here runs in a request or in a job: the sweeper's webhook duty 
    goes wrong in an attempt (a refused connection, a host name that cannot be encoded, a bug) ends it
    with the reason recorded.
 
-Requests: `Erq-Signature: t=<unix>,v1=<hex HMAC-SHA256(owner's secret, "<t>.<body>")>`,
+Requests: `Erq-Signature: t=<unix>,v1=<hex HMAC-SHA256(owner's secret, "<t>.<body>")>` (the secret is
+stored sealed under the server key, storage/sealing.py, and opened only to sign),
 `Erq-Event`, `Erq-Delivery` (the row id: receivers deduplicate on it). Only hosts matching
 ERQ_WEBHOOK_ALLOWED_HOSTS are contacted (checked at submission and again at each attempt);
 redirects are not followed (a 3xx is a failed attempt), each attempt has one deadline for connecting,
@@ -45,6 +46,7 @@ from sqlalchemy.orm import Session
 
 from storage.db import session_scope
 from storage.models import Job, Owner, WebhookDelivery, db_now, utcnow
+from storage.sealing import SealingError, seal, unseal
 from storage.settings import Settings
 
 EVENTS = ("running", "succeeded", "failed", "cancelled")
@@ -115,13 +117,25 @@ def host_name_valid(host: str) -> bool:
         return False
 
 
-def new_secret(session: Session, owner_name: str) -> str:
-    """A new signing secret for the owner (replacing any other): returned once, to be shown once."""
+def new_secret(session: Session, owner_name: str, settings: Settings) -> str:
+    """A new signing secret for the owner (replacing any other), stored sealed: returned once, in clear,
+    to be shown once."""
     owner = session.scalar(select(Owner).where(Owner.name == owner_name))
     if owner is None:
         raise ValueError(f"no owner {owner_name!r} (erq admin list-keys shows the owners)")
-    owner.webhook_secret = "whsec_" + secrets.token_urlsafe(32)
-    return owner.webhook_secret
+    clear = "whsec_" + secrets.token_urlsafe(32)
+    owner.webhook_secret = seal(clear, settings)
+    return clear
+
+
+def signing_secret(attempt: "Attempt", settings: Settings) -> tuple[Optional[str], Optional[str]]:
+    """(the owner's secret in clear, None), or (None, why it cannot be had)."""
+    if attempt.secret is None:
+        return None, "the owner has no webhook secret any more"
+    try:
+        return unseal(attempt.secret, settings), None
+    except SealingError as exc:
+        return None, f"cannot open the owner's webhook secret: {exc}"
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
@@ -168,7 +182,7 @@ class Attempt:
     event: str
     url: str
     body: bytes
-    secret: Optional[str]
+    secret: Optional[str]  # sealed (storage/sealing.py): opened only to sign
     lease: str  # the token on the row while this attempt holds it
     number: int  # 1 for the first attempt of the delivery
 
@@ -246,8 +260,9 @@ def post(attempt: Attempt, settings: Settings) -> tuple[Optional[int], Optional[
 
 
 def _post(attempt: Attempt, settings: Settings) -> tuple[Optional[int], Optional[str]]:
-    if attempt.secret is None:
-        return None, "the owner has no webhook secret any more"
+    secret, why_not = signing_secret(attempt, settings)
+    if secret is None:
+        return None, why_not
     if not host_allowed(attempt.url, allowed_host_patterns(settings)):
         return None, "the host is no longer allowed by ERQ_WEBHOOK_ALLOWED_HOSTS"
     parts = urlsplit(attempt.url)
@@ -258,7 +273,7 @@ def _post(attempt: Attempt, settings: Settings) -> tuple[Optional[int], Optional
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, "Erq-Event": attempt.event,
                "Erq-Delivery": str(attempt.delivery_id),
-               "Erq-Signature": signature(attempt.secret, int(time.time()), attempt.body)}
+               "Erq-Signature": signature(secret, int(time.time()), attempt.body)}
     try:
         with Watchdog(connection, timeout) as watchdog:
             try:

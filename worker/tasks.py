@@ -16,10 +16,11 @@ from celery.signals import worker_shutting_down
 from sqlalchemy.exc import OperationalError
 
 from erq_core.progress import LAYERS_STAGE, RECONSTRUCT_STAGE
+from erq_core.registry import local_dir_path
 from storage import jobs
 from storage.artifacts import LOG_NAME, PUBLISHED, ArtifactStore, ArtifactStoreError, StoredFile, open_store, run_name
 from storage.db import session_scope
-from storage.models import Job, JobStatus
+from storage.models import Job, JobStatus, Owner
 from storage.queue import RUN_JOB_TASK, enqueue, make_celery
 from storage.settings import Settings, get_settings
 from worker.upload_cache import localized as localized_uploads
@@ -193,6 +194,7 @@ def execute_job(job_id: str, settings: Settings) -> None:
             _explain_unclaimed(session, job_id, settings)
             return  # cancelled, finished, or already taken by another worker: nothing to do
         params, attempt = dict(job.params), job.attempts
+        owner = session.get(Owner, job.owner_id).name
     store = _artifact_store(settings)
     run = run_name(attempt)
     out = store.workspace(job_id, run)
@@ -202,7 +204,7 @@ def execute_job(job_id: str, settings: Settings) -> None:
         try:
             store.fresh_workspace(job_id, run)
             with _job_log(out, job_id):
-                status, error, metrics, code = _run_pipeline(job_id, params, out, settings, worker)
+                status, error, metrics, code = _run_pipeline(job_id, params, out, settings, worker, owner)
         except OSError as exc:  # the artifact volume is full, read-only or gone
             status, error, metrics, code = (JobStatus.FAILED, f"cannot write the job's files in {out}: {exc}", None,
                                             "storage_error")
@@ -331,6 +333,14 @@ def _job_log(out: Path, job_id: str) -> Iterator[None]:
         handler.close()
 
 
+def readable_roots(settings: Settings, owner: str, params: dict, local: dict) -> list[str]:
+    """What the job may read: its owner's data roots, and its own uploads in this host's cache
+    (the folders `localized` put in place of `dataset:ID` / `upload:ID`), not the rest of the cache."""
+    cached = [local_dir_path(local[field]) or local[field] for field in ("dataset", "model")
+              if local.get(field) != params.get(field)]
+    return [str(root) for root in settings.data_roots_for(owner)] + cached
+
+
 def error_code_of(exc: BaseException) -> str:
     """The stable `error_code` (README, "Error codes") a failed job carries for `exc`."""
     from erq_core.errors import CheckpointError, ConfigError, DatasetError, ErqError, ModelLoadError
@@ -343,17 +353,19 @@ def error_code_of(exc: BaseException) -> str:
     return "internal_error"
 
 
-def _run_pipeline(job_id: str, params: dict, out: Path, settings: Settings,
-                  worker: str) -> tuple[str, str | None, dict | None, str | None]:
+def _run_pipeline(job_id: str, params: dict, out: Path, settings: Settings, worker: str,
+                  owner: str) -> tuple[str, str | None, dict | None, str | None]:
     """(status, error, metrics, error_code) of one run."""
     import erq_core
+    from erq_core.paths import restricted_to
 
     log.info("job %s on %s: %s", job_id, worker, params)
     workers = settings.loader_workers
     log.info("data loaders: %s", f"{workers} worker processes" if workers is not None
              else "the engine's default (4 worker processes on a GPU, none on the CPU)")
     try:
-        with localized_uploads(job_id, params, settings) as local:  # dataset:ID, upload:ID -> this host's cache
+        with localized_uploads(job_id, params, settings) as local, \
+                restricted_to(readable_roots(settings, owner, params, local)):  # dataset:ID, upload:ID -> the cache
             config = erq_core.ErqConfig.from_dict(local)
             metrics = erq_core.run(config, out, progress=ProgressReporter(job_id, settings, worker),
                                    device=engine.device, loader_workers=workers)
