@@ -96,11 +96,6 @@ class Settings(BaseSettings):
                              "leave it unset to keep artifacts in the folder ERQ_ARTIFACT_DIR")
         return self
 
-    @property
-    def roots(self) -> list[Path]:
-        """The shared roots: the ERQ_DATA_ROOTS entries without an `{owner}` placeholder."""
-        return [Path(p).resolve() for p in self.data_roots.split(":") if p.strip() and OWNER_PLACEHOLDER not in p]
-
     def data_roots_for(self, owner: str) -> list[Path]:
         """The folders a job of `owner` (its name) may read: the shared roots and the per-owner entries
         with `{owner}` replaced. An owner whose name is not one plain folder name gets no per-owner root."""
