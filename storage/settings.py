@@ -147,26 +147,30 @@ def prepare_local_folders(settings: Optional[Settings] = None) -> None:
     from storage.private_files import API_KEY_FILE, SECRET_KEY_FILE, private_file, private_folder, private_sqlite_file
 
     settings = settings or get_settings()
-    _make_folder(settings.home, "ERQ_HOME", private_folder)
+    _make_folder(settings.home, "ERQ_HOME")
+    _make_private(settings.home, "ERQ_HOME", private_folder)
     for name in (API_KEY_FILE, SECRET_KEY_FILE):
         if (settings.home / name).is_file():
-            _make_folder(settings.home / name, "ERQ_HOME", private_file)
+            _make_private(settings.home / name, "ERQ_HOME", private_file)
     if not settings.s3_artifacts:
         _make_folder(settings.artifact_dir, "ERQ_ARTIFACT_DIR")
     for variable, url in (("ERQ_DATABASE_URL", settings.database_url), ("ERQ_BROKER_URL", settings.broker_url)):
         if "sqlite:///" in url:
             _make_folder(Path(url.split("sqlite:///", 1)[1]).parent, variable)
-            try:
-                private_sqlite_file(url)
-            except OSError as exc:
-                raise LocalFolderError(f"cannot make the SQLite file of {variable} private (0600): "
-                                       f"{exc.strerror or exc}") from None
+            _make_private(url, variable, private_sqlite_file)
 
 
-def _make_folder(path: Path, variable: str, make: Callable[[Path], None] = lambda p: p.mkdir(parents=True,
-                                                                                          exist_ok=True)) -> None:
+def _make_folder(path: Path, variable: str) -> None:
     try:
-        make(path)
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LocalFolderError(f"cannot create the folder {path} (from {variable} or ERQ_HOME): "
+                               f"{exc.strerror or exc}") from None
+
+
+def _make_private(target, variable: str, make: Callable) -> None:
+    try:
+        make(target)
+    except OSError as exc:
+        raise LocalFolderError(f"cannot make {target} readable by this user alone (0700 / 0600; from {variable}): "
                                f"{exc.strerror or exc}") from None
