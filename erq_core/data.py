@@ -46,9 +46,9 @@ def _split_folder(root: str | Path, split: str) -> Path:
     inside_roots(root, "dataset", DatasetError)
     if not Path(root).is_dir():
         raise DatasetError(f"dataset {str(root)!r} is not a folder (expected an ImageFolder root with train/ and val/)")
+    inside_roots(folder, f"the {split!r} folder", DatasetError)  # before looking: nothing said of what is outside
     if not folder.is_dir():
         raise DatasetError(f"dataset {str(root)!r} has no {split!r} folder (expected {folder}/<class>/<image>)")
-    inside_roots(folder, f"the {split!r} folder", DatasetError)
     return folder
 
 

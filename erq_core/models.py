@@ -87,16 +87,17 @@ def _create(spec: str, pretrained: bool, **kwargs: Any) -> nn.Module:
 def _from_local_dir(folder: Path, random_init: bool) -> tuple[nn.Module, str, dict]:
     from timm.models._hub import load_model_config_from_path
 
-    inside_roots(folder, "local model folder", ModelLoadError)
+    inside_roots(folder, "local model folder", ModelLoadError)  # each before looking: nothing said of the outside
+    inside_roots(folder / "config.json", "model config", ModelLoadError)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"local model folder {str(folder)!r} has no config.json "
                              "(expected timm's folder format: config.json + model.safetensors)")
-    inside_roots(folder / "config.json", "model config", ModelLoadError)
     try:
         _, architecture, model_args = load_model_config_from_path(folder)
     except (KeyError, ValueError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{folder / 'config.json'}: not a timm model config ({exc})") from exc
     weights = folder / "model.safetensors"
+    inside_roots(weights, "model weights", CheckpointError)
     if not random_init and not weights.is_file():
         raise ModelLoadError(f"local model folder {str(folder)!r} has no model.safetensors: {_SUPPLY_WEIGHTS}")
     model = _create(f"{LOCAL_DIR_PREFIX}{folder}", pretrained=False)
