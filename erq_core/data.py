@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from erq_core.errors import DatasetError
+from erq_core.paths import inside_roots
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 VAL_SUBSET_SEED = 0  # a val_limit subset is the same for every run, so results compare
@@ -27,10 +28,13 @@ def list_split(root: str | Path, split: str) -> tuple[list[str], list[tuple[str,
         raise DatasetError(f"{folder} has no class folders (expected {folder}/<class>/<image>)")
     samples = []
     for index, name in enumerate(classes):
-        files = sorted(e.path for e in os.scandir(folder / name) if e.is_file() and not e.name.startswith("."))
+        class_folder = inside_roots(folder / name, "class folder", DatasetError)
+        files = sorted(os.path.join(folder, name, e.name) for e in os.scandir(class_folder)
+                       if e.is_file() and not e.name.startswith("."))
         if not files:
             raise DatasetError(f"class folder {folder / name} has no images")
         for path in files:
+            inside_roots(path, "image", DatasetError)
             if not path.lower().endswith(IMAGE_EXTENSIONS):
                 raise DatasetError(f"{path} is not an image file (allowed: {', '.join(IMAGE_EXTENSIONS)})")
             samples.append((path, index))
@@ -39,8 +43,10 @@ def list_split(root: str | Path, split: str) -> tuple[list[str], list[tuple[str,
 
 def _split_folder(root: str | Path, split: str) -> Path:
     folder = Path(root) / split
+    inside_roots(root, "dataset", DatasetError)
     if not Path(root).is_dir():
         raise DatasetError(f"dataset {str(root)!r} is not a folder (expected an ImageFolder root with train/ and val/)")
+    inside_roots(folder, f"the {split!r} folder", DatasetError)  # before looking: nothing said of what is outside
     if not folder.is_dir():
         raise DatasetError(f"dataset {str(root)!r} has no {split!r} folder (expected {folder}/<class>/<image>)")
     return folder
@@ -60,8 +66,9 @@ class ImageFiles(Dataset):
         from PIL import Image, UnidentifiedImageError
 
         path, label = self.samples[index]
+        resolved = inside_roots(path, "image", DatasetError)  # checked again: a link may have changed since listing
         try:
-            with Image.open(path) as image:
+            with Image.open(resolved) as image:
                 image = image.convert("RGB")
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
             raise DatasetError(f"cannot read image {path}: {exc}") from None

@@ -13,7 +13,7 @@ import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 from urllib.parse import urlparse
 
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 
 from erq_core.config import ErqConfig
 from erq_core.errors import CheckpointError, ModelLoadError
+from erq_core.paths import inside_roots
 from erq_core.registry import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, local_dir_path, resolve_alias
 
 log = logging.getLogger("erq")
@@ -86,6 +87,8 @@ def _create(spec: str, pretrained: bool, **kwargs: Any) -> nn.Module:
 def _from_local_dir(folder: Path, random_init: bool) -> tuple[nn.Module, str, dict]:
     from timm.models._hub import load_model_config_from_path
 
+    inside_roots(folder, "local model folder", ModelLoadError)  # each before looking: nothing said of the outside
+    inside_roots(folder / "config.json", "model config", ModelLoadError)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"local model folder {str(folder)!r} has no config.json "
                              "(expected timm's folder format: config.json + model.safetensors)")
@@ -94,6 +97,7 @@ def _from_local_dir(folder: Path, random_init: bool) -> tuple[nn.Module, str, di
     except (KeyError, ValueError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{folder / 'config.json'}: not a timm model config ({exc})") from exc
     weights = folder / "model.safetensors"
+    inside_roots(weights, "model weights", CheckpointError)
     if not random_init and not weights.is_file():
         raise ModelLoadError(f"local model folder {str(folder)!r} has no model.safetensors: {_SUPPLY_WEIGHTS}")
     model = _create(f"{LOCAL_DIR_PREFIX}{folder}", pretrained=False)
@@ -120,6 +124,7 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    inside_roots(path, "checkpoint", CheckpointError)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if path.suffix != ".safetensors":
@@ -127,7 +132,7 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
             f"checkpoint {str(path)!r} is not a .safetensors file; pickled checkpoints are refused. Convert it: "
             "python -c \"import torch,safetensors.torch as s; s.save_file(torch.load('IN', weights_only=True), 'OUT.safetensors')\"")
     try:
-        state = load_file(str(path))
+        state = load_file(str(inside_roots(path, "checkpoint", CheckpointError)))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a valid safetensors file ({exc})") from exc
     if "state_dict" in state or "model" in state:

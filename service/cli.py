@@ -95,14 +95,16 @@ def migrate_main(argv: list[str]) -> int:
 
 def ensure_local_key(settings: Settings) -> None:
     """On a fresh embedded install, create a key and leave it in HOME/api-key for the Quickstart."""
-    key_file = settings.home / "api-key"
+    from storage.private_files import API_KEY_FILE, write_private_file
+
+    key_file = settings.home / API_KEY_FILE
     with session_scope(settings.database_url) as session:
         if has_keys(session):
             return
         raw = create_key(session, LOCAL_KEY_NAME).raw
     key_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(raw + "\n")
-    key_file.chmod(0o600)
+    key_file.unlink(missing_ok=True)  # left from a database since replaced
+    write_private_file(key_file, raw + "\n")
     # The key itself is never printed: server output tends to end up in logs.
     print(f"erq: created an API key for owner {LOCAL_KEY_NAME!r}; read it from {key_file}", flush=True)
 
@@ -163,7 +165,7 @@ def admin_main(argv: list[str]) -> int:
         if args.command == "list-keys":
             return _list_keys(session)
         if args.command == "webhook-secret":
-            return _webhook_secret(session, args.owner)
+            return _webhook_secret(session, args.owner, settings)
         return _revoke_key(session, args.key)
 
 
@@ -185,11 +187,11 @@ def _delete_owner_data(settings: Settings, owner: str) -> int:
     return 0
 
 
-def _webhook_secret(session, owner: str) -> int:
+def _webhook_secret(session, owner: str, settings: Settings) -> int:
     from storage.webhooks import new_secret
 
     try:
-        secret = new_secret(session, owner)
+        secret = new_secret(session, owner, settings)
     except ValueError as exc:
         print(f"erq admin: error: {exc}", file=sys.stderr)
         return 2

@@ -50,9 +50,9 @@ def check_model_allowed(spec: str, settings: Settings) -> None:
 UPLOAD_STAND_INS = {"dataset": "uploaded-dataset", "model": "local-dir:uploaded-model"}
 
 
-def validate_job(params: dict, settings: Settings) -> dict:
-    """Check a job's parameters; return them with paths resolved and derived defaults filled in.
-    Raises InvalidJob."""
+def validate_job(params: dict, settings: Settings, owner: str) -> dict:
+    """Check a job's parameters for `owner` (its name: ERQ_DATA_ROOTS' `{owner}` entries); return them
+    with paths resolved and derived defaults filled in. Raises InvalidJob."""
     named = {field: stand_in for field, stand_in in UPLOAD_STAND_INS.items() if upload_ref(field, params.get(field))}
     try:
         config = ErqConfig.from_dict({**params, **named}).validate()
@@ -61,7 +61,7 @@ def validate_job(params: dict, settings: Settings) -> dict:
         raise InvalidJob(message, "unknown_model" if message.startswith("unknown model") else "invalid_parameter",
                          _field_named_in(message)) from None
     check_model_allowed(params["model"], settings)
-    roots = settings.roots
+    roots = settings.data_roots_for(owner)
     # Defaults the config derives (calib_size from the method) are filled in: the job shows what it runs.
     params = {name: config.to_dict()[name] if params[name] is None else value for name, value in params.items()}
     if "dataset" not in named:

@@ -10,6 +10,8 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from storage.private_files import private_sqlite_file
+
 
 _engines: dict[str, Engine] = {}
 _factories: dict[str, sessionmaker] = {}
@@ -37,6 +39,10 @@ os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
+        try:
+            private_sqlite_file(url)  # before SQLite makes it with the umask's mode (0644)
+        except OSError:
+            pass  # not ours to change (erq's commands check it at start, naming the setting)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")

@@ -92,8 +92,9 @@ class Owner(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    # Signs the owner's webhooks (HMAC-SHA256); shown once by `erq admin webhook-secret OWNER`.
-    webhook_secret: Mapped[Optional[str]] = mapped_column(String(100), nullable=True)
+    # Signs the owner's webhooks (HMAC-SHA256); shown once by `erq admin webhook-secret OWNER`, stored
+    # sealed under the server key (storage/sealing.py).
+    webhook_secret: Mapped[Optional[str]] = mapped_column(String(400), nullable=True)
 
 
 class ApiKey(Base):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,6 +19,7 @@ EMBEDDED_BROKER_PREFIXES = ("sqla+", "filesystem:", "memory:")
 # which must lie under ERQ_DATA_ROOTS in any case, and the owner's uploaded models (upload:ID).
 DEFAULT_ALLOWED_MODELS = "@aliases,local-dir:*,upload:*"
 GiB = 1 << 30
+OWNER_PLACEHOLDER = "{owner}"
 
 
 class Settings(BaseSettings):
@@ -37,7 +38,9 @@ class Settings(BaseSettings):
     s3_presign_seconds: int = Field(300, ge=10, le=7 * 24 * 3600)
     s3_multipart_mb: int = Field(64, ge=5, le=5 * 1024)  # files over this go up in parts of this size
     scratch_dir: Optional[Path] = None  # default: HOME/scratch, where runs write before their upload
-    data_roots: str = "./tests/fixtures"  # colon-separated folders jobs may read
+    # Colon-separated folders jobs may read; `{owner}` in an entry stands for the job's owner's name
+    # (/data/{owner}: each owner reads its own folder only; see data_roots_for).
+    data_roots: str = "./tests/fixtures"
     allowed_models: str = DEFAULT_ALLOWED_MODELS  # comma-separated patterns; see model_allowed()
     # Queued + running jobs per owner (all its keys together). ERQ_MAX_ACTIVE_JOBS_PER_KEY is the older name.
     max_active_jobs_per_owner: int = Field(4, validation_alias=AliasChoices(
@@ -54,6 +57,8 @@ class Settings(BaseSettings):
     # Comma-separated host patterns (`hooks.example.com`, `*.example.com`, `10.0.0.5:8080`) webhooks may
     # call; empty: webhooks are off.
     webhook_allowed_hosts: str = ""
+    # The server key webhook signing secrets are sealed under (storage/sealing.py); unset: HOME/secret-key.
+    secret_key: Optional[str] = Field(None, repr=False)
     webhook_retry_seconds: float = Field(3600, gt=0)  # a failing delivery is retried this long after its event
     webhook_timeout_seconds: float = Field(5, gt=0, le=60)  # per attempt: connecting, sending, reading the answer
     # `erq api` / `erq serve` stopped (SIGTERM, Ctrl-C): event streams end at once, other requests get this long.
@@ -91,9 +96,13 @@ class Settings(BaseSettings):
                              "leave it unset to keep artifacts in the folder ERQ_ARTIFACT_DIR")
         return self
 
-    @property
-    def roots(self) -> list[Path]:
-        return [Path(p).resolve() for p in self.data_roots.split(":") if p.strip()]
+    def data_roots_for(self, owner: str) -> list[Path]:
+        """The folders a job of `owner` (its name) may read: the shared roots and the per-owner entries
+        with `{owner}` replaced. An owner whose name is not one plain folder name gets no per-owner root."""
+        entries = [p for p in self.data_roots.split(":") if p.strip()]
+        usable = _plain_folder_name(owner)
+        return [Path(p.replace(OWNER_PLACEHOLDER, owner)).resolve() for p in entries
+                if OWNER_PLACEHOLDER not in p or usable]
 
     @property
     def s3_artifacts(self) -> bool:
@@ -119,6 +128,10 @@ class Settings(BaseSettings):
         return False
 
 
+def _plain_folder_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\x00" not in name and name not in (".", "..")
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
@@ -129,14 +142,22 @@ class LocalFolderError(Exception):
 
 
 def prepare_local_folders(settings: Optional[Settings] = None) -> None:
-    """Create the home and artifact folders, and the SQLite folders the URLs point into."""
+    """Create the home (0700) and artifact folders, the SQLite folders the URLs point into and their
+    database files (0600); tighten them, and the key files in the home, when they exist with looser modes."""
+    from storage.private_files import API_KEY_FILE, SECRET_KEY_FILE, private_file, private_folder, private_sqlite_file
+
     settings = settings or get_settings()
     _make_folder(settings.home, "ERQ_HOME")
+    _make_private(settings.home, "ERQ_HOME", private_folder)
+    for name in (API_KEY_FILE, SECRET_KEY_FILE):
+        if (settings.home / name).is_file():
+            _make_private(settings.home / name, "ERQ_HOME", private_file)
     if not settings.s3_artifacts:
         _make_folder(settings.artifact_dir, "ERQ_ARTIFACT_DIR")
     for variable, url in (("ERQ_DATABASE_URL", settings.database_url), ("ERQ_BROKER_URL", settings.broker_url)):
         if "sqlite:///" in url:
             _make_folder(Path(url.split("sqlite:///", 1)[1]).parent, variable)
+            _make_private(url, variable, private_sqlite_file)
 
 
 def _make_folder(path: Path, variable: str) -> None:
@@ -144,4 +165,12 @@ def _make_folder(path: Path, variable: str) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LocalFolderError(f"cannot create the folder {path} (from {variable} or ERQ_HOME): "
+                               f"{exc.strerror or exc}") from None
+
+
+def _make_private(target, variable: str, make: Callable) -> None:
+    try:
+        make(target)
+    except OSError as exc:
+        raise LocalFolderError(f"cannot make {target} readable by this user alone (0700 / 0600; from {variable}): "
                                f"{exc.strerror or exc}") from None

@@ -4,7 +4,8 @@ again at each attempt: only hosts matching ERQ_WEBHOOK_ALLOWED_HOSTS), the owner
 and the signature, and a delivery as the API shows it. Sending is the workers' duty
 (worker/webhook_delivery.py); nothing here runs in a request or in a job.
 
-Signature: `Erq-Signature: t=<unix>,v1=<hex HMAC-SHA256(owner's secret, "<t>.<body>")>`.
+Signature: `Erq-Signature: t=<unix>,v1=<hex HMAC-SHA256(owner's secret, "<t>.<body>")>`. The secret
+is stored sealed under the server key (storage/sealing.py) and opened only to sign.
 """
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ import fnmatch
 import hashlib
 import hmac
 import secrets
-from typing import Any
+from typing import Any, Optional
 from urllib.parse import urlsplit
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from storage.models import Owner, WebhookDelivery
+from storage.sealing import SealingError, seal, unseal
 from storage.settings import Settings
 
 EVENTS = ("running", "succeeded", "failed", "cancelled")
@@ -81,13 +83,25 @@ def host_name_valid(host: str) -> bool:
         return False
 
 
-def new_secret(session: Session, owner_name: str) -> str:
-    """A new signing secret for the owner (replacing any other): returned once, to be shown once."""
+def new_secret(session: Session, owner_name: str, settings: Settings) -> str:
+    """A new signing secret for the owner (replacing any other), stored sealed: returned once, in clear,
+    to be shown once."""
     owner = session.scalar(select(Owner).where(Owner.name == owner_name))
     if owner is None:
         raise ValueError(f"no owner {owner_name!r} (erq admin list-keys shows the owners)")
-    owner.webhook_secret = "whsec_" + secrets.token_urlsafe(32)
-    return owner.webhook_secret
+    clear = "whsec_" + secrets.token_urlsafe(32)
+    owner.webhook_secret = seal(clear, settings)
+    return clear
+
+
+def signing_secret(sealed: Optional[str], settings: Settings) -> tuple[Optional[str], Optional[str]]:
+    """(the owner's secret in clear, None), or (None, why it cannot be had)."""
+    if sealed is None:
+        return None, "the owner has no webhook secret any more"
+    try:
+        return unseal(sealed, settings), None
+    except SealingError as exc:
+        return None, f"cannot open the owner's webhook secret: {exc}"
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:

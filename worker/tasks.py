@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from erq_core.registry import local_dir_path
 from storage import jobs
 from storage.artifacts import LOG_NAME, ArtifactStore, open_store, run_name
 from storage.db import session_scope
-from storage.models import Job
+from storage.models import Job, Owner
 from storage.outcomes import Reason, RunOutcome
 from storage.queue import RUN_JOB_TASK, make_celery
 from storage.settings import Settings, get_settings
@@ -53,6 +54,7 @@ def execute_job(job_id: str, settings: Settings) -> None:
             _explain_unclaimed(session, job_id, settings)
             return  # cancelled, finished, or already taken by another worker: nothing to do
         params, attempt = dict(job.params), job.attempts
+        owner = session.get(Owner, job.owner_id).name
     store = _artifact_store(settings)
     run = run_name(attempt)
     out = store.workspace(job_id, run)
@@ -60,7 +62,7 @@ def execute_job(job_id: str, settings: Settings) -> None:
         outcome.fail_past_deadline(store, settings, job_id, worker, run, out, reason)))
     heartbeat.start()
     try:
-        result = _run(job_id, params, store, run, out, settings, worker)
+        result = _run(job_id, params, store, run, out, settings, worker, owner)
         if result.status is None:
             store.release_workspace(job_id, run)
             if result.reason == Reason.HANDED_BACK:
@@ -73,11 +75,11 @@ def execute_job(job_id: str, settings: Settings) -> None:
 
 
 def _run(job_id: str, params: dict, store: ArtifactStore, run: str, out: Path, settings: Settings,
-         worker: str) -> RunOutcome:
+         worker: str, owner: str) -> RunOutcome:
     try:
         store.fresh_workspace(job_id, run)
         with _job_log(out, job_id):
-            return _run_pipeline(job_id, params, out, settings, worker)
+            return _run_pipeline(job_id, params, out, settings, worker, owner)
     except OSError as exc:  # the artifact volume is full, read-only or gone
         return RunOutcome.failed(f"cannot write the job's files in {out}: {exc}", "storage_error")
     except Exception as exc:  # never leave the job running until its lease expires
@@ -140,15 +142,26 @@ def _job_log(out: Path, job_id: str) -> Iterator[None]:
         handler.close()
 
 
-def _run_pipeline(job_id: str, params: dict, out: Path, settings: Settings, worker: str) -> RunOutcome:
+def readable_roots(settings: Settings, owner: str, params: dict, local: dict) -> list[str]:
+    """What the job may read: its owner's data roots, and its own uploads in this host's cache
+    (the folders `localized` put in place of `dataset:ID` / `upload:ID`), not the rest of the cache."""
+    cached = [local_dir_path(local[field]) or local[field] for field in ("dataset", "model")
+              if local.get(field) != params.get(field)]
+    return [str(root) for root in settings.data_roots_for(owner)] + cached
+
+
+def _run_pipeline(job_id: str, params: dict, out: Path, settings: Settings, worker: str,
+                  owner: str) -> RunOutcome:
     import erq_core
+    from erq_core.paths import restricted_to
 
     log.info("job %s on %s: %s", job_id, worker, params)
     workers = settings.loader_workers
     log.info("data loaders: %s", f"{workers} worker processes" if workers is not None
              else "the engine's default (4 worker processes on a GPU, none on the CPU)")
     try:
-        with localized_uploads(job_id, params, settings) as local:  # dataset:ID, upload:ID -> this host's cache
+        with localized_uploads(job_id, params, settings) as local, \
+                restricted_to(readable_roots(settings, owner, params, local)):  # dataset:ID, upload:ID -> the cache
             config = erq_core.ErqConfig.from_dict(local)
             metrics = erq_core.run(config, out, progress=ProgressReporter(job_id, settings, worker),
                                    device=engine.device, loader_workers=workers)

@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session
 from storage.db import session_scope
 from storage.models import Job, Owner, WebhookDelivery, db_now, utcnow
 from storage.settings import Settings
-from storage.webhooks import DEFAULT_EVENTS, allowed_host_patterns, host_allowed, signature
+from storage.webhooks import DEFAULT_EVENTS, allowed_host_patterns, host_allowed, signature, signing_secret
 
 RESPONSE_CAP = 64 * 1024
 MAX_BACKOFF_SECONDS = 300
@@ -93,7 +93,7 @@ class Attempt:
     event: str
     url: str
     body: bytes
-    secret: Optional[str]
+    secret: Optional[str]  # sealed (storage/sealing.py): opened only to sign
     lease: str  # the token on the row while this attempt holds it
     number: int  # 1 for the first attempt of the delivery
 
@@ -171,8 +171,9 @@ def post(attempt: Attempt, settings: Settings) -> tuple[Optional[int], Optional[
 
 
 def _post(attempt: Attempt, settings: Settings) -> tuple[Optional[int], Optional[str]]:
-    if attempt.secret is None:
-        return None, "the owner has no webhook secret any more"
+    secret, why_not = signing_secret(attempt.secret, settings)
+    if secret is None:
+        return None, why_not
     if not host_allowed(attempt.url, allowed_host_patterns(settings)):
         return None, "the host is no longer allowed by ERQ_WEBHOOK_ALLOWED_HOSTS"
     parts = urlsplit(attempt.url)
@@ -183,7 +184,7 @@ def _post(attempt: Attempt, settings: Settings) -> tuple[Optional[int], Optional
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, "Erq-Event": attempt.event,
                "Erq-Delivery": str(attempt.delivery_id),
-               "Erq-Signature": signature(attempt.secret, int(time.time()), attempt.body)}
+               "Erq-Signature": signature(secret, int(time.time()), attempt.body)}
     try:
         with Watchdog(connection, timeout) as watchdog:
             try:

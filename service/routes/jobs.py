@@ -79,14 +79,15 @@ def submit_job(body: JobSubmission, request: Request, response: Response, caller
     fingerprint = jobs.request_fingerprint({**submitted, **extras})  # as before for a body of parameters only
     if idempotency_key and (existing := jobs.job_by_idempotency(session, caller.owner_id, idempotency_key)):
         return _replayed(request, response, existing, fingerprint, idempotency_key)
+    owner = session.get(Owner, caller.owner_id)
     try:
-        params = validate_job(submitted, settings)
+        params = validate_job(submitted, settings, owner.name)
     except InvalidJob as exc:
         raise Problem(status.HTTP_422_UNPROCESSABLE_CONTENT, exc.code, str(exc), field=exc.field) from None
     webhook = None
     if body.webhook is not None:
         try:
-            check_webhook(body.webhook.url, session.get(Owner, caller.owner_id), settings)
+            check_webhook(body.webhook.url, owner, settings)
         except WebhookRefused as exc:
             raise Problem(status.HTTP_422_UNPROCESSABLE_CONTENT, exc.code, str(exc), field="webhook.url") from None
         webhook = {"url": body.webhook.url, "events": list(dict.fromkeys(body.webhook.events))}
