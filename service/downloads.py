@@ -9,8 +9,11 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 from fastapi import Request, Response, status
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
+from starlette.datastructures import Headers
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
+from starlette.types import Receive, Scope, Send
 
-from service.problems import Problem
+from service.problems import Problem, problem_response
 from storage.artifacts import ArtifactStore, media_type
 from storage.folder import FolderStore
 from storage.models import Artifact, Job
@@ -53,7 +56,30 @@ def _from_folder(store: FolderStore, job: Job, name: str, etag: str) -> Response
         stat = os.stat(path)
     except FileNotFoundError:
         raise _gone(job, name, str(path)) from None
-    return FileResponse(path, media_type=media_type(name), filename=name, stat_result=stat, headers={"ETag": etag})
+    return FileDownload(path, media_type=media_type(name), filename=name, stat_result=stat, headers={"ETag": etag})
+
+
+class FileDownload(FileResponse):
+    """A file with Range support, where a Range that cannot be parsed, or names a unit other than
+    bytes, is ignored and the whole file sent (RFC 9110 section 14.2), and one past the end answers
+    a 416 problem, as every other 4xx."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope)
+        http_range = headers.get("range")
+        if http_range is not None:
+            try:
+                self._parse_range_header(http_range, self.stat_result.st_size)
+            except MalformedRangeHeader:
+                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"range"]}
+            except RangeNotSatisfiable:
+                if headers.get("if-range") is not None:  # Starlette decides: If-Range may mean the whole file
+                    return await super().__call__(scope, receive, send)
+                response = problem_response(416, "range_not_satisfiable", f"the range {http_range[:100]!r} starts "
+                                            f"past the end of the file ({self.stat_result.st_size} bytes)",
+                                            headers={"Content-Range": f"bytes */{self.stat_result.st_size}"})
+                return await response(scope, receive, send)
+        await super().__call__(scope, receive, send)
 
 
 def _from_bucket(request: Request, store: "S3Store", job: Job, artifact: Artifact, etag: str, mode: str) -> Response:

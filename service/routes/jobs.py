@@ -147,8 +147,9 @@ def list_jobs(request: Request, caller: CurrentCaller, session: DbSession,
               after: Optional[str] = Query(None, max_length=64, description="the page after this job (its id)"),
               limit: int = Query(20, ge=1, le=100), cursor: Optional[str] = Query(None, max_length=200)) -> JobList:
     """The owner's jobs, newest first. `metadata[KEY]=VALUE` (repeatable) keeps the jobs labelled so."""
-    where = jobs.JobFilter(statuses=tuple(status_ or ()), model=model, created_after=_aware(created_after),
-                           created_before=_aware(created_before), metadata=_metadata_filters(request))
+    where = jobs.JobFilter(statuses=tuple(status_ or ()), model=model,
+                           created_after=_utc(created_after, "created_after"),
+                           created_before=_utc(created_before, "created_before"), metadata=_metadata_filters(request))
     if cursor:
         try:
             jobs.decode_cursor(cursor)
@@ -165,9 +166,16 @@ def list_jobs(request: Request, caller: CurrentCaller, session: DbSession,
                    next_cursor=next_cursor)
 
 
-def _aware(moment: Optional[dt.datetime]) -> Optional[dt.datetime]:
-    """A time without an offset is UTC."""
-    return moment.replace(tzinfo=dt.timezone.utc) if moment is not None and moment.tzinfo is None else moment
+def _utc(moment: Optional[dt.datetime], field: str) -> Optional[dt.datetime]:
+    """The time in UTC (one without an offset is UTC). 0001-01-01T00:00:00+14:00 is before year 1 in
+    UTC, which no datetime holds: 422."""
+    if moment is None:
+        return None
+    try:
+        return moment.replace(tzinfo=dt.timezone.utc) if moment.tzinfo is None else moment.astimezone(dt.timezone.utc)
+    except OverflowError:
+        raise Problem(status.HTTP_422_UNPROCESSABLE_CONTENT, "validation_error",
+                      f"{field}: {moment.isoformat()} is outside the years 1 to 9999 in UTC", field=field) from None
 
 
 def _metadata_filters(request: Request) -> tuple[tuple[str, str], ...]:
@@ -215,7 +223,13 @@ def delete_job(job_id: str, caller: CurrentCaller, session: DbSession, store: Ar
         raise Problem(status.HTTP_409_CONFLICT, "job_active",
                       f"job {job_id} is {job.status}: cancel it first (POST /v1/jobs/{job_id}/cancel), then delete "
                       "it once it has ended")
-    store.remove_job(job.id)  # files first: a failure leaves the job to retry
+    try:
+        store.remove_job(job.id)  # files first: a failure leaves the job to retry
+    except OSError as exc:  # a read-only or failing volume: the job is kept, the client retries later
+        log.warning("job %s: its files cannot be removed: %s", job.id, exc)
+        raise Problem(status.HTTP_503_SERVICE_UNAVAILABLE, "artifact_store_unavailable",
+                      f"the files of job {job_id} cannot be removed ({exc.strerror or type(exc).__name__}); the "
+                      "job is kept: retry later", headers={"Retry-After": "60"}) from None
     jobs.delete_job(session, job)
     session.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
