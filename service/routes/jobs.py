@@ -27,8 +27,8 @@ from storage.models import Job, JobStatus, Owner
 from storage.queue import enqueue
 from storage.webhooks import WebhookRefused, check_webhook, delivery_document
 
-# Every route: no or a bad key, throttled key guessing, bad parameters, an outage, a bug.
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problems.responses(401, 422, 429, 500, 503))
+# Every route: a body that cannot be parsed, no or a bad key, too many requests, bad parameters, an outage, a bug.
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problems.responses(400, 401, 422, 429, 500, 503))
 JOB_ROUTE_ERRORS = problems.responses(404)
 log = logging.getLogger("erq")
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -263,7 +263,13 @@ async def job_events(job_id: str, request: Request, caller: CurrentCaller, sessi
     if job is None:
         raise _not_found(job_id)
     hub = event_hub(request.app)
-    follower = hub.follow(job_id, last_event_id, caller.key_id)
+    limit = request.app.state.settings.max_event_streams_per_owner
+    if limit and hub.open_streams(caller.owner_id) >= limit:  # no await since: the count cannot go stale
+        raise Problem(status.HTTP_429_TOO_MANY_REQUESTS, "too_many_event_streams",
+                      f"this key's owner already follows {limit} event streams on this API process "
+                      "(ERQ_MAX_EVENT_STREAMS_PER_OWNER); close one, or poll GET /v1/jobs/{id}",
+                      headers={"Retry-After": "10"}, limit=limit)
+    follower = hub.follow(job_id, last_event_id, caller.key_id, caller.owner_id)
     return StreamingResponse(events.stream(hub, follower), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

@@ -1,6 +1,7 @@
 """erq_client and `erq submit` / `erq jobs` against a real `erq api` and `erq worker`."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -67,14 +68,19 @@ def test_submit_wait_download_and_the_jobs_commands(tmp_path, settings):
             erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
         wait_for_http(f"{server}/healthz", api, tmp_path / "api.log")
         submitted = erq(["submit", "--server", server, "--model", MODEL, "--dataset", str(FIXTURE_DATASET),
-                         "--w-bits", "4", "--val-limit", "50", "--metadata", "team=vision", "--wait",
-                         "--out", str(tmp_path / "result")], client_env, tmp_path)
+                         "--w-bits", "4", "--val-limit", "50", "--metadata", "team=vision", "--export", "onnx",
+                         "--wait", "--out", str(tmp_path / "result")], client_env, tmp_path)
         assert submitted.returncode == 0, submitted.stderr + submitted.stdout
         job_id = submitted.stdout.split()[1]
         assert f"job {job_id} succeeded" in submitted.stdout and "quantized: top1" in submitted.stdout
         assert "100.0%" in submitted.stderr and "[####" in submitted.stderr  # the bar, from the event stream
         folder = tmp_path / "result"
-        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "metrics.json", "quantized.safetensors"]
+        published = {a["name"]: a["sha256"] for a in json.loads(erq(["jobs", "show", job_id], client_env,
+                                                                    tmp_path).stdout)["artifacts"]}
+        assert {"model.onnx", "report.html", "quantized.safetensors", "config.json", "metrics.json"} <= set(published)
+        assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()} == published
+        for name in published:  # and it says where each went
+            assert f"downloaded {name} -> {folder / name}" in submitted.stdout
 
         listed = erq(["jobs", "list", "--metadata", "team=vision", "--json"], client_env, tmp_path)
         assert [json.loads(line)["id"] for line in listed.stdout.splitlines()] == [job_id]
@@ -86,8 +92,8 @@ def test_submit_wait_download_and_the_jobs_commands(tmp_path, settings):
         assert "succeeded" in log.stdout
         again = erq(["jobs", "download", job_id, "--out", str(tmp_path / "again")], client_env, tmp_path)
         assert again.returncode == 0
-        assert (tmp_path / "again" / "quantized.safetensors").read_bytes() == \
-            (folder / "quantized.safetensors").read_bytes()
+        for name in ("quantized.safetensors", "model.onnx", "report.html"):
+            assert (tmp_path / "again" / name).read_bytes() == (folder / name).read_bytes(), name
         finished = erq(["jobs", "cancel", job_id], client_env, tmp_path)
         assert finished.returncode == 2 and "already succeeded" in finished.stderr and "[job_finished]" in finished.stderr
 
