@@ -22,7 +22,7 @@ from service.problems import Problem
 from service.schemas import ArtifactOut, JobList, JobOut, JobSubmission, LogChunk, WebhookOut
 from service.validation import InvalidJob, check_uploads, validate_job
 from storage import jobs
-from storage.artifacts import LOG_NAME, PUBLISHED, ArtifactStore, run_name
+from storage.artifacts import LOG_NAME, MEDIA_TYPES, PUBLISHED, ArtifactStore, media_type, run_name
 from storage.models import Job, JobStatus, Owner
 from storage.queue import enqueue
 from storage.webhooks import WebhookRefused, check_webhook, delivery_document
@@ -336,10 +336,13 @@ def _tar_stream(members: list[tuple[Iterator[bytes], bytes]]) -> Iterator[bytes]
     yield b"\0" * (2 * TAR_BLOCK)
 
 
-ARTIFACT_RESPONSES = {304: {"description": "If-None-Match holds the artifact's ETag (its sha256)"},
+ARTIFACT_RESPONSES = {200: {"description": "the file (206 with a Range), in its media type",
+                            "content": {kind.split(";")[0]: {} for kind in (*MEDIA_TYPES.values(), media_type(""))}},
+                      206: {"description": "the bytes a `Range: bytes=...` asked for"},
+                      304: {"description": "If-None-Match holds the artifact's ETag (its sha256)"},
                       307: {"description": "with ERQ_ARTIFACT_URL=s3://... and ERQ_S3_DOWNLOAD=redirect: the "
                                            "file is at the short-lived presigned URL in Location (Range works)"},
-                      **JOB_ROUTE_ERRORS, **problems.responses(410)}
+                      **JOB_ROUTE_ERRORS, **problems.responses(410, 416)}
 
 
 @router.get("/{job_id}/artifacts/{name}", name="download_artifact", responses=ARTIFACT_RESPONSES)

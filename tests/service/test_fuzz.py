@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, seed
 from hypothesis import settings as hypothesis_settings
 from schemathesis.checks import (content_type_conformance, not_a_server_error, response_headers_conformance,
                                  response_schema_conformance, status_code_conformance)
 
 from service.app import create_app
-from tests.service.conftest import make_key
+from tests.service.conftest import end_job_with_files, make_key
+from tests.service.test_api import JOB
 
+FILES = {"config.json": b'{"w_bits": 4}', "job.log": b"started\nended\n", "metrics.json": b"{}",
+         "quantized.safetensors": b"\x00" * 4096}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           response_headers_conformance]
 
@@ -29,9 +33,22 @@ def fuzz_key(fuzz_settings) -> str:
 
 
 @pytest.fixture
-def api_schema(fuzz_settings, fuzz_key):
-    app = create_app(fuzz_settings)
-    return schemathesis.openapi.from_asgi("/openapi.json", app)
+def fuzz_app(fuzz_settings):
+    return create_app(fuzz_settings)
+
+
+@pytest.fixture
+def ended_job(fuzz_app, fuzz_settings, fuzz_key) -> str:
+    """A job of the fuzzer's that has ended with files: the job routes are fuzzed on it as well."""
+    with TestClient(fuzz_app) as client:
+        job_id = client.post("/v1/jobs", json=JOB, headers={"Authorization": f"Bearer {fuzz_key}"}).json()["id"]
+    end_job_with_files(fuzz_settings, job_id, FILES)
+    return job_id
+
+
+@pytest.fixture
+def api_schema(fuzz_app, ended_job):
+    return schemathesis.openapi.from_asgi("/openapi.json", fuzz_app)
 
 
 @pytest.fixture(autouse=True)
@@ -46,9 +63,19 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 @schema.parametrize()
 @seed(19)
-@hypothesis_settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
-def test_no_route_answers_5xx_and_every_answer_fits_the_schema(case, fuzz_key):
-    response = case.call(headers={"Authorization": f"Bearer {fuzz_key}"})
+@hypothesis_settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+def test_no_route_answers_5xx_and_every_answer_fits_the_schema(case, fuzz_key, ended_job):
+    headers = {"Authorization": f"Bearer {fuzz_key}"}
+    _check(case, case.call(headers=headers))
+    generated = dict(case.path_parameters or {})
+    if "job_id" in generated and case.method.upper() != "DELETE":  # the same input on a job that exists
+        name = generated.get("name")
+        case.path_parameters = {**generated, "job_id": ended_job,
+                                **({"name": sorted(FILES)[len(str(name)) % len(FILES)]} if name is not None else {})}
+        _check(case, case.call(headers=headers))
+
+
+def _check(case, response) -> None:
     case.validate_response(response, checks=CHECKS)
     if 400 <= response.status_code < 500 and case.method.upper() != "HEAD":  # HEAD answers carry no body
         assert response.json()["detail"], response.text
