@@ -114,13 +114,20 @@ class ErqClient:
 
     # Following.
     def events(self, job_id: str, last_event_id: Optional[str] = None) -> Iterator[Event]:
-        """The job's events until its terminal status; a dropped stream is resumed where it stopped."""
+        """The job's events until its terminal status; a dropped stream is resumed where it stopped, and
+        one refused for a while (429: the owner's streams are all open; 503) is asked again after its
+        Retry-After."""
         failures = 0
         while True:
             headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
             try:
                 with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
                                       timeout=httpx.Timeout(self.http.timeout.connect, read=60)) as answer:
+                    if answer.status_code in (429, 503) and failures < RECONNECTS:  # too many streams, busy
+                        answer.read()
+                        failures += 1
+                        time.sleep(_retry_after(answer))
+                        continue
                     if answer.status_code >= 400:
                         answer.read()
                         _raise_for_problem(answer)
@@ -266,6 +273,14 @@ def _read_in_blocks(path: Path, size: int, on_progress: Optional[Progress]) -> I
             yield block
             if on_progress is not None:
                 on_progress(sent, size)
+
+
+def _retry_after(answer: httpx.Response, most: float = 30.0) -> float:
+    """The answer's Retry-After in seconds (1 when it has none), at most `most`."""
+    try:
+        return min(most, max(1.0, float(answer.headers.get("retry-after", "1"))))
+    except ValueError:
+        return 1.0
 
 
 def _raise_for_problem(answer: httpx.Response) -> None:

@@ -268,7 +268,7 @@ async def job_events(job_id: str, request: Request, caller: CurrentCaller, sessi
         raise Problem(status.HTTP_429_TOO_MANY_REQUESTS, "too_many_event_streams",
                       f"this key's owner already follows {limit} event streams on this API process "
                       "(ERQ_MAX_EVENT_STREAMS_PER_OWNER); close one, or poll GET /v1/jobs/{id}",
-                      headers={"Retry-After": "10"}, limit=limit)
+                      headers={"Retry-After": "5"}, limit=limit)
     follower = hub.follow(job_id, last_event_id, caller.key_id, caller.owner_id)
     return StreamingResponse(events.stream(hub, follower), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -134,3 +134,34 @@ def test_the_library_follows_events_and_reports_problems(tmp_path, settings):
             follower.join(30)
             assert seen[-1]["status"] == "cancelled" and seen[0].kind == "status"
             assert [j["id"] for j in client.iter_jobs(metadata={"k": "v"}, limit=1)] == [job["id"]]
+
+
+@ON_SQLITE
+@pytest.mark.integration
+def test_wait_asks_again_while_the_owners_event_streams_are_all_open(tmp_path, settings):
+    """ERQ_MAX_EVENT_STREAMS_PER_OWNER=1 and the owner's one stream held elsewhere: the client's stream
+    is refused with 429, asked again after Retry-After, and follows the job once the other closes."""
+    import threading
+
+    from erq_client import ErqClient
+    from tests.service.processes import api_client, wait_for_text
+
+    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
+                      ERQ_MAX_EVENT_STREAMS_PER_OWNER="1")
+    key, port, api_log = make_key(settings, "alice"), free_port(), tmp_path / "api.log"
+    with erq_process(["api", "--port", str(port)], env, tmp_path, api_log) as api:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, api_log)
+        with ErqClient(f"http://127.0.0.1:{port}", api_key=key) as client, api_client(port, key) as other:
+            job = client.submit({"model": MODEL, "dataset": str(FIXTURE_DATASET)})
+            events_route = f"/v1/jobs/{job['id']}/events HTTP/1.1"
+            ended: list[dict] = []
+            follower = threading.Thread(target=lambda: ended.append(client.wait(job["id"])), daemon=True)
+            with other.stream("GET", f"/v1/jobs/{job['id']}/events") as held:
+                lines = held.iter_lines()  # kept referenced: a collected iterator closes the stream
+                assert held.status_code == 200 and next(lines).startswith("retry:")
+                follower.start()
+                wait_for_text(api_log, f'{events_route}" 429', process=api)
+            other.post(f"/v1/jobs/{job['id']}/cancel").raise_for_status()
+            follower.join(90)
+    assert not follower.is_alive() and ended and ended[0]["status"] == "cancelled", ended
+    assert api_log.read_text().count(f'{events_route}" 200') == 2  # the held stream, then the client's
