@@ -75,11 +75,23 @@ class FileDownload(FileResponse):
             except RangeNotSatisfiable:
                 if headers.get("if-range") is not None:  # Starlette decides: If-Range may mean the whole file
                     return await super().__call__(scope, receive, send)
-                response = problem_response(416, "range_not_satisfiable", f"the range {http_range[:100]!r} starts "
-                                            f"past the end of the file ({self.stat_result.st_size} bytes)",
-                                            headers={"Content-Range": f"bytes */{self.stat_result.st_size}"})
-                return await response(scope, receive, send)
+                return await _past_the_end(http_range, self.stat_result.st_size)(scope, receive, send)
         await super().__call__(scope, receive, send)
+
+
+def _malformed(http_range: str, size: int) -> bool:
+    try:
+        FileResponse._parse_range_header(http_range, size)
+    except MalformedRangeHeader:
+        return True
+    except RangeNotSatisfiable:
+        pass
+    return False
+
+
+def _past_the_end(http_range: str, size: int) -> Response:
+    return problem_response(416, "range_not_satisfiable", f"the range {http_range[:100]!r} starts past the end of "
+                            f"the file ({size} bytes)", headers={"Content-Range": f"bytes */{size}"})
 
 
 def _from_bucket(request: Request, store: "S3Store", job: Job, artifact: Artifact, etag: str, mode: str) -> Response:
@@ -100,14 +112,15 @@ def _from_bucket(request: Request, store: "S3Store", job: Job, artifact: Artifac
         return RedirectResponse(store.presigned_url(job.id, run, name), status_code=status.HTTP_307_TEMPORARY_REDIRECT,
                                 headers={"ETag": etag, "Cache-Control": "private, no-store"})
     byte_range = request.headers.get("range")
+    if byte_range is not None and _malformed(byte_range, artifact.size):
+        byte_range = None  # ignored, as from a folder (RFC 9110): the whole object
     try:
         answer = store.get(job.id, run, name, byte_range)
     except ClientError as exc:
         if error_code(exc) in MISSING:
             raise _gone(job, name, store.key(job.id, run, name)) from None
         if error_code(exc) == "InvalidRange":
-            return Response(status_code=status.HTTP_416_RANGE_NOT_SATISFIABLE,
-                            headers={"Content-Range": f"bytes */{artifact.size}"})
+            return _past_the_end(byte_range, artifact.size)
         raise
     headers["Content-Length"] = str(answer["ContentLength"])
     partial: Optional[str] = answer.get("ContentRange")

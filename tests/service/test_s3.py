@@ -186,6 +186,10 @@ def _check_streamed_downloads(client: httpx.Client, artifacts: dict, checkpoint:
     assert tail.status_code == 206 and tail.content == checkpoint[-10:]
     beyond = client.get(url, headers={"Range": f"bytes={len(checkpoint) + 10}-"})
     assert beyond.status_code == 416 and beyond.headers["Content-Range"] == f"bytes */{len(checkpoint)}"
+    assert beyond.json()["code"] == "range_not_satisfiable"
+    for malformed in ("bytes=abc-def", "items=0-10", "bytes=20-10"):  # ignored (RFC 9110): the whole file
+        ignored = client.get(url, headers={"Range": malformed})
+        assert ignored.status_code == 200 and ignored.content == checkpoint, (malformed, ignored.status_code)
     assert client.get(url, headers={"If-None-Match": f'"{sha}"'}).status_code == 304
     head = client.head(url)
     assert head.status_code == 200 and head.headers["Content-Length"] == str(len(checkpoint))
