@@ -77,10 +77,10 @@ def session_factory(url: str, pool: PoolOptions = DEFAULT_POOL) -> sessionmaker[
 
 
 @contextmanager
-def session_scope(url: str) -> Iterator[Session]:
+def session_scope(url: str, pool: PoolOptions = DEFAULT_POOL) -> Iterator[Session]:
     """A session that commits on success and rolls back on error (workers, the sweeper, commands;
     the API's routes get theirs from service.deps)."""
-    session = session_factory(url)()
+    session = session_factory(url, pool)()
     try:
         yield session
         session.commit()
