@@ -199,3 +199,17 @@ def test_an_owner_past_its_open_event_streams_gets_429_until_one_closes(tmp_path
                 assert again.status_code == 429 and time.monotonic() < deadline
                 time.sleep(0.2)
             streams[0][0].__exit__(None, None, None)
+
+
+def test_the_request_rate_refills_at_its_rate_and_each_owner_has_its_own():
+    from service.guards import OwnerRequestRate
+
+    rate = OwnerRequestRate(rate=2, burst=2)
+    assert [rate.take(1), rate.take(1)] == [None, None]  # the burst
+    wait = rate.take(1)
+    assert wait is not None and 0 < wait <= 0.5  # one request's worth at 2 a second
+    tokens, then = rate.buckets[1]
+    rate.buckets[1] = (tokens, then - wait)  # as if the owner waited Retry-After
+    assert rate.take(1) is None and rate.take(1) is not None
+    assert rate.take(2) is None
+    assert OwnerRequestRate(rate=0, burst=1).take(1) is None  # 0: no limit
