@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from erq_client.client import TERMINAL, ErqClient, ErqClientError, Event
-from erq_core.config import FieldSpec, check_value, describe_bounds
+from erq_core.config import FieldSpec, check_value
 from erq_core.config import fields as config_fields
 from erq_core.errors import ConfigError
+from erq_core.options import add_config_options
 
 SERVER_VARIABLE = "ERQ_SERVER"
 DEFAULT_SERVER = "http://127.0.0.1:8000"
@@ -36,29 +37,9 @@ def job_fields() -> list[FieldSpec]:
 
 
 def add_job_options(parser: argparse.ArgumentParser) -> None:
-    """One option per job parameter of ErqConfig, with its flags, help and choices; absent unless given."""
+    """One option per job parameter of ErqConfig; absent unless given, so the service's defaults apply."""
     group = parser.add_argument_group("job parameters (as `erq quantize`; the service's defaults apply)")
-    for spec in job_fields():
-        option = spec.option
-        flags = option.flags or (f"--{spec.name.replace('_', '-')}",)
-        if spec.base_type is bool:
-            if option.negative_flag:
-                group.add_argument(option.negative_flag, dest=spec.name, action="store_false",
-                                   default=argparse.SUPPRESS, help=f"turn off: {option.help}")
-            else:
-                group.add_argument(*flags, dest=spec.name, action="store_true", default=argparse.SUPPRESS,
-                                   help=option.help)
-            continue
-        bounds = "" if spec.base_type is str else f" ({describe_bounds(spec)})"
-        kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS, "help": option.help + bounds,
-                                  "required": option.required}
-        if option.choices is not None:
-            kwargs["choices"] = option.choices
-        if spec.is_sequence:
-            kwargs["action"] = "append"
-        else:
-            kwargs["type"] = spec.base_type
-        group.add_argument(*flags, **kwargs)
+    add_config_options(group, job_fields(), with_defaults=False)
 
 
 def job_params(args: argparse.Namespace) -> dict[str, Any]:

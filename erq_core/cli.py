@@ -8,15 +8,15 @@ Errors a user can fix print one line and exit with code 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
 from typing import NoReturn, Optional
 
-from erq_core.config import EXPORT_FORMATS, PRECISIONS, ErqConfig, FieldSpec, describe_bounds
+from erq_core.config import EXPORT_FORMATS, PRECISIONS, ErqConfig
 from erq_core.config import fields as config_fields
 from erq_core.errors import ErqError
+from erq_core.options import add_config_options
 
 USAGE_ERROR = 2
 
@@ -37,37 +37,11 @@ def _device_arg(value: str) -> str:
 def quantize_parser() -> argparse.ArgumentParser:
     """`erq quantize`'s options, generated from ErqConfig's fields (one home for names and bounds)."""
     p = OneLineParser(prog="erq quantize", description="Quantize a timm ViT / DeiT / Swin with ERQ.")
-    for spec in config_fields():
-        if spec.option.cli:
-            _add_config_option(p, spec)
+    add_config_options(p, [spec for spec in config_fields() if spec.option.cli], with_defaults=True)
     p.add_argument("--device", type=_device_arg, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     return p
-
-
-def _add_config_option(parser: argparse.ArgumentParser, spec: FieldSpec) -> None:
-    option = spec.option
-    bounds = "" if spec.base_type in (str, bool) else f" ({describe_bounds(spec)})"
-    if spec.base_type is bool:
-        if option.negative_flag:
-            parser.add_argument(option.negative_flag, dest=spec.name, action="store_false",
-                                help=f"turn off: {option.help}")
-        else:
-            parser.add_argument(*option.flags, dest=spec.name, action="store_true", help=option.help)
-        return
-    default = "" if spec.default in (None, (), dataclasses.MISSING) else f"; default {spec.default}"
-    help_text = f"{option.help}{bounds}{default}"
-    kwargs: dict = {"dest": spec.name, "help": help_text}
-    if option.choices is not None:
-        kwargs["choices"] = option.choices
-    if spec.is_sequence:
-        kwargs.update(action="append", default=None)
-    else:
-        kwargs.update(type=spec.base_type, default=None if spec.default is dataclasses.MISSING else spec.default)
-    if option.required:
-        kwargs["required"] = True
-    parser.add_argument(*option.flags, **kwargs)
 
 
 def evaluate_parser() -> argparse.ArgumentParser:

@@ -19,11 +19,28 @@ from typing import Any, Optional
 from erq_core.errors import ConfigError
 from erq_core.registry import validate_model_spec
 
-METHODS = ("erq", "erq+", "repq", "rtn")
-# The paper calibrates on 32 images; erq+ takes more where its measured curve says it pays off.
-# methods that fold the RepQ-ViT reparameterization and quantize post-softmax with log-sqrt2
-REPARAMETERIZED = ("erq", "erq+", "repq")
-DEFAULT_CALIB_SIZE = {"erq": 32, "repq": 32, "rtn": 32, "erq+": 192}
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method does, read by the pipeline, the checkpoint and the config in one place."""
+
+    name: str
+    default_calib_size: int  # the paper calibrates on 32 images; erq+ takes more where its measured curve pays
+    reparameterized: bool  # folds RepQ-ViT's LayerNorm reparameterization; log-sqrt2 post-softmax quantizer
+    integer_zero_point: bool  # after the fold: a true b-bit quantizer (else the papers' fractional mean)
+    solver: Optional[str]  # "paper": ERQ's per-layer Aqer/Wqer; "sequential": erq+; None: no error reduction
+    reconstructs: bool = False  # --reconstruct may refine its solution
+
+
+METHOD_SPECS = {spec.name: spec for spec in (
+    MethodSpec("erq", 32, reparameterized=True, integer_zero_point=False, solver="paper"),
+    MethodSpec("erq+", 192, reparameterized=True, integer_zero_point=True, solver="sequential", reconstructs=True),
+    MethodSpec("repq", 32, reparameterized=True, integer_zero_point=False, solver=None),
+    MethodSpec("rtn", 32, reparameterized=False, integer_zero_point=False, solver=None),
+)}
+METHODS = tuple(METHOD_SPECS)
+REPARAMETERIZED = tuple(name for name, spec in METHOD_SPECS.items() if spec.reparameterized)
+DEFAULT_CALIB_SIZE = {name: spec.default_calib_size for name, spec in METHOD_SPECS.items()}
 EXPORT_FORMATS = ("onnx", "onnx-float64")
 PRECISIONS = ("float32", "float64")  # what a saved model is evaluated in (erq_core.float64)
 MIN_BITS, MAX_BITS = 2, 8
@@ -123,9 +140,13 @@ class ErqConfig:
         validate_model_spec(self.model)
         if not self.dataset:
             raise ConfigError("dataset is required: an ImageFolder root with train/ and val/ folders")
-        if self.reconstruct and self.method != "erq+":
+        if self.reconstruct and not self.method_spec.reconstructs:
             raise ConfigError(f"reconstruct starts from the erq+ solution: use method erq+ (got {self.method!r})")
         return self
+
+    @property
+    def method_spec(self) -> MethodSpec:
+        return METHOD_SPECS[self.method]
 
     @property
     def images_needed(self) -> int:

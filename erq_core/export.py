@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from erq_core.config import REPARAMETERIZED
 from erq_core.errors import CheckpointError
 from erq_core.qmodules import activation_quantizers, convert_model, set_quant_state, weight_layers
 
@@ -101,7 +100,7 @@ def save_quantized(quantized, out_dir: str | Path, source: dict, pretrained_cfg:
             "w_bits": config.w_bits,
             "a_bits": config.a_bits,
             "method": config.method,
-            "log_sqrt2_softmax": config.method in REPARAMETERIZED,
+            "log_sqrt2_softmax": config.method_spec.reparameterized,
             "norm_linear_pairs": quantized.norm_linear_pairs,
             "two_part_layers": quantized.two_part_layers,
             "layers": layout,

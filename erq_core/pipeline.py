@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from erq_core.config import REPARAMETERIZED, ErqConfig
+from erq_core.config import ErqConfig
 from erq_core.layer import LayerPlan, solve_layer
 from erq_core.qmodules import QuantConv2d, QuantLinear, convert_model, set_quant_state, weight_layers
 from erq_core.reparam import find_norm_linear_pairs, reparameterize
@@ -76,7 +76,8 @@ def quantize(
     seconds: dict[str, float] = {}
     device = next(model.parameters()).device
     model.eval()
-    repq = config.method in REPARAMETERIZED
+    method = config.method_spec
+    repq = method.reparameterized
 
     with timed(seconds, "calibrate_activations"):
         progress("calibrate_activations", 0, 1)
@@ -92,10 +93,10 @@ def quantize(
     if repq:
         with timed(seconds, "reparameterize"):
             # the papers' code keeps the fractional mean zero point; erq+ keeps true b-bit quantizers
-            reparameterize(model, pairs, integer_zero_point=config.method == "erq+")
+            reparameterize(model, pairs, integer_zero_point=method.integer_zero_point)
             log.info("reparameterized %d LayerNorm -> linear pairs", len(pairs))
 
-    if config.method == "erq+":
+    if method.solver == "sequential":
         from erq_core.erq_plus import quantize_plus
 
         layers = quantize_plus(model, calibration, config, seconds, progress)
@@ -161,7 +162,7 @@ def _conv_hook(stats: LayerStats):
 def paper_plan(layer: nn.Module, token_input: bool, config: ErqConfig) -> LayerPlan:
     """ERQ's ridge strengths from coe (0.1 coe; Aqer 0.1 for the head's per-image input; the patch
     embedding gets Wqer only, with coe and no rounding refinement, as in the paper's code)."""
-    if config.method != "erq":
+    if config.method_spec.solver != "paper":
         return LayerPlan(None, None)
     if not isinstance(layer, QuantLinear):
         return LayerPlan(None, config.coe if config.wqer else None, refine_rounding=False)

@@ -27,7 +27,8 @@ from typing import AsyncIterator, Optional
 import anyio
 from sqlalchemy import select
 
-from storage.artifacts import LOG_NAME, open_store
+from storage.artifacts import ArtifactStore
+from storage.artifacts.logs import log_run, read_log
 from storage.db import session_factory
 from storage.models import TERMINAL_STATUSES, ApiKey, Job
 from storage.settings import Settings
@@ -47,8 +48,8 @@ class Snapshot:
     error: Optional[str]
     error_code: Optional[str]
     attempts: int
-    run: int  # the attempt whose log is followed (the published one once the job ended)
-    log_run: Optional[str]  # the run folder the log is read from (None: the job's own, before attempts)
+    run: int  # the attempt whose log is followed (the published one once the job ended); 0: none yet
+    log_run: Optional[str]  # that attempt's run, the log is read from (None: the job's own folder, before attempts)
 
 
 @dataclass(eq=False)
@@ -95,9 +96,8 @@ def sse(event: str, event_id: str, data: dict) -> str:
 class EventHub:
     """The process's one poller. Lives in the app's event loop; started on the first follower."""
 
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.store = open_store(settings)
+    def __init__(self, settings: Settings, store: ArtifactStore):
+        self.settings, self.store = settings, store  # the app's store
         self.followers: dict[str, set[Follower]] = {}
         self.task: Optional[asyncio.Task] = None
         self.ticks = 0  # polls done (one database query each): for tests and the bench
@@ -175,8 +175,7 @@ class EventHub:
             return set(session.scalars(select(ApiKey.id).where(ApiKey.id.in_(key_ids), ApiKey.revoked_at.is_not(None))))
 
     def _read_log(self, job_id: str, run: Optional[str], offset: int) -> bytes:
-        found = self.store.read_range(job_id, run, LOG_NAME, offset)
-        return b"" if found is None else found[0]
+        return read_log(self.store, job_id, run, offset)[0]
 
     def _read_jobs(self, job_ids: list[str]) -> dict[str, Snapshot]:
         with session_factory(self.settings.database_url, self.settings.database_pool)() as session:
@@ -184,10 +183,8 @@ class EventHub:
                                           Job.attempts, Job.published_run).where(Job.id.in_(job_ids))).all()
         snapshots = {}
         for job_id, status, stage, progress, error, error_code, attempts, published_run in rows:
-            run = int(published_run.rsplit("-", 1)[1]) if published_run and published_run.startswith("attempt-") \
-                else attempts
-            snapshots[job_id] = Snapshot(str(status), stage, progress, error, error_code, attempts, run,
-                                         f"attempt-{run}" if run else None)
+            snapshots[job_id] = Snapshot(str(status), stage, progress, error, error_code, attempts, attempts,
+                                         log_run(published_run, attempts))
         return snapshots
 
     async def _publish(self, job_id: str, snapshot: Snapshot, followers: list[Follower]) -> None:

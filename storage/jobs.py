@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from storage.artifacts import LOG_NAME, PUBLISHED, StoredFile
 from storage.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Artifact, Job, JobStatus, Owner, db_now
+from storage.outcomes import Reason
 
 TERMINAL = TERMINAL_STATUSES
 CANCELLED = "cancelled by the client"
@@ -141,16 +142,17 @@ def heartbeat(session: Session, job_id: str, worker: str) -> None:
                     .values(heartbeat_at=db_now()))
 
 
-def report_progress(session: Session, job_id: str, worker: str, stage: str, progress: float) -> Optional[str]:
-    """Record the progress of `worker`'s run; returns why the run must stop ('cancelled', 'lost') or None.
+def report_progress(session: Session, job_id: str, worker: str, stage: str, progress: float) -> Optional[Reason]:
+    """Record the progress of `worker`'s run; returns why the run must stop, or None.
 
-    'lost': the job is not this worker's any more (its lease expired and the job was re-queued)."""
+    Reason.LOST: the job is not this worker's any more (its lease expired and the job was re-queued);
+    Reason.CANCELLED: the client asked to cancel it."""
     owned = session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING,
                                               Job.worker == worker)
                             .values(stage=stage, progress=progress, heartbeat_at=db_now())).rowcount
     if not owned:
-        return "lost"
-    return "cancelled" if session.scalar(select(Job.cancel_requested).where(Job.id == job_id)) else None
+        return Reason.LOST
+    return Reason.CANCELLED if session.scalar(select(Job.cancel_requested).where(Job.id == job_id)) else None
 
 
 def finish(session: Session, job_id: str, status: JobStatus, error: Optional[str] = None,

@@ -170,7 +170,7 @@ class Artifact(Base):
 
 class WebhookDelivery(Base):
     """One webhook event of a job, and its delivery: an outbox row written by the sweeper and sent by
-    it, retried with backoff until delivered or given up (storage/webhooks.py)."""
+    it, retried with backoff until delivered or given up (worker/webhook_delivery.py)."""
 
     __tablename__ = "webhook_deliveries"
 

@@ -78,7 +78,7 @@ class FolderUploads(UploadStore):
 
 class S3Uploads(UploadStore):
     def __init__(self, settings: "Settings"):
-        from storage.s3 import S3Store
+        from storage.artifacts.s3 import S3Store
 
         self.store = S3Store.from_settings(settings)  # its client, transfer settings and checks
 
@@ -86,7 +86,7 @@ class S3Uploads(UploadStore):
         return "/".join(part for part in (self.store.prefix, FOLDER, str(owner_id), sha256) if part)
 
     def put(self, owner_id: int, sha256: str, path: Path) -> None:
-        from storage.s3 import S3_ERRORS, SHA256_KEY, local_digest
+        from storage.artifacts.s3 import S3_ERRORS, SHA256_KEY, local_digest
 
         key, digest = self.key(owner_id, sha256), local_digest(path)
         try:
@@ -98,7 +98,7 @@ class S3Uploads(UploadStore):
         self.store.verify(key, digest)
 
     def exists(self, owner_id: int, sha256: str) -> bool:
-        from storage.s3 import MISSING, S3_ERRORS, error_code
+        from storage.artifacts.s3 import MISSING, S3_ERRORS, error_code
 
         try:
             self.store.client.head_object(Bucket=self.store.bucket, Key=self.key(owner_id, sha256))
@@ -110,7 +110,7 @@ class S3Uploads(UploadStore):
                                      f"{exc}") from exc
 
     def fetch(self, owner_id: int, sha256: str, dest: Path) -> None:
-        from storage.s3 import MISSING, S3_ERRORS, error_code
+        from storage.artifacts.s3 import MISSING, S3_ERRORS, error_code
 
         key = self.key(owner_id, sha256)
         try:
@@ -121,7 +121,7 @@ class S3Uploads(UploadStore):
             raise ArtifactStoreError(f"cannot read s3://{self.store.bucket}/{key}: {exc}") from exc
 
     def remove(self, owner_id: int, sha256: str) -> None:
-        from storage.s3 import S3_ERRORS
+        from storage.artifacts.s3 import S3_ERRORS
 
         try:
             self.store.client.delete_object(Bucket=self.store.bucket, Key=self.key(owner_id, sha256))

@@ -2,6 +2,7 @@
 import pytest
 
 from erq_core import ErqConfig, run
+from erq_core.progress import STAGE_WEIGHTS, run_fraction
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL, FIXTURE_VAL_LIMIT
 
 
@@ -51,6 +52,10 @@ def test_progress_reports_every_stage_in_order(tmp_path):
     for stage in stages:
         done = [d for s, d, _ in calls if s == stage]
         assert done == sorted(done) and done[-1] == max(t for s, _, t in calls if s == stage)
+    assert stages == [name for name in STAGE_WEIGHTS if name in stages]  # the stages the engine declares, in order
+    fractions = [run_fraction(*call) for call in calls]  # the worker's 0..1 progress of the job
+    assert all(0.0 <= fraction <= 1.0 for fraction in fractions) and fractions[-1] == pytest.approx(1.0)
+    assert fractions == sorted(fractions)  # a job's progress never goes back, erq's interleaved layer stages too
 
 
 def test_same_config_and_folder_give_the_same_result(tmp_path):

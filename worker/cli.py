@@ -150,7 +150,7 @@ def run_worker(args: argparse.Namespace, settings: Settings, sweep: bool) -> int
 
 
 def _start_sweeper(app, settings: Settings):
-    from storage.sweeper import Sweeper, standard_duties
+    from worker.sweeper import Sweeper, standard_duties
 
     from worker.upload_cache import sweeper_duties
 

@@ -258,6 +258,6 @@ def prune(settings: Settings) -> list[str]:
 
 def sweeper_duties(settings: Settings) -> list:
     """This host's duty for its cache (the worker adds it to the sweeper's)."""
-    from storage.sweeper import Duty
+    from worker.sweeper import Duty
 
     return [Duty("upload cache", PRUNE_SECONDS, lambda: prune(settings))]

@@ -1,13 +1,12 @@
 """/v1/jobs: submit, follow (poll, events, log), list, cancel, delete, download. Reads only read: lost leases and orphaned
-jobs are repaired by the sweeper on the worker side (storage/sweeper.py)."""
+jobs are repaired by the sweeper on the worker side (worker/sweeper.py)."""
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
 import logging
 import re
-import tarfile
-from typing import Iterator, Optional
+from typing import Optional
 
 import anyio
 from fastapi import APIRouter, Header, Query, Request, Response, status
@@ -22,7 +21,9 @@ from service.problems import Problem
 from service.schemas import ArtifactOut, JobList, JobOut, JobSubmission, LogChunk, WebhookOut
 from service.validation import InvalidJob, check_uploads, validate_job
 from storage import jobs
-from storage.artifacts import LOG_NAME, MEDIA_TYPES, PUBLISHED, ArtifactStore, media_type, run_name
+from storage.artifacts import MEDIA_TYPES, PUBLISHED, media_type
+from storage.artifacts.logs import log_run, read_log, whole_utf8
+from storage.artifacts.tar import RESULT_FOLDER, ResultTar
 from storage.models import Job, JobStatus, Owner
 from storage.queue import enqueue
 from storage.webhooks import WebhookRefused, check_webhook, delivery_document
@@ -277,12 +278,8 @@ async def job_events(job_id: str, request: Request, caller: CurrentCaller, sessi
 def event_hub(app) -> events.EventHub:
     """The process's one event poller (made in the event loop, on first use)."""
     if getattr(app.state, "event_hub", None) is None:
-        app.state.event_hub = events.EventHub(app.state.settings)
+        app.state.event_hub = events.EventHub(app.state.settings, app.state.artifact_store)
     return app.state.event_hub
-
-
-RESULT_FOLDER = ("quantized.safetensors", "config.json", "metrics.json")  # what erq_core.load_quantized reads
-TAR_BLOCK = 512
 
 
 @router.get("/{job_id}/artifacts.tar", response_class=StreamingResponse,
@@ -303,37 +300,14 @@ def download_result_folder(job_id: str, caller: CurrentCaller, session: DbSessio
     for name in RESULT_FOLDER:
         if name not in recorded or store.read_range(job_id, job.published_run, name, 0, 0) is None:
             raise artifact_missing(job_id, name)
-    members = [(store.iter_bytes(job_id, job.published_run, name), _tar_header(name, recorded[name].size, job))
-               for name in RESULT_FOLDER]
     etag = '"' + hashlib.sha256("".join(recorded[n].sha256 for n in RESULT_FOLDER).encode()).hexdigest()[:32] + '"'
     if _matches(if_none_match, etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
-    length = sum(len(header) + _padded(recorded[n].size) for n, (_, header) in zip(RESULT_FOLDER, members))
-    return StreamingResponse(_tar_stream(members), media_type="application/x-tar",
-                             headers={"Content-Length": str(length + 2 * TAR_BLOCK), "ETag": etag,
+    tar = ResultTar(store, job_id, job.published_run, {name: recorded[name].size for name in RESULT_FOLDER},
+                    mtime=int(job.finished_at.timestamp()) if job.finished_at else 0)
+    return StreamingResponse(tar.stream(), media_type="application/x-tar",
+                             headers={"Content-Length": str(tar.length), "ETag": etag,
                                       "Content-Disposition": f'attachment; filename="erq-{job_id}.tar"'})
-
-
-def _tar_header(name: str, size: int, job: Job) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode = size, 0o644
-    info.mtime = int(job.finished_at.timestamp()) if job.finished_at else 0
-    return info.tobuf(format=tarfile.GNU_FORMAT)  # sizes past 8 GiB fit its header
-
-
-def _padded(size: int) -> int:
-    return -(-size // TAR_BLOCK) * TAR_BLOCK
-
-
-def _tar_stream(members: list[tuple[Iterator[bytes], bytes]]) -> Iterator[bytes]:
-    for blocks, header in members:
-        yield header
-        sent = 0
-        for block in blocks:
-            sent += len(block)
-            yield block
-        yield b"\0" * (_padded(sent) - sent)
-    yield b"\0" * (2 * TAR_BLOCK)
 
 
 ARTIFACT_RESPONSES = {200: {"description": "the file (206 with a Range), in its media type",
@@ -379,13 +353,14 @@ def job_log(job_id: str, request: Request, caller: CurrentCaller, session: DbSes
     job = _owned_job(session, job_id, caller)
     _check_not_expired(job)
     start = offset or 0
-    data, size = read_log(store, job, start, LOG_CHUNK_BYTES if offset is not None else None)
+    data, size = read_log(store, job.id, log_run(job.published_run, job.attempts), start,
+                          LOG_CHUNK_BYTES if offset is not None else None)
     if start > size:
         raise Problem(status.HTTP_416_RANGE_NOT_SATISFIABLE, "offset_past_end",
                       f"offset {start} is past the end of the log ({size} bytes); a job that was re-run starts a "
                       "new log: continue from 0", field="offset")
     if offset is not None and (job.status not in jobs.TERMINAL or start + len(data) < size):
-        data = _whole_utf8(data)  # a character cut by the chunk's end or still being written comes next time
+        data = whole_utf8(data)  # a character cut by the chunk's end or still being written comes next time
     next_offset = start + len(data)
     complete = job.status in jobs.TERMINAL and next_offset >= size
     text = data.decode(errors="replace")
@@ -394,24 +369,3 @@ def job_log(job_id: str, request: Request, caller: CurrentCaller, session: DbSes
         return JSONResponse(LogChunk(offset=start, next_offset=next_offset, complete=complete, text=text).model_dump(),
                             headers=headers)
     return PlainTextResponse(text, headers=headers)
-
-
-def read_log(store: ArtifactStore, job: Job, offset: int, limit: Optional[int]) -> tuple[bytes, int]:
-    """(the log's bytes from `offset`, at most `limit`; its size) from the job's published run, its
-    latest run, or (jobs from before attempts) the job's own folder. A missing log is empty."""
-    run = job.published_run or (run_name(job.attempts) if job.attempts else None)
-    for candidate in (run, None):
-        found = store.read_range(job.id, candidate, LOG_NAME, offset, limit)
-        if found is not None:
-            return found
-    return b"", 0
-
-
-def _whole_utf8(data: bytes) -> bytes:
-    """`data` without a trailing, incomplete UTF-8 character (a line being written): it comes next time."""
-    for back in range(1, min(4, len(data)) + 1):
-        byte = data[-back]
-        if byte & 0xC0 != 0x80:  # the start of the last character
-            need = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
-            return data if need <= back else data[:-back]
-    return data

@@ -186,15 +186,13 @@ def worker_and_api(tmp_path: Path, settings: Settings, owner: str = "alice",
                    **env_overrides: str) -> Iterator[httpx.Client]:
     """A real `erq worker` and `erq api` on the settings' database and broker (and `env_overrides`),
     and a client with a key of `owner`, for as long as the block runs."""
-    from tests.service.processes import api_client, erq_process, free_port, wait_for_http
+    from tests.service.processes import api_client, api_process, erq_process
 
     env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
                       **env_overrides)
     key = make_key(settings, owner)
-    port = free_port()
     with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
-            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+            api_process(["api"], env, tmp_path, tmp_path / "api.log") as (api, port):
         with api_client(port, key) as client:
             yield client
 
@@ -214,7 +212,7 @@ def end_job_with_files(settings: Settings, job_id: str, contents: dict[str, byte
     from storage import jobs
     from storage.artifacts import stored_file
     from storage.db import session_scope
-    from storage.folder import FolderStore
+    from storage.artifacts.folder import FolderStore
     from storage.models import JobStatus
 
     status = status or JobStatus.SUCCEEDED
@@ -228,3 +226,22 @@ def end_job_with_files(settings: Settings, job_id: str, contents: dict[str, byte
         assert jobs.finish(session, job_id, status, error, metrics={}, worker=worker, run=folder.name,
                            stored=[stored_file(folder, name) for name in contents])
     return folder
+
+
+def assert_range_answers(client, url: str, content: bytes, headers: dict | None = None) -> None:
+    """The download at `url` (of `content`, at least 400 bytes) serves one byte range as RFC 9110
+    says, answers a range past the end with 416 and the problem `range_not_satisfiable`, and
+    ignores a Range header it does not serve (malformed, another unit, several ranges): 200, whole."""
+    size = len(content)
+    for spec, start, end in (("100-299", 100, 299), ("-10", size - 10, size - 1), (f"{size - 5}-", size - 5, size - 1),
+                             (f"0-{size + 100}", 0, size - 1)):
+        part = client.get(url, headers={**(headers or {}), "Range": f"bytes={spec}"})
+        assert part.status_code == 206 and part.content == content[start:end + 1], (spec, part.status_code)
+        assert part.headers["Content-Range"] == f"bytes {start}-{end}/{size}", spec
+        assert part.headers["Content-Length"] == str(end + 1 - start), spec
+    beyond = client.get(url, headers={**(headers or {}), "Range": f"bytes={size + 10}-"})
+    assert beyond.status_code == 416 and beyond.headers["Content-Range"] == f"bytes */{size}"
+    assert beyond.json()["code"] == "range_not_satisfiable"
+    for ignored in ("bytes=abc", "bytes=5-1", "items=0-1", "bytes=0-1,5-6", "bytes=-", "bytes=0x10-20"):
+        whole = client.get(url, headers={**(headers or {}), "Range": ignored})
+        assert whole.status_code == 200 and whole.content == content, (ignored, whole.status_code)

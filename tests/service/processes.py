@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,9 +18,38 @@ ERQ = str(Path(sys.executable).parent / "erq")
 
 
 def free_port() -> int:
+    """A port free now, for third-party servers that cannot bind port 0 and report it (redis-server's
+    --port 0 turns TCP off; SeaweedFS needs its ports up front). `erq` processes use api_process."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+ANNOUNCED_PORT = re.compile(rb"Uvicorn running on http://[^\s]+:(\d+)")
+
+
+@contextmanager
+def api_process(args: list[str], env: dict, cwd: Path, log: Path) -> Iterator[tuple[subprocess.Popen, int]]:
+    """`erq api` or `erq serve` (args[0]) bound to port 0, answering /healthz: the process and the
+    port it reports in its log. No port is picked beforehand, so parallel runs cannot collide."""
+    offset = log.stat().st_size if log.exists() else 0
+    with erq_process([*args, "--port", "0"], env, cwd, log) as process:
+        port = announced_port(log, offset, process)
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", process, log)
+        yield process, port
+
+
+def announced_port(log: Path, offset: int, process: subprocess.Popen, seconds: float = 60) -> int:
+    """The port uvicorn reports once it listens, read from `log` past `offset` (logs are appended to)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = ANNOUNCED_PORT.search(log.read_bytes()[offset:]) if log.exists() else None
+        if found:
+            return int(found.group(1))
+        if process.poll() is not None:
+            raise AssertionError(f"process exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"no listening port reported within {seconds} s:\n{log.read_text()[-3000:]}")
 
 
 @contextmanager
@@ -59,12 +89,11 @@ def api_client(port: int, key: str) -> httpx.Client:
 
 
 @contextmanager
-def serving(tmp_path: Path, env: dict, port: int) -> Iterator[tuple[subprocess.Popen, httpx.Client]]:
-    """`erq serve` (API and embedded worker) on 127.0.0.1:port, answering, and a client with the key
+def serving(tmp_path: Path, env: dict) -> Iterator[tuple[subprocess.Popen, httpx.Client]]:
+    """`erq serve` (API and embedded worker) on a port of its own, answering, and a client with the key
     it created for the Quickstart; its output goes to tmp_path/serve.log."""
     log = tmp_path / "serve.log"
-    with erq_process(["serve", "--port", str(port)], env, tmp_path, log) as serve:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", serve, log)
+    with api_process(["serve"], env, tmp_path, log) as (serve, port):
         key = (Path(env["ERQ_HOME"]) / "api-key").read_text().strip()
         with api_client(port, key) as client:
             yield serve, client

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 from fastapi.testclient import TestClient
@@ -201,7 +202,7 @@ def test_an_unreachable_queue_answers_503_and_keeps_no_job(tmp_path, alice, sett
 @ON_SQLITE
 def test_an_artifact_folder_that_is_a_file_is_not_ready(tmp_path, settings, caplog):
     """ERQ_ARTIFACT_DIR naming a regular file (tests run as root: permission bits would not stop them)."""
-    from storage.folder import FolderStore
+    from storage.artifacts.folder import FolderStore
     from storage.settings import Settings
 
     not_a_folder = tmp_path / "artifacts-file"
@@ -229,7 +230,7 @@ def test_an_artifact_folder_that_is_a_file_is_not_ready(tmp_path, settings, capl
 
 @ON_SQLITE
 def test_the_write_check_of_an_artifact_folder_leaves_nothing_behind(settings):
-    from storage.folder import FolderStore
+    from storage.artifacts.folder import FolderStore
 
     before = set(settings.artifact_dir.iterdir())
     FolderStore(settings.artifact_dir).check(write=True)
@@ -305,7 +306,7 @@ def _claim_with_a_silent_worker(settings, job_id: str) -> None:
 
 def _sweep(settings) -> None:
     from storage.queue import make_celery
-    from storage.sweeper import Sweeper, standard_duties
+    from worker.sweeper import Sweeper, standard_duties
 
     assert Sweeper(standard_duties(make_celery(settings), settings)).run_due()
 
@@ -419,7 +420,7 @@ def test_artifacts_answer_head_and_if_none_match(client, alice, settings):
 
 
 def test_an_artifact_whose_file_is_missing_answers_410_artifact_missing_from_every_route(client, alice, settings):
-    from storage.folder import FolderStore
+    from storage.artifacts.folder import FolderStore
 
     job = _finished_job(client, alice, settings)
     folder = FolderStore(settings.artifact_dir).run_dir(job["id"], "attempt-1")
@@ -431,6 +432,15 @@ def test_an_artifact_whose_file_is_missing_answers_410_artifact_missing_from_eve
     for answer in (client.get(url, headers=alice), client.get(f"/v1/jobs/{job['id']}/artifacts.tar", headers=alice)):
         assert answer.status_code == 410 and answer.json()["code"] == "artifact_missing", answer.json()
         assert "no longer in the artifact store" in answer.json()["detail"]
+
+
+def test_a_byte_range_is_served_and_a_range_this_api_does_not_serve_is_ignored(client, alice, settings):
+    from tests.service.conftest import assert_range_answers, end_job_with_files
+
+    checkpoint = os.urandom(5000)
+    job_id = submit(client, alice).json()["id"]
+    end_job_with_files(settings, job_id, {"quantized.safetensors": checkpoint, "job.log": b"done\n"})
+    assert_range_answers(client, f"/v1/jobs/{job_id}/artifacts/quantized.safetensors", checkpoint, alice)
 
 
 @ON_POSTGRESQL

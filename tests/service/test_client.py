@@ -14,7 +14,7 @@ import pytest
 from erq_core.config import fields
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_SQLITE, make_key, service_env
-from tests.service.processes import ERQ, erq_process, free_port, wait_for_http
+from tests.service.processes import ERQ, api_process, erq_process
 
 MODEL = f"local-dir:{FIXTURE_MODEL_DIR}"
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,12 +61,10 @@ def test_submit_wait_download_and_the_jobs_commands(tmp_path, settings):
 
     env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url)
     key = make_key(settings, "alice")
-    port = free_port()
-    server = f"http://127.0.0.1:{port}"
-    client_env = {**os.environ, "PYTHONPATH": str(ROOT), "ERQ_API_KEY": key, "ERQ_SERVER": server}
     with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
-            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"{server}/healthz", api, tmp_path / "api.log")
+            api_process(["api"], env, tmp_path, tmp_path / "api.log") as (api, port):
+        server = f"http://127.0.0.1:{port}"
+        client_env = {**os.environ, "PYTHONPATH": str(ROOT), "ERQ_API_KEY": key, "ERQ_SERVER": server}
         submitted = erq(["submit", "--server", server, "--model", MODEL, "--dataset", str(FIXTURE_DATASET),
                          "--w-bits", "4", "--val-limit", "50", "--metadata", "team=vision", "--export", "onnx",
                          "--wait", "--out", str(tmp_path / "result")], client_env, tmp_path)
@@ -117,9 +115,7 @@ def test_the_library_follows_events_and_reports_problems(tmp_path, settings):
     from erq_client import ErqClient, ErqClientError
 
     env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url)
-    port = free_port()
-    with erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+    with api_process(["api"], env, tmp_path, tmp_path / "api.log") as (api, port):
         with ErqClient(f"http://127.0.0.1:{port}", api_key=make_key(settings, "alice")) as client:
             with pytest.raises(ErqClientError) as refused:
                 client.submit({"model": MODEL, "dataset": "/etc"})
@@ -148,9 +144,8 @@ def test_wait_asks_again_while_the_owners_event_streams_are_all_open(tmp_path, s
 
     env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
                       ERQ_MAX_EVENT_STREAMS_PER_OWNER="1")
-    key, port, api_log = make_key(settings, "alice"), free_port(), tmp_path / "api.log"
-    with erq_process(["api", "--port", str(port)], env, tmp_path, api_log) as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, api_log)
+    key, api_log = make_key(settings, "alice"), tmp_path / "api.log"
+    with api_process(["api"], env, tmp_path, api_log) as (api, port):
         with ErqClient(f"http://127.0.0.1:{port}", api_key=key) as client, api_client(port, key) as other:
             job = client.submit({"model": MODEL, "dataset": str(FIXTURE_DATASET)})
             events_route = f"/v1/jobs/{job['id']}/events HTTP/1.1"

@@ -11,7 +11,7 @@ import pytest
 
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_SQLITE, env_without_data_roots, make_key
-from tests.service.processes import ERQ, erq_process, free_port, wait_for_http
+from tests.service.processes import ERQ, api_process
 
 pytestmark = pytest.mark.integration
 
@@ -23,12 +23,10 @@ def erq(args: list[str], env: dict, cwd, timeout: float = 300) -> subprocess.Com
 @ON_SQLITE
 def test_submit_uploads_local_folders_the_server_cannot_read_and_the_upload_commands(tmp_path, settings):
     env = env_without_data_roots(tmp_path, settings)
-    port = free_port()
     work = tmp_path / "laptop"  # the user's folders, which the server cannot see
     shutil.copytree(FIXTURE_DATASET, work / "fmnist16")
     shutil.copytree(FIXTURE_MODEL_DIR, work / "my-vit")
-    with erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+    with api_process(["api"], env, tmp_path, tmp_path / "api.log") as (api, port):
         client_env = {**env, "ERQ_API_KEY": make_key(settings, "alice"), "ERQ_SERVER": f"http://127.0.0.1:{port}"}
         submitted = erq(["submit", "--model", "./my-vit", "--dataset", "./fmnist16", "--calib-size", "16"],
                         client_env, work)

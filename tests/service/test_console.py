@@ -15,7 +15,7 @@ import pytest
 from tests.browser import chromium
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_SQLITE, env_without_data_roots, make_key
-from tests.service.processes import erq_process, free_port, wait_for_http
+from tests.service.processes import api_process, erq_process
 from tests.upload_archives import zip_folder
 
 pytestmark = pytest.mark.integration
@@ -60,13 +60,12 @@ def sign_in(driver, key: str) -> None:
 @ON_SQLITE
 def test_the_console_runs_a_job_from_an_uploaded_dataset_end_to_end(tmp_path, settings):
     env = env_without_data_roots(tmp_path, settings)
-    port, downloads = free_port(), tmp_path / "downloads"
+    downloads = tmp_path / "downloads"
     downloads.mkdir()
     dataset_zip = zip_folder(FIXTURE_DATASET, tmp_path / "fmnist16.zip", inside="fmnist16")
     alice, bob = make_key(settings, "alice"), make_key(settings, "bob")
     with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
-            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+            api_process(["api"], env, tmp_path, tmp_path / "api.log") as (api, port):
         base = f"http://127.0.0.1:{port}"
         with chromium(downloads) as driver:
             driver.get(f"{base}/")  # / leads to the console

@@ -1,6 +1,6 @@
 """Drills with real processes: the API killed under load, and Redis restarted without persistence.
 Whatever the outage, every job that was accepted (202) ends, and none is left queued with no
-broker message behind it (worker/celery_app.py OrphanedJobs)."""
+broker message behind it (worker/queue_repairs.py OrphanedJobs)."""
 from __future__ import annotations
 
 import os
@@ -21,10 +21,11 @@ from storage import jobs
 from storage.db import session_scope
 from storage.keys import find_key
 from storage.models import Job, db_now
-from storage.queue import ORPHAN_GRACE_SECONDS, OrphanedJobs, enqueue, make_celery, ready_messages
+from storage.queue import enqueue, make_celery, ready_messages
+from worker.queue_repairs import ORPHAN_GRACE_SECONDS, OrphanedJobs
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_POSTGRESQL, ON_SQLITE, _unavailable, make_key, service_env
-from tests.service.processes import api_client, erq_process, free_port, wait_for_http, wait_for_job
+from tests.service.processes import api_client, api_process, erq_process, free_port, wait_for_job
 
 pytestmark = pytest.mark.integration  # real erq processes, a Redis of its own
 
@@ -90,11 +91,9 @@ def test_the_api_killed_during_load_then_restarted_every_accepted_job_ends(tmp_p
     env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
                       ERQ_MAX_ACTIVE_JOBS_PER_KEY="50", ERQ_OWNER_REQUESTS_PER_SECOND="0")  # a burst of one owner
     key = make_key(settings, "alice")
-    port = free_port()
     api_log = tmp_path / "api.log"
     with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log") as worker:
-        with erq_process(["api", "--port", str(port)], env, tmp_path, api_log) as api:
-            wait_for_http(f"http://127.0.0.1:{port}/healthz", api, api_log)
+        with api_process(["api"], env, tmp_path, api_log) as (api, port):
             with Submitters(port, key, threads=3, per_thread=20) as load:
                 load.wait_accepted(4)
                 _sigkill(api)
@@ -103,8 +102,7 @@ def test_the_api_killed_during_load_then_restarted_every_accepted_job_ends(tmp_p
             orphan = jobs.create_job(session, find_key(session, key).owner_id, dict(SHORT_JOB), None).id
         with session_scope(settings.database_url) as session:
             everything = list(session.scalars(select(Job.id)))
-        with erq_process(["api", "--port", str(port)], env, tmp_path, api_log) as api:
-            wait_for_http(f"http://127.0.0.1:{port}/healthz", api, api_log)
+        with api_process(["api"], env, tmp_path, api_log) as (api, port):
             with api_client(port, key) as client:
                 ended = _wait_all_ended(client, everything, DRILL_SECONDS)
         assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
@@ -146,12 +144,10 @@ def test_redis_restarted_during_load_loses_no_accepted_job(tmp_path, settings):
     env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url,
                       ERQ_BROKER_URL=f"redis://127.0.0.1:{redis_port}/0", ERQ_MAX_ACTIVE_JOBS_PER_KEY="50")
     key = make_key(settings, "alice")
-    port = free_port()
     redis_log = tmp_path / "redis.log"
     with redis_server(redis_port, redis_log) as broker, \
             erq_process(["worker"], env, tmp_path, tmp_path / "worker.log") as worker, \
-            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+            api_process(["api"], env, tmp_path, tmp_path / "api.log") as (api, port):
         with api_client(port, key) as client:
             before = [client.post("/v1/jobs", json=SHORT_JOB) for _ in range(4)]
             assert [answer.status_code for answer in before] == [202] * 4, [a.text for a in before]
@@ -197,7 +193,7 @@ def test_the_orphan_sweep_resends_old_queued_jobs_when_two_sweeps_in_a_row_find_
 
 @ON_SQLITE
 def test_the_orphan_sweep_with_redis_down_only_logs_and_recovers_once_redis_is_back(settings, tmp_path, caplog):
-    port = free_port()
+    port = free_port()  # a Redis started later on this port
     settings = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{port}/0"})
     app = make_celery(settings)
     orphan = _queued_job(settings, ORPHAN_GRACE_SECONDS + 1)

@@ -11,7 +11,7 @@ import pytest
 
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import run_erq, service_env
-from tests.service.processes import erq_process, free_port, serving, wait_for_http
+from tests.service.processes import api_process, erq_process, serving
 
 pytestmark = pytest.mark.integration  # real erq processes
 
@@ -81,12 +81,11 @@ def get_twice_on_one_connection(port: int, idle_seconds: float) -> list[int]:
 
 
 def test_embedded_default_end_to_end(tmp_path):
-    port = free_port()
-    with serving(tmp_path, service_env(tmp_path), port) as (serve, client):
+    with serving(tmp_path, service_env(tmp_path)) as (serve, client):
         assert client.get("/readyz").json()["status"] == "ready"
         # clients such as httpx keep an idle connection 5 s: the server must keep it longer, or a
         # request sent on it just as the server closes it fails
-        assert get_twice_on_one_connection(port, idle_seconds=6) == [200, 200]
+        assert get_twice_on_one_connection(client.base_url.port, idle_seconds=6) == [200, 200]
         job = check_fixture_job(client, tmp_path)
         wrong = client.get("/v1/jobs", headers={"Authorization": "Bearer erq_a-wrong-guess-1234"})
         assert wrong.status_code == 401
@@ -106,10 +105,8 @@ def test_redis_and_postgresql_end_to_end(tmp_path, redis_broker, postgres_url):
     created = run_erq(["admin", "create-key", "ci"], env, tmp_path)
     assert created.returncode == 0, created.stderr
     key = created.stdout.strip().splitlines()[-1]
-    port = free_port()
     with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
-            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+            api_process(["api"], env, tmp_path, tmp_path / "api.log") as (api, port):
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
                           timeout=30) as client:
             assert client.get("/readyz").json() == {"status": "ready", "database": "ok", "broker": "ok",

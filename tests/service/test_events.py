@@ -16,11 +16,11 @@ import pytest
 from storage import jobs
 from storage.artifacts import stored_file
 from storage.db import session_scope
-from storage.folder import FolderStore
+from storage.artifacts.folder import FolderStore
 from storage.models import JobStatus
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_SQLITE, make_key, run_erq, service_env, worker_and_api
-from tests.service.processes import api_client, erq_process, free_port, wait_for_http
+from tests.service.processes import api_client, api_process
 
 pytestmark = pytest.mark.integration  # a real erq api process
 
@@ -69,9 +69,7 @@ def api_only(tmp_path, settings) -> Iterator[httpx.Client]:
     # One owner follows with hundreds of streams here: the per-owner limits (tested in test_load_limits.py) off.
     env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
                       ERQ_MAX_EVENT_STREAMS_PER_OWNER="0", ERQ_OWNER_REQUESTS_PER_SECOND="0")
-    port = free_port()
-    with erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+    with api_process(["api"], env, tmp_path, tmp_path / "api.log") as (api, port):
         with api_client(port, make_key(settings, "alice")) as client:
             yield client
 
@@ -201,9 +199,7 @@ def test_sigterm_ends_open_streams_with_a_final_event_and_the_api_exits(tmp_path
     """A service manager stops `erq api` while a client follows a job that will not end (no worker):
     the stream gets a final `closed` event and the process exits, instead of waiting for the job."""
     env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url)
-    port = free_port()
-    with erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+    with api_process(["api"], env, tmp_path, tmp_path / "api.log") as (api, port):
         with api_client(port, make_key(settings, "alice")) as client:
             job_id = client.post("/v1/jobs", json=JOB).json()["id"]
             following = Following(client, job_id)

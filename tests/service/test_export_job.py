@@ -13,7 +13,7 @@ import pytest
 
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import service_env
-from tests.service.processes import free_port, serving, wait_for_job
+from tests.service.processes import serving, wait_for_job
 from tests.test_onnx_export import run_onnxruntime_alone
 
 pytestmark = pytest.mark.integration  # real erq processes
@@ -39,7 +39,7 @@ def download(client: httpx.Client, artifact: dict) -> httpx.Response:
 
 
 def test_a_job_with_onnx_export_gives_a_model_onnxruntime_scores_as_the_job_did(tmp_path):
-    with serving(tmp_path, service_env(tmp_path), free_port()) as (serve, client):
+    with serving(tmp_path, service_env(tmp_path)) as (serve, client):
         refused = client.post("/v1/jobs", json={**JOB, "export": ["tflite"]})
         assert refused.status_code == 422 and "export" in refused.text and "onnx" in refused.text
         answer = client.post("/v1/jobs", json=JOB)

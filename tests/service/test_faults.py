@@ -14,7 +14,7 @@ from storage.db import session_scope
 from storage.models import Job, db_now
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_POSTGRESQL, ON_SQLITE, make_key, service_env, worker_and_api
-from tests.service.processes import api_client, erq_process, free_port, serving, wait_for_http, wait_for_job
+from tests.service.processes import api_client, api_process, erq_process, serving, wait_for_job
 
 pytestmark = pytest.mark.integration  # real erq processes
 
@@ -79,9 +79,7 @@ def test_a_worker_killed_mid_job_leaves_the_job_rerun(tmp_path, settings):
     env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
                       ERQ_LEASE_SECONDS="4", ERQ_MAX_ATTEMPTS="2")
     key = make_key(settings, "alice")
-    port = free_port()
-    with erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+    with api_process(["api"], env, tmp_path, tmp_path / "api.log") as (api, port):
         with api_client(port, key) as client:
             job_id = client.post("/v1/jobs", json=MEDIUM_JOB).json()["id"]
             with erq_process(["worker"], env, tmp_path, tmp_path / "worker1.log") as first:
@@ -106,8 +104,7 @@ def test_a_job_past_erq_max_job_seconds_fails_with_the_reason(tmp_path, settings
 
 def test_ctrl_c_on_serve_requeues_the_running_job_and_the_next_start_runs_it(tmp_path):
     env = service_env(tmp_path)
-    port = free_port()
-    with serving(tmp_path, env, port) as (serve, client):
+    with serving(tmp_path, env) as (serve, client):
         job_id = client.post("/v1/jobs", json=SLOW_JOB).json()["id"]
         _wait_running_past_start(client, job_id)
         serve.send_signal(signal.SIGINT)
@@ -115,7 +112,7 @@ def test_ctrl_c_on_serve_requeues_the_running_job_and_the_next_start_runs_it(tmp
     with session_scope(env["ERQ_DATABASE_URL"]) as session:  # back in the queue at once, no attempt spent
         job = session.get(Job, job_id)
         assert (job.status, job.attempts, job.worker) == ("queued", 0, None), job.stage
-    with serving(tmp_path, env, port) as (serve, client):
+    with serving(tmp_path, env) as (serve, client):
         job = wait_for_job(client, job_id, ("running", "succeeded", "failed"), 60)
         assert job["status"] == "running" and job["attempts"] == 1 and job["heartbeat_at"]
         client.post(f"/v1/jobs/{job_id}/cancel")
@@ -128,10 +125,9 @@ def test_serve_stopped_by_a_signal_stops_its_worker_warm(tmp_path, stop):
     worker has handed the running job back and exited, leaving no worker behind. The job is inside a
     block's reconstruction, which outlasts the worker's 10 s to stop warm before it is killed."""
     env = service_env(tmp_path)
-    port = free_port()
     worker_pid = None
     try:
-        with serving(tmp_path, env, port) as (serve, client):
+        with serving(tmp_path, env) as (serve, client):
             job_id = client.post("/v1/jobs", json=RECONSTRUCTING_JOB).json()["id"]
             _wait_reconstructing(client, job_id)
             with session_scope(env["ERQ_DATABASE_URL"]) as session:

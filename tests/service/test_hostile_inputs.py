@@ -1,5 +1,5 @@
 """Inputs that once answered 500: each now answers the 4xx (or 503) that says what to do, through the
-one problem path."""
+one problem path. (Range headers: test_api.py and test_s3.py, through conftest.assert_range_answers.)"""
 from __future__ import annotations
 
 import subprocess
@@ -72,23 +72,3 @@ def test_deleting_a_job_on_a_read_only_artifact_volume_answers_503_and_keeps_the
         assert sorted(p.name for p in (job_dir / "attempt-1").iterdir()) == sorted(a["name"] for a in job["artifacts"])
     assert client.delete(f"/v1/jobs/{job['id']}", headers=alice).status_code == 204
     assert client.get(f"/v1/jobs/{job['id']}", headers=alice).status_code == 404 and not job_dir.exists()
-
-
-@ON_SQLITE
-@pytest.mark.parametrize("header", ["bytes", "bytes=", "bytes=abc-def", "items=0-10", "bytes=20-10", "nonsense"])
-def test_a_malformed_or_non_bytes_range_is_ignored_and_the_whole_file_sent(client, alice, settings, header):
-    job = _ended_job(client, alice, settings)
-    url = next(a["url"] for a in job["artifacts"] if a["name"] == "quantized.safetensors")
-    answer = client.get(url, headers={**alice, "Range": header})
-    assert answer.status_code == 200 and answer.content == b"0123456789" * 100, (answer.status_code, answer.text)
-    partial = client.get(url, headers={**alice, "Range": "bytes=10-19"})
-    assert partial.status_code == 206 and partial.content == b"0123456789"
-
-
-@ON_SQLITE
-def test_a_range_past_the_end_answers_a_416_problem(client, alice, settings):
-    job = _ended_job(client, alice, settings)
-    url = next(a["url"] for a in job["artifacts"] if a["name"] == "quantized.safetensors")
-    answer = client.get(url, headers={**alice, "Range": "bytes=5000-"})
-    body = _is_problem(answer, 416, "range_not_satisfiable")
-    assert answer.headers["Content-Range"] == "bytes */1000" and "1000 bytes" in body["detail"]

@@ -8,6 +8,7 @@ from storage import jobs
 from storage.db import session_scope
 from storage.keys import find_key
 from storage.models import Job, db_now
+from storage.outcomes import Reason
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import make_key
 
@@ -88,14 +89,14 @@ def test_a_worker_whose_lease_expired_can_neither_report_nor_finish_the_new_run(
     with session_scope(settings.database_url) as session:
         assert jobs.expire_leases(session, lease_seconds=60, max_attempts=3) == [job_id]
     with session_scope(settings.database_url) as session:
-        assert jobs.report_progress(session, job_id, "slow-w1", "wqer", 0.6) == "lost"  # while queued
+        assert jobs.report_progress(session, job_id, "slow-w1", "wqer", 0.6) is Reason.LOST  # while queued
         jobs.claim(session, job_id, "w2")
-        assert jobs.report_progress(session, job_id, "slow-w1", "wqer", 0.7) == "lost"  # and once w2 runs it
+        assert jobs.report_progress(session, job_id, "slow-w1", "wqer", 0.7) is Reason.LOST  # and once w2 runs it
         jobs.finish(session, job_id, "succeeded", metrics={"from": "slow-w1"}, worker="slow-w1")
     job = state(settings, job_id)
     assert (job.status, job.worker, job.stage, job.metrics) == ("running", "w2", "starting", None)
     with session_scope(settings.database_url) as session:
         jobs.request_cancel(session, job_id)
-        assert jobs.report_progress(session, job_id, "w2", "aqer", 0.4) == "cancelled"
+        assert jobs.report_progress(session, job_id, "w2", "aqer", 0.4) is Reason.CANCELLED
         jobs.finish(session, job_id, "cancelled", jobs.CANCELLED, worker="w2")
     assert state(settings, job_id).status == "cancelled"

@@ -20,7 +20,7 @@ from service.metrics import DURATION_BUCKETS
 from storage.db import engine_for, session_scope
 from storage.models import Job, JobStatus, Owner
 from tests.service.conftest import ON_SQLITE, make_key, service_env
-from tests.service.processes import api_client, erq_process, free_port, wait_for_http
+from tests.service.processes import api_client, api_process
 from tests.service.test_api import JOB
 
 START = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -174,9 +174,7 @@ def open_stream(client: httpx.Client, job_id: str):
 def test_an_owner_past_its_open_event_streams_gets_429_until_one_closes(tmp_path, settings):
     env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
                       ERQ_MAX_EVENT_STREAMS_PER_OWNER="2")
-    port = free_port()
-    with erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+    with api_process(["api"], env, tmp_path, tmp_path / "api.log") as (api, port):
         with api_client(port, make_key(settings, "alice")) as alice, api_client(port, make_key(settings, "bob")) as bob:
             job_id = alice.post("/v1/jobs", json=JOB).json()["id"]
             bobs_job = bob.post("/v1/jobs", json=JOB).json()["id"]

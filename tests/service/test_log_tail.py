@@ -8,7 +8,7 @@ import pytest
 from storage import jobs
 from storage.artifacts import stored_file
 from storage.db import session_scope
-from storage.folder import FolderStore
+from storage.artifacts.folder import FolderStore
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_SQLITE, worker_and_api
 

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from storage.folder import FolderStore
+from storage.artifacts.folder import FolderStore
 from storage.models import JobStatus
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_SQLITE, end_job_with_files, make_key, worker_and_api

@@ -9,11 +9,11 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from storage import jobs
-from storage.folder import FolderStore
+from storage.artifacts.folder import FolderStore
 from storage.db import session_scope
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_SQLITE, end_job_with_files, make_key, service_env
-from tests.service.processes import api_client, erq_process, free_port, wait_for_http
+from tests.service.processes import api_client, api_process, erq_process
 
 JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "val_limit": 50}
 
@@ -63,7 +63,7 @@ def test_an_active_job_must_be_cancelled_before_it_is_deleted(settings, alice):
 
 def test_artifacts_past_the_retention_are_removed_and_answer_410(settings, alice):
     from storage.queue import make_celery
-    from storage.sweeper import Sweeper, standard_duties
+    from worker.sweeper import Sweeper, standard_duties
 
     settings = settings.model_copy(update={"artifact_ttl_days": 2 / 86400})  # two seconds
     with TestClient(create_app(settings)) as client:
@@ -85,7 +85,7 @@ def test_artifacts_past_the_retention_are_removed_and_answer_410(settings, alice
 
 
 def test_without_a_retention_nothing_expires(settings, alice):
-    from storage.sweeper import expire_artifacts, standard_duties
+    from worker.sweeper import expire_artifacts, standard_duties
 
     assert all(duty.name != "artifact retention" for duty in standard_duties(None, settings))
     with TestClient(create_app(settings)) as client:
@@ -105,10 +105,8 @@ def test_a_real_worker_sweeps_expired_artifacts(tmp_path, settings, monkeypatch)
     time.sleep(1.5)
     env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
                       ERQ_ARTIFACT_TTL_DAYS=str(1 / 86400))
-    port = free_port()
     with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
-            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+            api_process(["api"], env, tmp_path, tmp_path / "api.log") as (api, port):
         with api_client(port, key) as client:
             deadline = time.monotonic() + 120
             while client.get(f"/v1/jobs/{job['id']}").json()["artifacts_expired_at"] is None:

@@ -15,13 +15,12 @@ import httpx
 import pytest
 
 from storage.artifacts import ArtifactStoreError
-from storage.s3 import S3Store, local_digest
+from storage.artifacts.s3 import S3Store, local_digest
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.s3_server import READER, WRITER
-from tests.service.conftest import run_erq, service_env
+from tests.service.conftest import assert_range_answers, run_erq, service_env
+from tests.service.processes import api_client, api_process, serving, wait_for_job, wait_for_text
 from tests.service.tcp_proxy import CountingListener
-from tests.service.processes import api_client, erq_process, free_port, serving, wait_for_http, wait_for_job, \
-    wait_for_text
 
 QUICK_JOB = {"model": f"local-dir:{FIXTURE_MODEL_DIR}", "dataset": str(FIXTURE_DATASET), "calib_size": 32,
              "val_limit": 50}
@@ -117,12 +116,9 @@ def test_a_job_end_to_end_with_artifacts_in_a_bucket(tmp_path, s3_server, s3_buc
     """`erq serve` with ERQ_ARTIFACT_URL=s3://: the worker uploads, the API redirects to presigned URLs
     (Range works through the redirect); a second API with ERQ_S3_DOWNLOAD=stream serves the same files."""
     env = _s3_env(tmp_path, s3_server, s3_bucket)
-    port, stream_port = free_port(), free_port()
-    with erq_process(["serve", "--port", str(port)], env, tmp_path, tmp_path / "serve.log") as serve, \
-            erq_process(["api", "--port", str(stream_port)], {**env, "ERQ_S3_DOWNLOAD": "stream"}, tmp_path,
-                        tmp_path / "api-stream.log") as stream_api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", serve, tmp_path / "serve.log")
-        wait_for_http(f"http://127.0.0.1:{stream_port}/healthz", stream_api, tmp_path / "api-stream.log")
+    with api_process(["serve"], env, tmp_path, tmp_path / "serve.log") as (serve, port), \
+            api_process(["api"], {**env, "ERQ_S3_DOWNLOAD": "stream"}, tmp_path,
+                        tmp_path / "api-stream.log") as (stream_api, stream_port):
         key = (tmp_path / "var" / "api-key").read_text().strip()
         with api_client(port, key) as client, api_client(stream_port, key) as streaming:
             answer = client.post("/v1/jobs", json=QUICK_JOB)
@@ -179,17 +175,7 @@ def _check_streamed_downloads(client: httpx.Client, artifacts: dict, checkpoint:
     assert whole.status_code == 200 and whole.content == checkpoint
     assert whole.headers["ETag"] == f'"{sha}"' and hashlib.sha256(whole.content).hexdigest() == sha
     assert 'filename="quantized.safetensors"' in whole.headers["Content-Disposition"]
-    part = client.get(url, headers={"Range": "bytes=100-299"})
-    assert part.status_code == 206 and part.content == checkpoint[100:300]
-    assert part.headers["Content-Range"] == f"bytes 100-299/{len(checkpoint)}"
-    tail = client.get(url, headers={"Range": "bytes=-10"})
-    assert tail.status_code == 206 and tail.content == checkpoint[-10:]
-    beyond = client.get(url, headers={"Range": f"bytes={len(checkpoint) + 10}-"})
-    assert beyond.status_code == 416 and beyond.headers["Content-Range"] == f"bytes */{len(checkpoint)}"
-    assert beyond.json()["code"] == "range_not_satisfiable"
-    for malformed in ("bytes=abc-def", "items=0-10", "bytes=20-10"):  # ignored (RFC 9110): the whole file
-        ignored = client.get(url, headers={"Range": malformed})
-        assert ignored.status_code == 200 and ignored.content == checkpoint, (malformed, ignored.status_code)
+    assert_range_answers(client, url, checkpoint)
     assert client.get(url, headers={"If-None-Match": f'"{sha}"'}).status_code == 304
     head = client.head(url)
     assert head.status_code == 200 and head.headers["Content-Length"] == str(len(checkpoint))
@@ -209,8 +195,7 @@ def test_a_job_whose_files_cannot_be_stored_does_not_succeed(tmp_path, s3_server
     upload is refused, and the job fails with the reason instead of succeeding with files nobody
     can download."""
     env = _s3_env(tmp_path, s3_server, s3_bucket)
-    port = free_port()
-    with serving(tmp_path, env, port) as (serve, client):
+    with serving(tmp_path, env) as (serve, client):
         wait_for_text(tmp_path / "serve.log", "erq worker ready", process=serve)
         _deny_uploads(s3_server, s3_bucket)
         answer = client.post("/v1/jobs", json={**QUICK_JOB, "evaluate": False})
@@ -237,7 +222,7 @@ def test_an_artifact_url_that_is_not_s3_is_refused_with_what_to_do():
 
 
 def test_scratch_folders_of_runs_that_cannot_still_run_are_swept(tmp_path):
-    from storage.s3 import remove_stale_scratch
+    from storage.artifacts.s3 import remove_stale_scratch
 
     old, fresh = tmp_path / "job1" / "attempt-1", tmp_path / "job2" / "attempt-1"
     for folder in (old, fresh):
@@ -252,8 +237,7 @@ def test_a_running_jobs_log_reaches_the_bucket_and_a_cancelled_run_stores_its_lo
     """The worker copies the log so far at each heartbeat (any API host can show it while the job
     runs); a cancelled job publishes its log only."""
     env = _s3_env(tmp_path, s3_server, s3_bucket, ERQ_LEASE_SECONDS="4")  # a heartbeat a second
-    port = free_port()
-    with serving(tmp_path, env, port) as (_serve, client):
+    with serving(tmp_path, env) as (_serve, client):
         answer = client.post("/v1/jobs", json={**QUICK_JOB, "calib_size": 320, "val_limit": None})
         job_id = answer.json()["id"]
         wait_for_job(client, job_id, ("running",), 120)
@@ -336,14 +320,11 @@ def test_a_worker_refuses_to_start_with_credentials_that_may_only_read(tmp_path,
 def test_readiness_checks_the_bucket(tmp_path, s3_server, s3_bucket):
     """Two real API processes: one on a bucket that exists, one on a bucket that does not."""
     missing = f"erq-missing-{os.urandom(4).hex()}"
-    good_port, bad_port = free_port(), free_port()
     (tmp_path / "bad").mkdir()
-    with erq_process(["api", "--port", str(good_port)], _s3_env(tmp_path, s3_server, s3_bucket), tmp_path,
-                     tmp_path / "api.log") as good, \
-            erq_process(["api", "--port", str(bad_port)], _s3_env(tmp_path / "bad", s3_server, missing), tmp_path,
-                        tmp_path / "api-bad.log") as bad:
-        wait_for_http(f"http://127.0.0.1:{good_port}/healthz", good, tmp_path / "api.log")
-        wait_for_http(f"http://127.0.0.1:{bad_port}/healthz", bad, tmp_path / "api-bad.log")
+    with api_process(["api"], _s3_env(tmp_path, s3_server, s3_bucket), tmp_path,
+                     tmp_path / "api.log") as (good, good_port), \
+            api_process(["api"], _s3_env(tmp_path / "bad", s3_server, missing), tmp_path,
+                        tmp_path / "api-bad.log") as (bad, bad_port):
         ready = httpx.get(f"http://127.0.0.1:{good_port}/readyz", timeout=30)
         assert ready.status_code == 200, ready.text
         assert ready.json() == {"status": "ready", "database": "ok", "broker": "ok", "artifact_store": "ok"}

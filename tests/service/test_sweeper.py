@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 import time
 
-from storage.sweeper import Duty, Sweeper
+from worker.sweeper import Duty, Sweeper
 
 
 def test_a_failing_duty_is_counted_and_neither_stops_the_others_nor_the_health_file(tmp_path):

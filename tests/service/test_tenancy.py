@@ -15,7 +15,7 @@ from service.app import create_app
 from storage.db import engine_for, session_scope
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import run_erq, service_env
-from tests.service.processes import api_client, erq_process, free_port, wait_for_http
+from tests.service.processes import api_client, api_process, free_port
 
 pytestmark = pytest.mark.integration  # the real erq admin command
 
@@ -114,7 +114,6 @@ def test_concurrent_submissions_never_pass_the_owners_active_job_limit(tmp_path,
     keys = [new_key(settings, tmp_path, "alice") for _ in range(2)]
     env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
                       ERQ_MAX_ACTIVE_JOBS_PER_OWNER="3")
-    port = free_port()
     statuses: list[int] = []
     barrier = threading.Barrier(20)
 
@@ -123,8 +122,7 @@ def test_concurrent_submissions_never_pass_the_owners_active_job_limit(tmp_path,
             barrier.wait()
             statuses.append(client.post("/v1/jobs", json=JOB).status_code)
 
-    with erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+    with api_process(["api"], env, tmp_path, tmp_path / "api.log") as (api, port):
         threads = [threading.Thread(target=post, args=(keys[i % 2],)) for i in range(20)]
         for thread in threads:
             thread.start()
@@ -138,9 +136,8 @@ def test_concurrent_submissions_never_pass_the_owners_active_job_limit(tmp_path,
 
 def test_processes_starting_together_migrate_one_at_a_time(postgres_server):
     """Six processes upgrade a fresh database at the same moment; all succeed, the schema is whole."""
-    from sqlalchemy import create_engine
-
     from alembic.script import ScriptDirectory
+    from sqlalchemy import create_engine
 
     from storage.migrate import alembic_config
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR, FIXTURE_VAL_LIMIT
 from tests.service.conftest import make_key, service_env
-from tests.service.processes import api_client, erq_process, free_port, wait_for_http, wait_for_job
+from tests.service.processes import api_client, api_process, erq_process, wait_for_job
 from tests.upload_archives import tar_folder, zip_folder
 
 pytestmark = pytest.mark.integration
@@ -22,10 +22,8 @@ pytestmark = pytest.mark.integration
 
 @contextmanager
 def api_and_worker(tmp_path: Path, api_env: dict, worker_env: dict) -> Iterator[httpx.Client]:
-    port = free_port()
     with erq_process(["worker"], worker_env, tmp_path, tmp_path / "worker.log"), \
-            erq_process(["api", "--port", str(port)], api_env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+            api_process(["api"], api_env, tmp_path, tmp_path / "api.log") as (api, port):
         key = make_key_for(api_env)
         with api_client(port, key) as client:
             yield client

@@ -36,7 +36,7 @@ def archive_exists(settings, item: dict) -> bool:
 
 def test_uploads_unused_past_the_retention_go_unless_an_active_job_names_them(settings, alice):
     from storage.queue import make_celery
-    from storage.sweeper import Sweeper, standard_duties
+    from worker.sweeper import Sweeper, standard_duties
 
     settings = settings.model_copy(update={"upload_ttl_days": 7})
     with TestClient(create_app(settings)) as client:

@@ -10,10 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from storage.webhooks import SENDERS_PER_OWNER, WebhookDuty
+from worker.webhook_delivery import SENDERS_PER_OWNER, WebhookDuty
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_SQLITE, make_key, run_erq, service_env
-from tests.service.processes import api_client, erq_process, free_port, wait_for_http, wait_for_job
+from tests.service.processes import api_client, api_process, erq_process, wait_for_job
 from tests.service.webhook_receiver import Receiver, verify
 
 pytestmark = pytest.mark.integration  # the real erq admin command, a real worker
@@ -182,10 +182,8 @@ def test_a_real_worker_delivers_the_webhooks_of_a_real_job(tmp_path, hooked):
     secret = webhook_secret(hooked, tmp_path)
     env = service_env(tmp_path, ERQ_DATABASE_URL=hooked.database_url, ERQ_BROKER_URL=hooked.broker_url,
                       ERQ_WEBHOOK_ALLOWED_HOSTS="127.0.0.1")
-    port = free_port()
     with Receiver() as receiver, erq_process(["worker"], env, tmp_path, tmp_path / "worker.log"), \
-            erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as api:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", api, tmp_path / "api.log")
+            api_process(["api"], env, tmp_path, tmp_path / "api.log") as (api, port):
         with api_client(port, key) as client:
             plain_id = client.post("/v1/jobs", json=JOB).json()["id"]  # no webhook: must not stop the others
             assert client.post(f"/v1/jobs/{plain_id}/cancel").status_code < 300
@@ -378,7 +376,7 @@ def test_only_the_holder_of_a_delivery_s_lease_records_its_outcome(hooked, alice
     anything: the row ends with the current attempt's outcome only, never delivered and given up."""
     from storage.db import session_scope
     from storage.models import WebhookDelivery, db_now
-    from storage.webhooks import announce, claim_due, record
+    from worker.webhook_delivery import announce, claim_due, record
 
     webhook_secret(hooked, tmp_path)
     with TestClient(create_app(hooked)) as client:

@@ -20,15 +20,14 @@ import pytest
 from sqlalchemy import select
 
 from storage import jobs
-from storage.folder import FolderStore
+from storage.artifacts.folder import FolderStore
 from storage.db import session_scope
 from storage.keys import find_key
 from storage.models import Job, JobStatus, db_now
 from storage.queue import enqueue, make_celery
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
 from tests.service.conftest import ON_POSTGRESQL, ON_SQLITE, make_key, run_erq, service_env
-from tests.service.processes import api_client, erq_process, free_port, wait_for_http, wait_for_job, \
-    wait_for_text
+from tests.service.processes import api_client, api_process, erq_process, wait_for_job, wait_for_text
 from tests.service.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration  # real erq processes
@@ -49,9 +48,7 @@ def _running_past_start(client: httpx.Client, job_id: str) -> dict:
 
 @contextmanager
 def api(tmp_path: Path, env: dict, key: str) -> Iterator[httpx.Client]:
-    port = free_port()
-    with erq_process(["api", "--port", str(port)], env, tmp_path, tmp_path / "api.log") as process:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", process, tmp_path / "api.log")
+    with api_process(["api"], env, tmp_path, tmp_path / "api.log") as (process, port):
         with api_client(port, key) as client:
             yield client
 

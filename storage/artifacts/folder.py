@@ -6,9 +6,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import BinaryIO, Iterable, Iterator, Optional
 
-from storage.artifacts import PUBLISHED, ArtifactStore, ArtifactStoreError, StoredFile, stored_file
+from storage.artifacts.download import ArtifactGone, Download, DownloadRequest
+from storage.artifacts.interface import ArtifactStore, ArtifactStoreError, StoredFile, stored_file
+from storage.artifacts.names import PUBLISHED
 
 
 class FolderStore(ArtifactStore):
@@ -52,6 +54,19 @@ class FolderStore(ArtifactStore):
         except FileNotFoundError:
             return None
 
+    def download(self, job_id: str, run: Optional[str], name: str, request: DownloadRequest) -> Download:
+        path = self.path(job_id, run, name)
+        try:
+            size = path.stat().st_size
+            if request.headers_only:
+                return Download(size)
+            byte_range = request.range.within(size) if request.range else None
+            handle = open(path, "rb")  # opened now: a file removed while it is sent is still sent whole
+        except FileNotFoundError:
+            raise ArtifactGone(str(path)) from None
+        start, length = (byte_range.start, byte_range.length) if byte_range else (0, size)
+        return Download(size, byte_range, chunks=_blocks(handle, start, length))
+
     def remove_other_runs(self, job_id: str, keep: str) -> None:
         for folder in self.job_dir(job_id).glob("attempt-*"):
             if folder.name != keep:
@@ -80,6 +95,14 @@ class FolderStore(ArtifactStore):
 
     def describe(self) -> str:
         return f"the folder {self.root}"
+
+
+def _blocks(handle: BinaryIO, start: int, length: int, block: int = 1 << 20) -> Iterator[bytes]:
+    with handle:
+        handle.seek(start)
+        while length > 0 and (data := handle.read(min(block, length))):
+            length -= len(data)
+            yield data
 
 
 def _ignore_missing(function, path, exc_info) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import shutil
 import time
 import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import boto3
 from boto3.exceptions import Boto3Error
@@ -26,7 +27,10 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionClosedError, ConnectTimeoutError, \
     EndpointConnectionError, NoCredentialsError, ReadTimeoutError
 
-from storage.artifacts import LOG_NAME, ArtifactStore, ArtifactStoreError, StoredFile, media_type
+from storage.artifacts.download import ArtifactGone, ByteRange, Download, DownloadRequest, RangeNotSatisfiable, \
+    RangeRequest
+from storage.artifacts.interface import ArtifactStore, ArtifactStoreError, StoredFile
+from storage.artifacts.names import LOG_NAME, media_type
 from storage.settings import Settings
 
 MiB = 1 << 20
@@ -38,6 +42,8 @@ DENIED = ("403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDo
 UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
 WRITE_CHECK_NAME = ".erq-write-check-"
 S3_ERRORS = (BotoCoreError, ClientError, Boto3Error, OSError)
+CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)", re.ASCII)
+CHUNK = MiB
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -257,6 +263,42 @@ class S3Store(ArtifactStore):
                     "ResponseContentDisposition": f'attachment; filename="{name}"',
                     "ResponseContentType": media_type(name)})
 
+    def download(self, job_id: str, run: Optional[str], name: str, request: DownloadRequest) -> Download:
+        """HEAD and redirects read the object's headers (a gone object answers here rather than at the
+        bucket); a stream asks the bucket for the range itself."""
+        where = f"s3://{self.bucket}/{self.key(job_id, run, name)}"
+        try:
+            if request.headers_only or request.redirect:
+                head = self.head(job_id, run, name)
+                if head is None:
+                    raise ArtifactGone(where)
+                size = int(head["ContentLength"])
+                if request.headers_only:
+                    return Download(size)
+                return Download(size, url=self.presigned_url(job_id, run, name))
+            return self._stream(job_id, run, name, request.range, where)
+        except S3_ERRORS as exc:
+            raise ArtifactStoreError(f"cannot read {where}: {exc}") from exc
+
+    def _stream(self, job_id: str, run: Optional[str], name: str, wanted: Optional[RangeRequest],
+                where: str) -> Download:
+        try:
+            answer = self.get(job_id, run, name, wanted.header() if wanted else None)
+        except ClientError as exc:
+            if error_code(exc) in MISSING:
+                raise ArtifactGone(where) from None
+            if error_code(exc) == "InvalidRange":  # it starts at or past the end
+                head = self.head(job_id, run, name)
+                if head is None:
+                    raise ArtifactGone(where) from None
+                raise RangeNotSatisfiable(int(head["ContentLength"])) from None
+            raise
+        sent = CONTENT_RANGE.fullmatch(answer.get("ContentRange") or "")
+        if sent is None:
+            return Download(int(answer["ContentLength"]), chunks=_chunks(answer["Body"]))
+        start, end, size = (int(number) for number in sent.groups())
+        return Download(size, ByteRange(start, end), chunks=_chunks(answer["Body"]))
+
     def remove_other_runs(self, job_id: str, keep: str) -> None:
         kept = self.key(job_id, keep) + "/"
         self._delete([key for key in self._keys(self.key(job_id, None) + "/") if not key.startswith(kept)])
@@ -273,6 +315,11 @@ class S3Store(ArtifactStore):
         for start in range(0, len(keys), 1000):
             self.client.delete_objects(Bucket=self.bucket, Delete={
                 "Objects": [{"Key": key} for key in keys[start:start + 1000]], "Quiet": True})
+
+
+def _chunks(body) -> Iterator[bytes]:
+    with body:
+        yield from body.iter_chunks(CHUNK)
 
 
 def remove_stale_scratch(scratch: Path, older_than_seconds: float) -> int:

@@ -26,9 +26,9 @@ from storage import jobs
 from storage.artifacts import open_store
 from storage.db import session_scope
 from storage.models import db_now
-from storage.queue import OrphanedJobs, requeue_lost_jobs
-from storage.webhooks import WebhookDuty
 from storage.settings import Settings
+from worker.queue_repairs import OrphanedJobs, requeue_lost_jobs
+from worker.webhook_delivery import WebhookDuty
 
 SWEEP_SECONDS = 5
 SCRATCH_SWEEP_SECONDS = 600
@@ -55,7 +55,7 @@ def standard_duties(app: Celery, settings: Settings) -> list[Duty]:
     duties = [Duty("lost leases", SWEEP_SECONDS, lambda: requeue_lost_jobs(app, settings)),
               Duty("orphaned jobs", SWEEP_SECONDS, orphans.reannounce)]
     if settings.s3_artifacts:  # the scratch folders of this host's runs, left by killed workers
-        from storage.s3 import remove_stale_scratch
+        from storage.artifacts.s3 import remove_stale_scratch
 
         duties.append(Duty("stale scratch folders", SCRATCH_SWEEP_SECONDS, lambda: remove_stale_scratch(
             settings.scratch_dir, settings.max_job_seconds + SCRATCH_GRACE_SECONDS)))

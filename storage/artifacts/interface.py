@@ -1,13 +1,4 @@
-"""The artifact store: where a job's files live, shared by the API (downloads, logs) and the workers
-(which store a run's files). Two backends: a folder (storage/folder.py, the default) and an
-S3-compatible bucket (storage/s3.py, with ERQ_ARTIFACT_URL=s3://BUCKET/PREFIX).
-
-Each run of a job writes only into its own workspace and is stored under its own name
-(`JOB/attempt-N/`), so a run that lost its lease but is still writing never touches the files of
-the run that replaced it. A run's files are stored and verified before the run records the job's
-end; the run that records it names itself in the database (`jobs.published_run`, in the same
-transaction as the sizes and checksums): that run's files are the job's artifacts.
-"""
+"""The interface every artifact store implements, and what storing a run returns."""
 from __future__ import annotations
 
 import hashlib
@@ -15,25 +6,9 @@ import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, TYPE_CHECKING, Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
-if TYPE_CHECKING:
-    from storage.settings import Settings
-
-LOG_NAME = "job.log"
-PUBLISHED = ("quantized.safetensors", "config.json", "metrics.json", LOG_NAME, "model.onnx", "model-float64.onnx",
-             "report.html")
-
-
-def run_name(attempt: int) -> str:
-    return f"attempt-{attempt}"
-
-
-MEDIA_TYPES = {".json": "application/json", ".log": "text/plain; charset=utf-8", ".html": "text/html; charset=utf-8"}
-
-
-def media_type(name: str) -> str:
-    return MEDIA_TYPES.get(Path(name).suffix, "application/octet-stream")
+from storage.artifacts.download import Download, DownloadRequest
 
 
 @dataclass(frozen=True)
@@ -81,6 +56,12 @@ class ArtifactStore(ABC):
         """(at most `limit` bytes of a stored file from `offset`, the file's size); None when absent.
         An offset past the end gives no bytes."""
 
+    @abstractmethod
+    def download(self, job_id: str, run: Optional[str], name: str, request: DownloadRequest) -> Download:
+        """How to answer a client's download of a stored file: the one way the API reads an artifact.
+        Raises ArtifactGone when the file is not there, RangeNotSatisfiable for a range past its end,
+        ArtifactStoreError when the store cannot be read."""
+
     def iter_bytes(self, job_id: str, run: Optional[str], name: str, block: int = 1 << 20) -> Iterator[bytes]:
         """A stored file in blocks (for streaming it through the API)."""
         offset = 0
@@ -123,13 +104,3 @@ def sha256_of(path: Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
-
-def open_store(settings: "Settings") -> ArtifactStore:
-    """The store the settings name: the bucket of ERQ_ARTIFACT_URL, else the folder ERQ_ARTIFACT_DIR."""
-    if settings.s3_artifacts:
-        from storage.s3 import S3Store
-
-        return S3Store.from_settings(settings)
-    from storage.folder import FolderStore
-
-    return FolderStore(settings.artifact_dir)
