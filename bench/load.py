@@ -88,7 +88,9 @@ class Service:
         self.port = 18000 + secrets.randbelow(1000)
         self.env = {**os.environ, "ERQ_HOME": str(self.dir / "var"), "ERQ_ARTIFACT_DIR": str(self.dir / "art"),
                     "ERQ_DATA_ROOTS": str(FIXTURES), "ERQ_MAX_ACTIVE_JOBS_PER_KEY": "100000",
-                    "ERQ_LEASE_SECONDS": "30", **(env or {})}
+                    "ERQ_LEASE_SECONDS": "30",
+                    # One key is every client here: the per-owner limits would measure themselves.
+                    "ERQ_OWNER_REQUESTS_PER_SECOND": "0", "ERQ_MAX_EVENT_STREAMS_PER_OWNER": "0", **(env or {})}
         self.redis: subprocess.Popen | None = None
         self.s3: SeaweedFS | None = None
         if store == "s3":

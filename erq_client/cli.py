@@ -72,7 +72,9 @@ def submit_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metadata", action="append", metavar="KEY=VALUE", help="a label for the job (repeatable)")
     parser.add_argument("--wait", action="store_true", help="follow the job to its end with a progress bar, then "
                                                              "print its metrics")
-    parser.add_argument("--out", metavar="DIR", help="download the result folder into DIR (implies --wait)")
+    parser.add_argument("--out", metavar="DIR", help="download every file the job published into DIR: the result "
+                                                     "folder, and model.onnx, report.html, job.log when the job "
+                                                     "made them (implies --wait)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -96,8 +98,7 @@ def submit_main(argv: list[str]) -> int:
             if job["status"] != "succeeded":
                 return EXIT_FAILED
             if args.out:
-                folder = client.download(job["id"], args.out)
-                print(f"result folder: {folder}")
+                _print_downloaded(client.download(job["id"], args.out))
             return 0
     except ErqClientError as exc:
         return _fail("erq submit", exc)
@@ -204,7 +205,7 @@ def jobs_parser() -> argparse.ArgumentParser:
     log = add("log", help="the job's log")
     log.add_argument("job_id")
     log.add_argument("--follow", "-f", action="store_true", help="go on printing until the job ends")
-    download = add("download", help="the result folder of a succeeded job")
+    download = add("download", help="every file a succeeded job published (the result folder and more)")
     download.add_argument("job_id")
     download.add_argument("--out", required=True, metavar="DIR")
     return parser
@@ -272,8 +273,17 @@ def _log(client: ErqClient, args: argparse.Namespace) -> int:
 
 
 def _download(client: ErqClient, args: argparse.Namespace) -> int:
-    print(f"result folder: {client.download(args.job_id, args.out)}")
+    _print_downloaded(client.download(args.job_id, args.out))
     return 0
+
+
+def _print_downloaded(paths: dict[str, Path]) -> None:
+    """Where each artifact went, then the folder (erq_core.load_quantized reads it)."""
+    for name, path in paths.items():
+        print(f"downloaded {name} -> {path}")
+    folders = {path.parent for path in paths.values()}
+    if len(folders) == 1:
+        print(f"result folder: {folders.pop()}")
 
 
 JOB_COMMANDS = {"list": _list, "show": _show, "cancel": _cancel, "delete": _delete, "log": _log,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
+from urllib.parse import quote
 
 import httpx
 
@@ -114,13 +114,20 @@ class ErqClient:
 
     # Following.
     def events(self, job_id: str, last_event_id: Optional[str] = None) -> Iterator[Event]:
-        """The job's events until its terminal status; a dropped stream is resumed where it stopped."""
+        """The job's events until its terminal status; a dropped stream is resumed where it stopped, and
+        one refused for a while (429: the owner's streams are all open; 503) is asked again after its
+        Retry-After."""
         failures = 0
         while True:
             headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
             try:
                 with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
                                       timeout=httpx.Timeout(self.http.timeout.connect, read=60)) as answer:
+                    if answer.status_code in (429, 503) and failures < RECONNECTS:  # too many streams, busy
+                        answer.read()
+                        failures += 1
+                        time.sleep(_retry_after(answer))
+                        continue
                     if answer.status_code >= 400:
                         answer.read()
                         _raise_for_problem(answer)
@@ -144,35 +151,42 @@ class ErqClient:
         return self.get(job_id)
 
     # Results.
-    def download(self, job_id: str, out: str | os.PathLike) -> Path:
-        """The result folder (quantized.safetensors, config.json, metrics.json) into `out`, each file
-        checked against the sha256 the job lists; returns the folder."""
+    def download(self, job_id: str, out: str | os.PathLike) -> dict[str, Path]:
+        """Every artifact a succeeded job published (the result folder that erq_core.load_quantized
+        reads, and model.onnx, report.html, job.log, ... when the job made them) into `out`, each
+        checked against the sha256 the job lists; returns where each went, by name."""
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         job = self.get(job_id)
-        sums = {a["name"]: a["sha256"] for a in job["artifacts"]}
-        with tempfile.TemporaryDirectory(dir=out, prefix=".erq-download-") as scratch:
-            tar_path = Path(scratch) / "result.tar"
-            try:
-                with self.http.stream("GET", f"/v1/jobs/{job_id}/artifacts.tar",
-                                      timeout=httpx.Timeout(self.http.timeout.connect, read=300)) as answer:
-                    if answer.status_code >= 400:
-                        answer.read()
-                        _raise_for_problem(answer)
-                    with open(tar_path, "wb") as handle:
-                        for block in answer.iter_bytes(1 << 20):
-                            handle.write(block)
-            except httpx.TransportError as exc:
-                raise ErqClientError(f"the download of job {job_id} broke off: {exc}") from None
-            extracted = Path(scratch) / "result"
-            with tarfile.open(tar_path) as tar:
-                tar.extractall(extracted, filter="data")
-            for path in sorted(extracted.iterdir()):
-                if path.name in sums and _sha256(path) != sums[path.name]:
-                    raise ErqClientError(f"{path.name} of job {job_id} does not match its sha256; download again")
-                shutil.move(str(path), out / path.name)
-        return out
+        if job["status"] != "succeeded":
+            raise ErqClientError(f"job {job_id} is {job['status']}: only a succeeded job has a result folder "
+                                 "(its log: erq jobs log)", 409, "no_result")
+        out.mkdir(parents=True, exist_ok=True)
+        return {artifact["name"]: self._download_artifact(job_id, artifact, out) for artifact in job["artifacts"]}
 
+    def _download_artifact(self, job_id: str, artifact: dict, out: Path) -> Path:
+        """One artifact, streamed into a temporary file beside its place, checked, then moved there (a
+        redirect to the artifact store is followed; the key is not sent to another origin)."""
+        name, target = artifact["name"], out / artifact["name"]
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ErqClientError(f"job {job_id} lists an artifact named {name!r}, which is not a file name")
+        handle = tempfile.NamedTemporaryFile(dir=out, prefix=f".{name}.", delete=False)
+        try:
+            path = f"/v1/jobs/{quote(job_id, safe='')}/artifacts/{quote(name, safe='')}"  # the key goes to this server
+            with handle, self.http.stream("GET", path, follow_redirects=True,
+                                          timeout=httpx.Timeout(self.http.timeout.connect, read=300)) as answer:
+                if answer.status_code >= 400:
+                    answer.read()
+                    _raise_for_problem(answer)
+                for block in answer.iter_bytes(1 << 20):
+                    handle.write(block)
+            if _sha256(Path(handle.name)) != artifact["sha256"]:
+                raise ErqClientError(f"{name} of job {job_id} does not match its sha256; download again")
+            os.replace(handle.name, target)
+        except httpx.TransportError as exc:
+            raise ErqClientError(f"the download of {name} of job {job_id} broke off: {exc}") from None
+        finally:
+            Path(handle.name).unlink(missing_ok=True)
+        return target
 
     # Uploads.
     def upload_dataset(self, path: str | os.PathLike, on_progress: Optional[Progress] = None) -> dict:
@@ -259,6 +273,14 @@ def _read_in_blocks(path: Path, size: int, on_progress: Optional[Progress]) -> I
             yield block
             if on_progress is not None:
                 on_progress(sent, size)
+
+
+def _retry_after(answer: httpx.Response, most: float = 30.0) -> float:
+    """The answer's Retry-After in seconds (1 when it has none), at most `most`."""
+    try:
+        return min(most, max(1.0, float(answer.headers.get("retry-after", "1"))))
+    except ValueError:
+        return 1.0
 
 
 def _raise_for_problem(answer: httpx.Response) -> None:

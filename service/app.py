@@ -7,7 +7,7 @@ from typing import Optional
 from fastapi import FastAPI
 
 from service import problems
-from service.guards import BodySizeLimit, FailedAuthThrottle
+from service.guards import BodySizeLimit, FailedAuthThrottle, OwnerRequestRate
 from service.routes import jobs, system, ui, uploads
 from storage.artifacts import open_store
 from storage.queue import make_celery
@@ -25,6 +25,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     app.state.artifact_store = open_store(settings)
     app.state.auth_throttle = FailedAuthThrottle()
+    app.state.owner_request_rate = OwnerRequestRate(settings.owner_requests_per_second, settings.owner_request_burst)
     app.add_middleware(BodySizeLimit, exempt=uploads.UPLOAD_PATHS)
     app.include_router(jobs.router)
     app.include_router(uploads.router)  # before system's GET /v1/models: /v1/models/uploads is more specific

@@ -1,6 +1,7 @@
 """Bearer-token authentication: the caller is the owner of a valid, unrevoked API key."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Annotated, Optional
 
@@ -44,6 +45,7 @@ def current_caller(request: Request, session: DbSession,
                       "missing API key: send 'Authorization: Bearer KEY'", headers={"WWW-Authenticate": "Bearer"})
     caller = key_owner(session, credentials)
     if caller is not None:
+        _check_request_rate(request, caller)
         return caller
     throttle = request.app.state.auth_throttle
     client = request.client.host if request.client else "unknown"
@@ -56,3 +58,15 @@ def current_caller(request: Request, session: DbSession,
 
 
 CurrentCaller = Annotated[Caller, Depends(current_caller)]
+
+
+def _check_request_rate(request: Request, caller: Caller) -> None:
+    """One owner's clients together get ERQ_OWNER_REQUESTS_PER_SECOND (in bursts of
+    ERQ_OWNER_REQUEST_BURST) from this API process; past it, 429 with when to come back."""
+    wait = request.app.state.owner_request_rate.take(caller.owner_id)
+    if wait is not None:
+        rate = request.app.state.owner_request_rate.rate
+        raise Problem(status.HTTP_429_TOO_MANY_REQUESTS, "too_many_requests",
+                      f"this key's owner sent more than {rate:g} requests a second (ERQ_OWNER_REQUESTS_PER_SECOND); "
+                      "slow down and retry after Retry-After seconds", headers={"Retry-After": str(math.ceil(wait))},
+                      limit=rate)

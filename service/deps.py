@@ -21,7 +21,8 @@ async def db_session(request: Request) -> AsyncIterator[Session]:
     waiting for a worker thread. A connection held while waiting for a thread lets a burst of
     requests hold every pooled connection while every thread waits for one (a deadlock that ends
     in pool time-outs)."""
-    session = session_factory(request.app.state.settings.database_url)()
+    settings = request.app.state.settings
+    session = session_factory(settings.database_url, settings.database_pool)()
     try:
         yield session
     finally:

@@ -58,6 +58,7 @@ class Follower:
     run: Optional[int]  # from Last-Event-ID: whose log `offset` counts in
     offset: int
     key_id: Optional[int] = None  # the API key that opened the stream: it ends when that key is revoked
+    owner_id: Optional[int] = None  # whose stream it is (ERQ_MAX_EVENT_STREAMS_PER_OWNER)
     queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(MAX_QUEUED_EVENTS))
     sent: Optional[Snapshot] = None
     partial: bytes = b""  # bytes of a line not finished yet
@@ -104,9 +105,10 @@ class EventHub:
         self.stopping = False
         self.keys_checked = time.monotonic()
 
-    def follow(self, job_id: str, last_event_id: Optional[str], key_id: Optional[int] = None) -> Follower:
+    def follow(self, job_id: str, last_event_id: Optional[str], key_id: Optional[int] = None,
+               owner_id: Optional[int] = None) -> Follower:
         run, offset = parse_last_event_id(last_event_id)
-        follower = Follower(job_id, run, offset, key_id)
+        follower = Follower(job_id, run, offset, key_id, owner_id)
         if self.stopping:  # a request that arrived just before the shutdown
             follower.close(*SHUTDOWN)
             return follower
@@ -114,6 +116,10 @@ class EventHub:
         if self.task is None or self.task.done():
             self.task = self.loop.create_task(self._run(), name="erq-event-hub")
         return follower
+
+    def open_streams(self, owner_id: int) -> int:
+        """The owner's streams open in this process (a stream counts until its client has gone)."""
+        return sum(1 for group in self.followers.values() for f in group if f.owner_id == owner_id)
 
     def shut_down(self) -> None:
         """End every stream now with a final `closed` event: the process is stopping."""
@@ -165,14 +171,14 @@ class EventHub:
     def _revoked(self, key_ids: set[int]) -> set[int]:
         if not key_ids:
             return set()
-        with session_factory(self.settings.database_url)() as session:
+        with session_factory(self.settings.database_url, self.settings.database_pool)() as session:
             return set(session.scalars(select(ApiKey.id).where(ApiKey.id.in_(key_ids), ApiKey.revoked_at.is_not(None))))
 
     def _read_log(self, job_id: str, run: Optional[str], offset: int) -> bytes:
         return read_log(self.store, job_id, run, offset)[0]
 
     def _read_jobs(self, job_ids: list[str]) -> dict[str, Snapshot]:
-        with session_factory(self.settings.database_url)() as session:
+        with session_factory(self.settings.database_url, self.settings.database_pool)() as session:
             rows = session.execute(select(Job.id, Job.status, Job.stage, Job.progress, Job.error, Job.error_code,
                                           Job.attempts, Job.published_run).where(Job.id.in_(job_ids))).all()
         snapshots = {}

@@ -1,10 +1,12 @@
-"""Protections in front of the routes: request size, and slowing down key guessing."""
+"""Protections in front of the routes: request size, slowing down key guessing, and each owner's
+request rate."""
 from __future__ import annotations
 
 import json
 import threading
 import time
 from collections import OrderedDict, deque
+from typing import Optional
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -75,3 +77,28 @@ class FailedAuthThrottle:
             while len(self.failures) > self.max_clients:
                 self.failures.popitem(last=False)
             return len(times) > self.max_failures
+
+
+class OwnerRequestRate:
+    """A token bucket per owner: `rate` requests a second, in bursts of up to `burst`, in this API
+    process. Memory is bounded: at most `max_owners` buckets (the least recently used go first; a
+    forgotten owner starts again with a full bucket)."""
+
+    def __init__(self, rate: float, burst: int, max_owners: int = 100_000):
+        self.rate, self.burst, self.max_owners = rate, burst, max_owners
+        self.buckets: OrderedDict[int, tuple[float, float]] = OrderedDict()  # owner -> (tokens, when)
+        self.lock = threading.Lock()  # routes run in a thread pool
+
+    def take(self, owner_id: int) -> Optional[float]:
+        """Spend one request of the owner's; None when allowed, else the seconds until one is."""
+        if self.rate <= 0:
+            return None
+        now = time.monotonic()
+        with self.lock:
+            tokens, then = self.buckets.pop(owner_id, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+            wait = None if tokens >= 1 else (1 - tokens) / self.rate
+            self.buckets[owner_id] = (tokens - 1 if wait is None else tokens, now)
+            while len(self.buckets) > self.max_owners:
+                self.buckets.popitem(last=False)
+            return wait

@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from storage.artifacts import ArtifactStoreError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -54,6 +55,7 @@ class ProblemOut(BaseModel):
     instance: Optional[str] = Field(None, description="the request path")
     field: Optional[str] = Field(None, description="validation errors: the (first) offending field")
     errors: Optional[list[FieldError]] = Field(None, description="validation errors: every offending field")
+    limit: Optional[float] = Field(None, description="429 of a per-owner limit: the limit that was reached")
 
 
 def problem_body(status: int, code: str, detail: str, instance: Optional[str] = None,
@@ -123,6 +125,12 @@ def install(app: FastAPI) -> None:
         return problem_response(503, "database_unavailable", "the database is unreachable; retry later", request,
                                 {"Retry-After": "10"})
 
+    @app.exception_handler(PoolTimeout)
+    async def _database_busy(request: Request, exc: PoolTimeout) -> JSONResponse:
+        return problem_response(503, "database_busy", "every database connection of this API process is in use "
+                                                      "(ERQ_DATABASE_POOL_SIZE); retry after Retry-After seconds",
+                                request, {"Retry-After": "5"})
+
     @app.exception_handler(ArtifactStoreError)
     async def _artifact_store_unavailable(request: Request, exc: ArtifactStoreError) -> JSONResponse:
         return problem_response(503, "artifact_store_unavailable", "the artifact store is unreachable; retry later",
@@ -144,8 +152,8 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     descriptions = {400: "bad request", 401: "missing, invalid or revoked API key", 404: "no such job for this owner",
                     409: "conflict with the job's state", 410: "gone", 413: "request body over 64 KiB",
                     416: "offset past the end", 422: "invalid request (see `field`)",
-                    429: "too many failed authentications, or too many active jobs",
-                    500: "internal error", 503: "the database or the queue is unreachable; retry later"}
+                    429: "too many failed authentications, requests, event streams or active jobs (see `code`)",
+                    500: "internal error", 503: "the database or the queue is unreachable or busy; retry later"}
     return {status: {"description": descriptions.get(status, _title(status)),
                      "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemOut"}}}}
             for status in statuses}

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from erq_core.config import ErqConfig, fields
 from erq_core.errors import ConfigError
@@ -65,26 +67,40 @@ def validate_job(params: dict, settings: Settings, owner: str) -> dict:
     # Defaults the config derives (calib_size from the method) are filled in: the job shows what it runs.
     params = {name: config.to_dict()[name] if params[name] is None else value for name, value in params.items()}
     if "dataset" not in named:
-        dataset = resolve_under_roots(params["dataset"], "dataset", roots, "dataset")
-        for split in ("train", "val"):
-            if not (dataset / split).is_dir():
-                raise InvalidJob(f"dataset {params['dataset']!r} has no {split!r} folder (expected an ImageFolder "
-                                 "root with train/<class>/<image> and val/<class>/<image>)", "invalid_dataset",
-                                 "dataset")
+        with _path_errors("dataset"):
+            dataset = resolve_under_roots(params["dataset"], "dataset", roots, "dataset")
+            for split in ("train", "val"):
+                if not (dataset / split).is_dir():
+                    raise InvalidJob(f"dataset {params['dataset']!r} has no {split!r} folder (expected an "
+                                     "ImageFolder root with train/<class>/<image> and val/<class>/<image>)",
+                                     "invalid_dataset", "dataset")
         params["dataset"] = str(dataset)
     folder = local_dir_path(params["model"])
     if folder is not None:
-        resolved = resolve_under_roots(folder, "local model folder", roots, "model")
-        if not (resolved / "config.json").is_file():
-            raise InvalidJob(f"local model folder {folder!r} has no config.json", "invalid_model", "model")
+        with _path_errors("model"):
+            resolved = resolve_under_roots(folder, "local model folder", roots, "model")
+            if not (resolved / "config.json").is_file():
+                raise InvalidJob(f"local model folder {folder!r} has no config.json", "invalid_model", "model")
         params["model"] = f"local-dir:{resolved}"
     if params.get("checkpoint"):
-        checkpoint = resolve_under_roots(params["checkpoint"], "checkpoint", roots, "checkpoint")
-        if not checkpoint.is_file() or checkpoint.suffix != ".safetensors":
-            raise InvalidJob(f"checkpoint {params['checkpoint']!r} must be an existing .safetensors file",
-                             "invalid_checkpoint", "checkpoint")
+        with _path_errors("checkpoint"):
+            checkpoint = resolve_under_roots(params["checkpoint"], "checkpoint", roots, "checkpoint")
+            if not checkpoint.is_file() or checkpoint.suffix != ".safetensors":
+                raise InvalidJob(f"checkpoint {params['checkpoint']!r} must be an existing .safetensors file",
+                                 "invalid_checkpoint", "checkpoint")
         params["checkpoint"] = str(checkpoint)
     return params
+
+
+@contextmanager
+def _path_errors(field: str) -> Iterator[None]:
+    """A path the file system refuses to look at (a name over 255 bytes, a loop of links, ...) is the
+    caller's to fix: 422, never a server error. The message names the field, not the path's parts."""
+    try:
+        yield
+    except OSError as exc:
+        raise InvalidJob(f"{field}: the path cannot be used: {exc.strerror or type(exc).__name__}", "invalid_path",
+                         field) from None
 
 
 def check_uploads(session: Session, owner_id: int, params: dict) -> None:

@@ -11,8 +11,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from storage.db import PoolOptions
 
 EMBEDDED_BROKER_PREFIXES = ("sqla+", "filesystem:", "memory:")
 # ERQ_ALLOWED_MODELS when unset: the aliases (erq_core.registry.MODEL_ALIASES), local folders,
@@ -74,6 +76,21 @@ class Settings(BaseSettings):
     # A worker's local copies of uploads, by sha256 (worker/upload_cache.py), and their total size.
     upload_cache_dir: Optional[Path] = None  # default: HOME/upload-cache
     upload_cache_bytes: int = Field(50 * GiB, ge=0)
+    # The API's database connections, per process: kept open, opened beyond those at busy times, and how
+    # long a request waits for one before it answers 503 with Retry-After.
+    database_pool_size: int = Field(5, ge=1, le=1000)
+    database_pool_overflow: int = Field(10, ge=0, le=1000)
+    database_pool_timeout_seconds: float = Field(10, gt=0, le=300)
+    # GET /metrics: `off` answers 404; with a token, scrapers send `Authorization: Bearer TOKEN`; the figures
+    # read from the database are reused this long (one query per period, whatever the number of scrapers).
+    metrics: Literal["on", "off"] = "on"
+    metrics_token: Optional[SecretStr] = None
+    metrics_cache_seconds: float = Field(5, ge=0, le=3600)
+    # Per owner (all its keys together) and API process: authenticated requests a second, in bursts of up to
+    # the burst, and event streams open at once (0: no limit). Past them: 429 with Retry-After.
+    owner_requests_per_second: float = Field(20, ge=0)
+    owner_request_burst: int = Field(40, ge=1)
+    max_event_streams_per_owner: int = Field(10, ge=0)
 
     @model_validator(mode="after")
     def _fill_from_home(self) -> "Settings":
@@ -103,6 +120,10 @@ class Settings(BaseSettings):
         usable = _plain_folder_name(owner)
         return [Path(p.replace(OWNER_PLACEHOLDER, owner)).resolve() for p in entries
                 if OWNER_PLACEHOLDER not in p or usable]
+
+    @property
+    def database_pool(self) -> PoolOptions:
+        return PoolOptions(self.database_pool_size, self.database_pool_overflow, self.database_pool_timeout_seconds)
 
     @property
     def s3_artifacts(self) -> bool:

@@ -21,15 +21,15 @@ from service.problems import Problem
 from service.schemas import ArtifactOut, JobList, JobOut, JobSubmission, LogChunk, WebhookOut
 from service.validation import InvalidJob, check_uploads, validate_job
 from storage import jobs
-from storage.artifacts import PUBLISHED
+from storage.artifacts import MEDIA_TYPES, PUBLISHED, media_type
 from storage.artifacts.logs import log_run, read_log, whole_utf8
 from storage.artifacts.tar import RESULT_FOLDER, ResultTar
 from storage.models import Job, JobStatus, Owner
 from storage.queue import enqueue
 from storage.webhooks import WebhookRefused, check_webhook, delivery_document
 
-# Every route: no or a bad key, throttled key guessing, bad parameters, an outage, a bug.
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problems.responses(401, 422, 429, 500, 503))
+# Every route: a body that cannot be parsed, no or a bad key, too many requests, bad parameters, an outage, a bug.
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problems.responses(400, 401, 422, 429, 500, 503))
 JOB_ROUTE_ERRORS = problems.responses(404)
 log = logging.getLogger("erq")
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -149,8 +149,9 @@ def list_jobs(request: Request, caller: CurrentCaller, session: DbSession,
               after: Optional[str] = Query(None, max_length=64, description="the page after this job (its id)"),
               limit: int = Query(20, ge=1, le=100), cursor: Optional[str] = Query(None, max_length=200)) -> JobList:
     """The owner's jobs, newest first. `metadata[KEY]=VALUE` (repeatable) keeps the jobs labelled so."""
-    where = jobs.JobFilter(statuses=tuple(status_ or ()), model=model, created_after=_aware(created_after),
-                           created_before=_aware(created_before), metadata=_metadata_filters(request))
+    where = jobs.JobFilter(statuses=tuple(status_ or ()), model=model,
+                           created_after=_utc(created_after, "created_after"),
+                           created_before=_utc(created_before, "created_before"), metadata=_metadata_filters(request))
     if cursor:
         try:
             jobs.decode_cursor(cursor)
@@ -167,9 +168,16 @@ def list_jobs(request: Request, caller: CurrentCaller, session: DbSession,
                    next_cursor=next_cursor)
 
 
-def _aware(moment: Optional[dt.datetime]) -> Optional[dt.datetime]:
-    """A time without an offset is UTC."""
-    return moment.replace(tzinfo=dt.timezone.utc) if moment is not None and moment.tzinfo is None else moment
+def _utc(moment: Optional[dt.datetime], field: str) -> Optional[dt.datetime]:
+    """The time in UTC (one without an offset is UTC). 0001-01-01T00:00:00+14:00 is before year 1 in
+    UTC, which no datetime holds: 422."""
+    if moment is None:
+        return None
+    try:
+        return moment.replace(tzinfo=dt.timezone.utc) if moment.tzinfo is None else moment.astimezone(dt.timezone.utc)
+    except OverflowError:
+        raise Problem(status.HTTP_422_UNPROCESSABLE_CONTENT, "validation_error",
+                      f"{field}: {moment.isoformat()} is outside the years 1 to 9999 in UTC", field=field) from None
 
 
 def _metadata_filters(request: Request) -> tuple[tuple[str, str], ...]:
@@ -217,7 +225,13 @@ def delete_job(job_id: str, caller: CurrentCaller, session: DbSession, store: Ar
         raise Problem(status.HTTP_409_CONFLICT, "job_active",
                       f"job {job_id} is {job.status}: cancel it first (POST /v1/jobs/{job_id}/cancel), then delete "
                       "it once it has ended")
-    store.remove_job(job.id)  # files first: a failure leaves the job to retry
+    try:
+        store.remove_job(job.id)  # files first: a failure leaves the job to retry
+    except OSError as exc:  # a read-only or failing volume: the job is kept, the client retries later
+        log.warning("job %s: its files cannot be removed: %s", job.id, exc)
+        raise Problem(status.HTTP_503_SERVICE_UNAVAILABLE, "artifact_store_unavailable",
+                      f"the files of job {job_id} cannot be removed ({exc.strerror or type(exc).__name__}); the "
+                      "job is kept: retry later", headers={"Retry-After": "60"}) from None
     jobs.delete_job(session, job)
     session.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -251,7 +265,13 @@ async def job_events(job_id: str, request: Request, caller: CurrentCaller, sessi
     if job is None:
         raise _not_found(job_id)
     hub = event_hub(request.app)
-    follower = hub.follow(job_id, last_event_id, caller.key_id)
+    limit = request.app.state.settings.max_event_streams_per_owner
+    if limit and hub.open_streams(caller.owner_id) >= limit:  # no await since: the count cannot go stale
+        raise Problem(status.HTTP_429_TOO_MANY_REQUESTS, "too_many_event_streams",
+                      f"this key's owner already follows {limit} event streams on this API process "
+                      "(ERQ_MAX_EVENT_STREAMS_PER_OWNER); close one, or poll GET /v1/jobs/{id}",
+                      headers={"Retry-After": "5"}, limit=limit)
+    follower = hub.follow(job_id, last_event_id, caller.key_id, caller.owner_id)
     return StreamingResponse(events.stream(hub, follower), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -291,10 +311,13 @@ def download_result_folder(job_id: str, caller: CurrentCaller, session: DbSessio
                                       "Content-Disposition": f'attachment; filename="erq-{job_id}.tar"'})
 
 
-ARTIFACT_RESPONSES = {304: {"description": "If-None-Match holds the artifact's ETag (its sha256)"},
+ARTIFACT_RESPONSES = {200: {"description": "the file (206 with a Range), in its media type",
+                            "content": {kind.split(";")[0]: {} for kind in (*MEDIA_TYPES.values(), media_type(""))}},
+                      206: {"description": "the bytes a `Range: bytes=...` asked for"},
+                      304: {"description": "If-None-Match holds the artifact's ETag (its sha256)"},
                       307: {"description": "with ERQ_ARTIFACT_URL=s3://... and ERQ_S3_DOWNLOAD=redirect: the "
                                            "file is at the short-lived presigned URL in Location (Range works)"},
-                      **JOB_ROUTE_ERRORS, **problems.responses(410)}
+                      **JOB_ROUTE_ERRORS, **problems.responses(410, 416)}
 
 
 @router.get("/{job_id}/artifacts/{name}", name="download_artifact", responses=ARTIFACT_RESPONSES)

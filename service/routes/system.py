@@ -7,18 +7,15 @@ from typing import Optional
 from fastapi import APIRouter, Depends, Request, Response, status
 from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from sqlalchemy.orm import Session
 
 from erq_core.registry import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, MODEL_ALIASES, supported_timm_names
 from service import problems
 from service.auth import CurrentCaller, bearer, key_owner
 from service.deps import AppSettings, Artifacts, DbSession
+from service.metrics import EventStreamCollector, JobCollector, JobFiguresCache, check_access
 from service.schemas import ModelOut
-from storage import jobs
 from storage.artifacts import ArtifactStore, ArtifactStoreError
 from storage.db import ping
-from storage.models import JobStatus
 from storage.settings import Settings
 from storage.uploads import PREFIXES
 
@@ -26,7 +23,6 @@ UPLOAD_PREFIX = PREFIXES["model"][0]
 
 log = logging.getLogger("erq.api")
 router = APIRouter()
-DURATION_BUCKETS = (10, 30, 60, 300, 900, 1800, 3600, 7200, 21600)
 
 
 @router.get("/v1/models", response_model=list[ModelOut], tags=["models"],
@@ -71,7 +67,7 @@ def readyz(request: Request, response: Response, settings: AppSettings, store: A
     names buckets, endpoints or folders, so only callers with a valid key see it."""
     checks = {}
     try:
-        ping(settings.database_url)
+        ping(settings.database_url, settings.database_pool)
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"unreachable: {type(exc).__name__}"
@@ -117,45 +113,21 @@ def log_change(request: Request, check: str, problem: Optional[str]) -> None:
         logged[check] = problem
 
 
-class JobCollector:
-    """Reads job figures from the database at each scrape (every API process reports the same)."""
-
-    def __init__(self, session: Session):
-        self.session = session
-
-    def collect(self):
-        counts = jobs.counts_by_status(self.session)
-        durations = jobs.finished_durations(self.session)
-        by_status = GaugeMetricFamily("erq_jobs", "Jobs by status", labels=["status"])
-        for name in JobStatus:
-            by_status.add_metric([name.value], counts.get(name, 0))
-        yield by_status
-        yield GaugeMetricFamily("erq_queue_depth", "Jobs waiting for a worker", value=counts.get(JobStatus.QUEUED, 0))
-        buckets = [(str(b), sum(d <= b for d in durations)) for b in DURATION_BUCKETS]
-        buckets.append(("+Inf", len(durations)))
-        yield HistogramMetricFamily("erq_job_duration_seconds", "Run time of succeeded jobs",
-                                    buckets=buckets, sum_value=sum(durations))
-
-
-class EventStreamCollector:
-    """This API process's event streams: followers now, and database polls so far (one per tick,
-    whatever the number of followers)."""
-
-    def __init__(self, hub):
-        self.hub = hub
-
-    def collect(self):
-        followers = sum(len(f) for f in self.hub.followers.values()) if self.hub else 0
-        yield GaugeMetricFamily("erq_event_stream_followers", "Clients following job events in this process",
-                                value=followers)
-        yield CounterMetricFamily("erq_event_stream_polls", "Database polls of the event streams in this process",
-                                  value=self.hub.ticks if self.hub else 0)
-
-
-@router.get("/metrics", tags=["health"], responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}},
-                                                    **problems.responses(500, 503)})
-def metrics(request: Request, session: DbSession) -> Response:
+@router.get("/metrics", tags=["health"], responses={
+    200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}},
+    **problems.responses(401, 404, 429, 500, 503)})
+async def metrics(request: Request) -> Response:
+    """Prometheus figures. ERQ_METRICS=off turns the route off (404); with ERQ_METRICS_TOKEN set,
+    scrapers send `Authorization: Bearer TOKEN`."""
+    settings = request.app.state.settings
+    check_access(request, settings)
     registry = CollectorRegistry()
-    registry.register(JobCollector(session))
+    registry.register(JobCollector(await job_figures(request.app).get()))
     registry.register(EventStreamCollector(getattr(request.app.state, "event_hub", None)))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def job_figures(app) -> JobFiguresCache:
+    if getattr(app.state, "job_figures", None) is None:
+        app.state.job_figures = JobFiguresCache(app.state.settings)
+    return app.state.job_figures

@@ -80,7 +80,7 @@ class Received:
 
 
 def _quota_left(settings: Settings, caller: Caller) -> int:
-    with session_scope(settings.database_url) as session:
+    with session_scope(settings.database_url, settings.database_pool) as session:
         return settings.max_upload_bytes_per_owner - uploads.bytes_used(session, caller.owner_id)
 
 
@@ -242,7 +242,7 @@ def _created(response: Response, created: bool, location: str) -> None:
 
 def _record(settings: Settings, store: UploadStore, caller: Caller, staged: uploads.Staged,
             path: Path) -> tuple[Upload, bool]:
-    with session_scope(settings.database_url) as session:
+    with session_scope(settings.database_url, settings.database_pool) as session:
         try:
             return uploads.record(session, store, caller.owner_id, staged, path, settings.max_upload_bytes_per_owner)
         except uploads.QuotaExceeded as exc:

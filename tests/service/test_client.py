@@ -1,6 +1,7 @@
 """erq_client and `erq submit` / `erq jobs` against a real `erq api` and `erq worker`."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -65,14 +66,19 @@ def test_submit_wait_download_and_the_jobs_commands(tmp_path, settings):
         server = f"http://127.0.0.1:{port}"
         client_env = {**os.environ, "PYTHONPATH": str(ROOT), "ERQ_API_KEY": key, "ERQ_SERVER": server}
         submitted = erq(["submit", "--server", server, "--model", MODEL, "--dataset", str(FIXTURE_DATASET),
-                         "--w-bits", "4", "--val-limit", "50", "--metadata", "team=vision", "--wait",
-                         "--out", str(tmp_path / "result")], client_env, tmp_path)
+                         "--w-bits", "4", "--val-limit", "50", "--metadata", "team=vision", "--export", "onnx",
+                         "--wait", "--out", str(tmp_path / "result")], client_env, tmp_path)
         assert submitted.returncode == 0, submitted.stderr + submitted.stdout
         job_id = submitted.stdout.split()[1]
         assert f"job {job_id} succeeded" in submitted.stdout and "quantized: top1" in submitted.stdout
         assert "100.0%" in submitted.stderr and "[####" in submitted.stderr  # the bar, from the event stream
         folder = tmp_path / "result"
-        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "metrics.json", "quantized.safetensors"]
+        published = {a["name"]: a["sha256"] for a in json.loads(erq(["jobs", "show", job_id], client_env,
+                                                                    tmp_path).stdout)["artifacts"]}
+        assert {"model.onnx", "report.html", "quantized.safetensors", "config.json", "metrics.json"} <= set(published)
+        assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()} == published
+        for name in published:  # and it says where each went
+            assert f"downloaded {name} -> {folder / name}" in submitted.stdout
 
         listed = erq(["jobs", "list", "--metadata", "team=vision", "--json"], client_env, tmp_path)
         assert [json.loads(line)["id"] for line in listed.stdout.splitlines()] == [job_id]
@@ -84,8 +90,8 @@ def test_submit_wait_download_and_the_jobs_commands(tmp_path, settings):
         assert "succeeded" in log.stdout
         again = erq(["jobs", "download", job_id, "--out", str(tmp_path / "again")], client_env, tmp_path)
         assert again.returncode == 0
-        assert (tmp_path / "again" / "quantized.safetensors").read_bytes() == \
-            (folder / "quantized.safetensors").read_bytes()
+        for name in ("quantized.safetensors", "model.onnx", "report.html"):
+            assert (tmp_path / "again" / name).read_bytes() == (folder / name).read_bytes(), name
         finished = erq(["jobs", "cancel", job_id], client_env, tmp_path)
         assert finished.returncode == 2 and "already succeeded" in finished.stderr and "[job_finished]" in finished.stderr
 
@@ -124,3 +130,33 @@ def test_the_library_follows_events_and_reports_problems(tmp_path, settings):
             follower.join(30)
             assert seen[-1]["status"] == "cancelled" and seen[0].kind == "status"
             assert [j["id"] for j in client.iter_jobs(metadata={"k": "v"}, limit=1)] == [job["id"]]
+
+
+@ON_SQLITE
+@pytest.mark.integration
+def test_wait_asks_again_while_the_owners_event_streams_are_all_open(tmp_path, settings):
+    """ERQ_MAX_EVENT_STREAMS_PER_OWNER=1 and the owner's one stream held elsewhere: the client's stream
+    is refused with 429, asked again after Retry-After, and follows the job once the other closes."""
+    import threading
+
+    from erq_client import ErqClient
+    from tests.service.processes import api_client, wait_for_text
+
+    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
+                      ERQ_MAX_EVENT_STREAMS_PER_OWNER="1")
+    key, api_log = make_key(settings, "alice"), tmp_path / "api.log"
+    with api_process(["api"], env, tmp_path, api_log) as (api, port):
+        with ErqClient(f"http://127.0.0.1:{port}", api_key=key) as client, api_client(port, key) as other:
+            job = client.submit({"model": MODEL, "dataset": str(FIXTURE_DATASET)})
+            events_route = f"/v1/jobs/{job['id']}/events HTTP/1.1"
+            ended: list[dict] = []
+            follower = threading.Thread(target=lambda: ended.append(client.wait(job["id"])), daemon=True)
+            with other.stream("GET", f"/v1/jobs/{job['id']}/events") as held:
+                lines = held.iter_lines()  # kept referenced: a collected iterator closes the stream
+                assert held.status_code == 200 and next(lines).startswith("retry:")
+                follower.start()
+                wait_for_text(api_log, f'{events_route}" 429', process=api)
+            other.post(f"/v1/jobs/{job['id']}/cancel").raise_for_status()
+            follower.join(90)
+    assert not follower.is_alive() and ended and ended[0]["status"] == "cancelled", ended
+    assert api_log.read_text().count(f'{events_route}" 200') == 2  # the held stream, then the client's

@@ -89,7 +89,7 @@ def _sigkill(process: subprocess.Popen) -> None:
 @ON_SQLITE
 def test_the_api_killed_during_load_then_restarted_every_accepted_job_ends(tmp_path, settings):
     env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
-                      ERQ_MAX_ACTIVE_JOBS_PER_KEY="50")
+                      ERQ_MAX_ACTIVE_JOBS_PER_KEY="50", ERQ_OWNER_REQUESTS_PER_SECOND="0")  # a burst of one owner
     key = make_key(settings, "alice")
     api_log = tmp_path / "api.log"
     with erq_process(["worker"], env, tmp_path, tmp_path / "worker.log") as worker:

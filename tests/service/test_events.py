@@ -66,7 +66,9 @@ class Following(threading.Thread):
 
 @contextmanager
 def api_only(tmp_path, settings) -> Iterator[httpx.Client]:
-    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url)
+    # One owner follows with hundreds of streams here: the per-owner limits (tested in test_load_limits.py) off.
+    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
+                      ERQ_MAX_EVENT_STREAMS_PER_OWNER="0", ERQ_OWNER_REQUESTS_PER_SECOND="0")
     with api_process(["api"], env, tmp_path, tmp_path / "api.log") as (api, port):
         with api_client(port, make_key(settings, "alice")) as client:
             yield client
