@@ -83,8 +83,15 @@ def _per_tensor_integer(x: Tensor, scale: Tensor, zero_point: Tensor, top: int) 
     return scale.numel() == 1 and x.dtype == torch.float32 and _integer_in(float(zero_point), top)
 
 
+def _autograd_watches(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _in_place_keeps_dtype_and_shape(codes: Tensor, *operands: Tensor) -> bool:
-    """Whether codes op= operand computes what codes op operand would (same result dtype and shape)."""
+    """Whether codes op= operand computes what codes op operand would (same result dtype and shape),
+    and autograd is not watching (it cannot differentiate through buffers written in place)."""
+    if _autograd_watches(codes, *operands):
+        return False
     return (all(torch.result_type(codes, t) == codes.dtype for t in operands)
             and torch.broadcast_shapes(codes.shape, *(t.shape for t in operands)) == codes.shape)
 
@@ -121,9 +128,12 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int, out: 
 
     A per-tensor integer zero point computes exactly what torch's fused kernel does (it multiplies
     by 1/s instead of dividing by s). `out`: a buffer of the result's shape to write into, for
-    searches that quantize many times."""
+    searches (without autograd) that quantize many times."""
     top = 2**bits - 1
     if _per_tensor_integer(x, scale, zero_point, top):
+        if x.device.type != "cpu" or _autograd_watches(x, scale):  # the kernel (and its straight-through gradient)
+            return torch.fake_quantize_per_tensor_affine(x, scale.float().reshape(()), zero_point.int().reshape(()),
+                                                         0, top)
         out = torch.empty_like(x) if out is None else out
         for part, part_out in _chunks(x, out):
             _fused_kernel_into(part, part_out, scale, zero_point, top)
@@ -138,7 +148,7 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int, out: 
 def squared_error(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int, out: Tensor) -> Tensor:
     """(fake_quantize(x) - x)^2 elementwise, computed in the buffer `out` (x's shape)."""
     top = 2**bits - 1
-    if not _per_tensor_integer(x, scale, zero_point, top):
+    if not _per_tensor_integer(x, scale, zero_point, top) or x.device.type != "cpu":
         return fake_quantize(x, scale, zero_point, bits, out).sub_(x).pow_(2)
     for part, part_out in _chunks(x, out):  # every pass over a chunk while it is in cache
         _fused_kernel_into(part, part_out, scale, zero_point, top).sub_(part).pow_(2)
@@ -157,13 +167,14 @@ def onnx_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) 
 
 
 def best_uniform_range(
-    x: Tensor, uppers: Tensor, lowers: Tensor, bits: int, channel_dim: int
+    x: Tensor, uppers: Tensor, lowers: Tensor, bits: int, channel_dim: int, work: Optional[Tensor] = None
 ) -> tuple[Tensor, Tensor]:
     """Among candidate ranges (one row per candidate, one column per channel), the scale and
-    zero point with the least squared quantization error, chosen per channel."""
+    zero point with the least squared quantization error, chosen per channel. `work`: a buffer of
+    x's shape and dtype in which each candidate's errors are computed (by default a fresh one)."""
     shape = [1, 1]
     shape[channel_dim] = -1
-    out = torch.empty_like(x)  # shared by the candidates
+    out = torch.empty_like(x) if work is None else work
     best_err = best_scale = best_zero = None
     for upper, lower in zip(uppers, lowers):
         scale, zero = range_to_scale(upper, lower, bits)
@@ -195,11 +206,16 @@ class ActivationQuantizer(nn.Module):
     def quantize(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def calibrate_and_quantize(self, x: Tensor) -> Tensor:
+        """calibrate(x), then quantize(x); a subclass may share the work of the two."""
+        self.calibrate(x)
+        return self.quantize(x)
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
         if not bool(self.calibrated):
-            self.calibrate(x)
+            return self.calibrate_and_quantize(x)
         return self.quantize(x)
 
 
@@ -225,14 +241,25 @@ class UniformQuantizer(ActivationQuantizer):
         self.calibrated.fill_(True)
 
     @torch.no_grad()
-    def calibrate(self, x: Tensor) -> None:
+    def calibrate(self, x: Tensor, work: Optional[Tensor] = None) -> None:
+        """The least squared error range among the percentile candidates. `work`: a float32
+        buffer of x's shape for the candidates' errors (by default a fresh one)."""
         x = x.detach().float()
-        flat = x.reshape(-1, x.shape[-1]) if self.per_channel else x.reshape(-1, 1)  # (tokens, channels)
+        rows = (lambda t: t.reshape(-1, t.shape[-1])) if self.per_channel else (lambda t: t.reshape(-1, 1))
+        flat = rows(x)  # (tokens, channels)
         uppers, lowers = percentile_bounds(flat, ACTIVATION_PERCENTILES, dim=0)
-        scale, zero = best_uniform_range(flat, uppers, lowers, self.bits, channel_dim=1)
+        scale, zero = best_uniform_range(flat, uppers, lowers, self.bits, channel_dim=1,
+                                         work=None if work is None else rows(work))
         self.scale = scale.reshape(self.scale.shape).to(self.scale)
         self.zero_point = zero.reshape(self.zero_point.shape).to(self.zero_point)
         self.calibrated.fill_(True)
+
+    def calibrate_and_quantize(self, x: Tensor) -> Tensor:
+        if self.as_float64_export or x.dtype != torch.float32 or not x.is_contiguous() or _autograd_watches(x):
+            return super().calibrate_and_quantize(x)
+        buffer = torch.empty_like(x)  # the search's work space, then the result: one allocation, not two
+        self.calibrate(x, buffer)
+        return fake_quantize(x, self.scale, self.zero_point, self.bits, out=buffer)
 
     def quantize(self, x: Tensor) -> Tensor:
         """Fake-quantize x whatever `enabled` says (used to build Xq for statistics).
@@ -255,7 +282,7 @@ def log_sqrt2_quantize(x: Tensor, scale: Tensor, bits: int, log2_x: Optional[Ten
     levels = 2**bits
     if log2_x is None:
         log2_x = torch.log2(x)
-        out = log2_x  # a fresh tensor: the codes can be computed in it
+        out = None if _autograd_watches(x) else log2_x  # a fresh tensor: the codes can be computed in it
     if not _in_place_keeps_dtype_and_shape(log2_x, scale):
         codes = torch.round(-2 * (log2_x - torch.log2(scale)))
         underflow = codes >= levels
@@ -293,7 +320,11 @@ class LogSqrt2Quantizer(ActivationQuantizer):
 
     @torch.no_grad()
     def calibrate(self, x: Tensor) -> None:
-        flat = x.detach().float().reshape(-1)
+        self._search(x.detach().float().reshape(-1))
+
+    def _search(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """Set the scale with the least squared error among the percentile candidates; return
+        log2(flat) and a bool buffer of its size, for a quantization of flat that follows."""
         uppers = percentile_bounds(flat, ACTIVATION_PERCENTILES, dim=0)[0].reshape(-1).clamp(min=_MIN_SCALE)
         log2_flat = torch.log2(flat)
         out, underflow = torch.empty_like(flat), torch.empty_like(flat, dtype=torch.bool)  # shared by the candidates
@@ -301,6 +332,15 @@ class LogSqrt2Quantizer(ActivationQuantizer):
                   for u in uppers]
         self.scale = uppers[int(torch.stack(errors).argmin())].reshape(1).to(self.scale)
         self.calibrated.fill_(True)
+        return log2_flat, underflow
+
+    def calibrate_and_quantize(self, x: Tensor) -> Tensor:
+        if self.as_float64_export or x.dtype != torch.float32 or not x.is_contiguous() or _autograd_watches(x):
+            return super().calibrate_and_quantize(x)
+        with torch.no_grad():
+            log2_flat, underflow = self._search(x.reshape(-1))
+        # quantize(x), with the log2 the search computed and its buffer for the result
+        return log_sqrt2_quantize(x, self.scale, self.bits, log2_flat, log2_flat, underflow).view(x.shape)
 
     def quantize(self, x: Tensor) -> Tensor:
         if self.as_float64_export:
@@ -344,7 +384,11 @@ class WeightQuantizer(nn.Module):
         return self.scale.shape[1]
 
     def column_scale(self) -> tuple[Tensor, Tensor]:
-        """Scale and zero point expanded to (d_out, d_in): each column's own group."""
+        """Scale and zero point expanded to (d_out, d_in): each column's own group (with one group,
+        a broadcast view instead of a copy: the same values)."""
+        if self.groups == 1:
+            shape = (self.scale.shape[0], self.column_group.numel())
+            return self.scale.expand(shape), self.zero_point.expand(shape)
         return self.scale[:, self.column_group], self.zero_point[:, self.column_group]
 
     @torch.no_grad()

@@ -137,6 +137,18 @@ def test_per_tensor_fake_quantize_equals_torchs_fused_kernel(zero_point):
     assert same_bits(squared_error(x, scale, torch.tensor(float(zero_point)), 4, buffer), squared)
 
 
+def test_fake_quantize_under_autograd_keeps_the_kernels_gradient():
+    x = torch.randn(50, requires_grad=True)
+    scale, zero = torch.tensor([0.1]), torch.tensor([7.0])
+    fake_quantize(x, scale, zero, 4).sum().backward()
+    reference = x.detach().clone().requires_grad_()
+    torch.fake_quantize_per_tensor_affine(reference, scale.reshape(()), torch.tensor(7, dtype=torch.int32), 0, 15).sum(
+        ).backward()
+    assert same_bits(x.grad, reference.grad)
+    attn = torch.softmax(torch.randn(4, 9), dim=-1).requires_grad_()
+    assert log_sqrt2_quantize(attn, torch.tensor(0.5), 4).requires_grad
+
+
 def test_fake_quantize_keeps_the_plain_result_type_when_in_place_would_not():
     x = torch.randn(5, 4)
     scale, zero = torch.tensor([[0.1]], dtype=torch.float64), torch.tensor([[3.0]], dtype=torch.float64)
@@ -177,6 +189,10 @@ def test_weight_range_search_equals_the_reference(seed):
     got = best_uniform_range(w, uppers, lowers, 4, channel_dim=0)
     expected = reference_best_uniform_range(w, uppers, lowers, 4, channel_dim=0)
     assert same_bits(got[0], expected[0]) and same_bits(got[1], expected[1])
+    one_group = WeightQuantizer(4, 48, 80)
+    one_group.calibrate(w)
+    scale, zero = one_group.scale[:, one_group.column_group], one_group.zero_point[:, one_group.column_group]
+    assert same_bits(one_group(w), reference_fake_quantize(w, scale, zero, 4))
     quantizer = WeightQuantizer(4, 48, 80, groups=2)
     quantizer.calibrate(w)
     for group in range(2):
@@ -184,6 +200,8 @@ def test_weight_range_search_equals_the_reference(seed):
         u, lo = percentile_bounds(w[:, cols], WEIGHT_PERCENTILES, dim=1)
         scale, zero = reference_best_uniform_range(w[:, cols], u, lo, 4, channel_dim=0)
         assert same_bits(quantizer.scale[:, group], scale) and same_bits(quantizer.zero_point[:, group], zero)
+    scale, zero = quantizer.scale[:, quantizer.column_group], quantizer.zero_point[:, quantizer.column_group]
+    assert same_bits(quantizer(w), reference_fake_quantize(w, scale, zero, 4))
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -191,10 +209,13 @@ def test_weight_range_search_equals_the_reference(seed):
 def test_uniform_quantizer_calibration_equals_the_reference(seed, bits):
     x = activations(seed, 64 * 5, 16).reshape(4, 80, 16)
     for quantizer, flat in ((UniformQuantizer(bits), x.reshape(-1, 1)), (UniformQuantizer(bits, 16), x.reshape(-1, 16))):
-        quantizer.calibrate(x)
+        quantizer.enabled = True
+        got = quantizer(x)  # the first input calibrates, then is quantized (sharing one buffer)
         uppers, lowers = reference_percentiles(flat, ACTIVATION_PERCENTILES)
         scale, zero = reference_best_uniform_range(flat, uppers, lowers, bits, channel_dim=1)
         assert same_bits(quantizer.scale, scale.reshape(-1)) and same_bits(quantizer.zero_point, zero.reshape(-1))
+        assert same_bits(got, reference_fake_quantize(x, quantizer.scale, quantizer.zero_point, bits))
+        assert same_bits(quantizer(x), got)
 
 
 def attention_maps(seed: int) -> Tensor:
@@ -217,9 +238,11 @@ def test_log_sqrt2_quantization_and_calibration_equal_the_reference(seed, bits):
         assert same_bits(log_sqrt2_quantize(flat, scale, bits, torch.log2(flat), out, underflow),
                          reference_log_sqrt2_quantize(flat, scale, bits))
     quantizer = LogSqrt2Quantizer(bits)
-    quantizer.calibrate(attn)
+    quantizer.enabled = True
+    got = quantizer(attn)  # calibrates on the first input, then quantizes it with the search's log2
     assert same_bits(quantizer.scale, reference_log_sqrt2_scale(attn, bits))
-    assert same_bits(quantizer.quantize(attn), reference_log_sqrt2_quantize(attn, quantizer.scale, bits))
+    assert same_bits(got, reference_log_sqrt2_quantize(attn, quantizer.scale, bits))
+    assert same_bits(quantizer(attn), got)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 10, 1001, 100_003, 2_000_003])
