@@ -7,7 +7,7 @@ Clipping ranges are searched over a few percentiles, keeping the least squared e
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -77,15 +77,82 @@ def _integer_in(value: float, top: int) -> bool:
     return value.is_integer() and 0 <= value <= top
 
 
-def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
-    """x quantized and dequantized: (clamp(round(x / s) + z, 0, 2^b - 1) - z) * s."""
+def _per_tensor_integer(x: Tensor, scale: Tensor, zero_point: Tensor, top: int) -> bool:
+    """Whether torch's fused per-tensor kernel applies: float32, one scale, an integer zero point in
+    range (a fractional one would be truncated by it, so it goes the long way instead)."""
+    return scale.numel() == 1 and x.dtype == torch.float32 and _integer_in(float(zero_point), top)
+
+
+def _autograd_watches(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _in_place_keeps_dtype_and_shape(codes: Tensor, *operands: Tensor) -> bool:
+    """Whether codes op= operand computes what codes op operand would (same result dtype and shape),
+    and autograd is not watching (it cannot differentiate through buffers written in place)."""
+    if _autograd_watches(codes, *operands):
+        return False
+    return (all(torch.result_type(codes, t) == codes.dtype for t in operands)
+            and torch.broadcast_shapes(codes.shape, *(t.shape for t in operands)) == codes.shape)
+
+
+_CHUNK = 1 << 16  # elements per chunk: the few passes over a chunk stay in the core's cache
+
+
+def _chunks(x: Tensor, out: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+    """Matching slices of x and out, cache-sized when both are contiguous; else the whole tensors."""
+    if not (x.is_contiguous() and out.is_contiguous()) or x.shape != out.shape:
+        yield x, out
+        return
+    flat_x, flat_out = x.reshape(-1), out.reshape(-1)
+    for start in range(0, flat_x.numel(), _CHUNK):
+        yield flat_x[start:start + _CHUNK], flat_out[start:start + _CHUNK]
+
+
+def _fused_kernel_into(x: Tensor, out: Tensor, scale: Tensor, zero_point: Tensor, top: int) -> Tensor:
+    """torch.fake_quantize_per_tensor_affine(x, s, z, 0, top) bit for bit, written into out.
+
+    That kernel is a scalar loop; these are the same float32 operations in vectorised passes:
+    q = round(x * (1/s)) + z (round half to even, 1/s rounded to float32 first), NaN to code 0 as
+    its fmax does, clamped to 0..top, then (q - z) * s. Integers this small are exact in float32,
+    so its detour through int64 changes nothing, and no zero comes out negative in either."""
+    scale = scale.float().reshape(())
+    inverse, z = torch.reciprocal(scale), float(int(zero_point))
+    torch.mul(x, inverse, out=out).round_().add_(z)
+    out.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+    return out.clamp_(0, top).sub_(z).mul_(scale)
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int, out: Optional[Tensor] = None) -> Tensor:
+    """x quantized and dequantized: (clamp(round(x / s) + z, 0, 2^b - 1) - z) * s.
+
+    A per-tensor integer zero point computes exactly what torch's fused kernel does (it multiplies
+    by 1/s instead of dividing by s). `out`: a buffer of the result's shape to write into, for
+    searches (without autograd) that quantize many times."""
     top = 2**bits - 1
-    if scale.numel() == 1 and x.dtype == torch.float32 and _integer_in(float(zero_point), top):
-        # torch's fused kernel: one pass instead of six (it multiplies by 1/s instead of dividing);
-        # it takes an integer zero point, so a fractional one goes the long way instead of truncated
-        return torch.fake_quantize_per_tensor_affine(x, scale.float().reshape(()), zero_point.int().reshape(()), 0, top)
-    codes = torch.clamp(torch.round(x / scale) + zero_point, 0, top)
-    return (codes - zero_point) * scale
+    if _per_tensor_integer(x, scale, zero_point, top):
+        if x.device.type != "cpu" or _autograd_watches(x, scale):  # the kernel (and its straight-through gradient)
+            return torch.fake_quantize_per_tensor_affine(x, scale.float().reshape(()), zero_point.int().reshape(()),
+                                                         0, top)
+        out = torch.empty_like(x) if out is None else out
+        for part, part_out in _chunks(x, out):
+            _fused_kernel_into(part, part_out, scale, zero_point, top)
+        return out
+    codes = x / scale if out is None else torch.div(x, scale, out=out)
+    if not _in_place_keeps_dtype_and_shape(codes, zero_point, scale):
+        codes = torch.clamp(torch.round(x / scale) + zero_point, 0, top)
+        return (codes - zero_point) * scale
+    return codes.round_().add_(zero_point).clamp_(0, top).sub_(zero_point).mul_(scale)
+
+
+def squared_error(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int, out: Tensor) -> Tensor:
+    """(fake_quantize(x) - x)^2 elementwise, computed in the buffer `out` (x's shape)."""
+    top = 2**bits - 1
+    if not _per_tensor_integer(x, scale, zero_point, top) or x.device.type != "cpu":
+        return fake_quantize(x, scale, zero_point, bits, out).sub_(x).pow_(2)
+    for part, part_out in _chunks(x, out):  # every pass over a chunk while it is in cache
+        _fused_kernel_into(part, part_out, scale, zero_point, top).sub_(part).pow_(2)
+    return out
 
 
 def onnx_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
@@ -100,16 +167,18 @@ def onnx_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) 
 
 
 def best_uniform_range(
-    x: Tensor, uppers: Tensor, lowers: Tensor, bits: int, channel_dim: int
+    x: Tensor, uppers: Tensor, lowers: Tensor, bits: int, channel_dim: int, work: Optional[Tensor] = None
 ) -> tuple[Tensor, Tensor]:
     """Among candidate ranges (one row per candidate, one column per channel), the scale and
-    zero point with the least squared quantization error, chosen per channel."""
+    zero point with the least squared quantization error, chosen per channel. `work`: a buffer of
+    x's shape and dtype in which each candidate's errors are computed (by default a fresh one)."""
     shape = [1, 1]
     shape[channel_dim] = -1
+    out = torch.empty_like(x) if work is None else work
     best_err = best_scale = best_zero = None
     for upper, lower in zip(uppers, lowers):
         scale, zero = range_to_scale(upper, lower, bits)
-        err = (fake_quantize(x, scale.reshape(shape), zero.reshape(shape), bits) - x).pow(2).sum(dim=1 - channel_dim)
+        err = squared_error(x, scale.reshape(shape), zero.reshape(shape), bits, out).sum(dim=1 - channel_dim)
         if best_err is None:
             best_err, best_scale, best_zero = err, scale, zero
             continue
@@ -137,11 +206,16 @@ class ActivationQuantizer(nn.Module):
     def quantize(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def calibrate_and_quantize(self, x: Tensor) -> Tensor:
+        """calibrate(x), then quantize(x); a subclass may share the work of the two."""
+        self.calibrate(x)
+        return self.quantize(x)
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
         if not bool(self.calibrated):
-            self.calibrate(x)
+            return self.calibrate_and_quantize(x)
         return self.quantize(x)
 
 
@@ -167,14 +241,25 @@ class UniformQuantizer(ActivationQuantizer):
         self.calibrated.fill_(True)
 
     @torch.no_grad()
-    def calibrate(self, x: Tensor) -> None:
+    def calibrate(self, x: Tensor, work: Optional[Tensor] = None) -> None:
+        """The least squared error range among the percentile candidates. `work`: a float32
+        buffer of x's shape for the candidates' errors (by default a fresh one)."""
         x = x.detach().float()
-        flat = x.reshape(-1, x.shape[-1]) if self.per_channel else x.reshape(-1, 1)  # (tokens, channels)
+        rows = (lambda t: t.reshape(-1, t.shape[-1])) if self.per_channel else (lambda t: t.reshape(-1, 1))
+        flat = rows(x)  # (tokens, channels)
         uppers, lowers = percentile_bounds(flat, ACTIVATION_PERCENTILES, dim=0)
-        scale, zero = best_uniform_range(flat, uppers, lowers, self.bits, channel_dim=1)
+        scale, zero = best_uniform_range(flat, uppers, lowers, self.bits, channel_dim=1,
+                                         work=None if work is None else rows(work))
         self.scale = scale.reshape(self.scale.shape).to(self.scale)
         self.zero_point = zero.reshape(self.zero_point.shape).to(self.zero_point)
         self.calibrated.fill_(True)
+
+    def calibrate_and_quantize(self, x: Tensor) -> Tensor:
+        if self.as_float64_export or x.dtype != torch.float32 or not x.is_contiguous() or _autograd_watches(x):
+            return super().calibrate_and_quantize(x)
+        buffer = torch.empty_like(x)  # the search's work space, then the result: one allocation, not two
+        self.calibrate(x, buffer)
+        return fake_quantize(x, self.scale, self.zero_point, self.bits, out=buffer)
 
     def quantize(self, x: Tensor) -> Tensor:
         """Fake-quantize x whatever `enabled` says (used to build Xq for statistics).
@@ -187,19 +272,28 @@ class UniformQuantizer(ActivationQuantizer):
 
 
 
-def log_sqrt2_quantize(x: Tensor, scale: Tensor, bits: int, log2_x: Optional[Tensor] = None) -> Tensor:
+def log_sqrt2_quantize(x: Tensor, scale: Tensor, bits: int, log2_x: Optional[Tensor] = None,
+                       out: Optional[Tensor] = None, underflow: Optional[Tensor] = None) -> Tensor:
     """RepQ-ViT's post-softmax quantizer: powers of sqrt(2) below the scale; deep codes become 0.
 
     code q = clamp(round(-2 log2(x / s)), 0, 2^b - 1), value 2^(-ceil(q/2)) (1 + (q mod 2)(sqrt2 - 1)) s.
+    `out` (float, x's shape) and `underflow` (bool) are buffers for searches that quantize many times.
     """
     levels = 2**bits
     if log2_x is None:
         log2_x = torch.log2(x)
-    codes = torch.round(-2 * (log2_x - torch.log2(scale)))
-    underflow = codes >= levels
-    codes = codes.clamp(0, levels - 1)
+        out = None if _autograd_watches(x) else log2_x  # a fresh tensor: the codes can be computed in it
+    if not _in_place_keeps_dtype_and_shape(log2_x, scale):
+        codes = torch.round(-2 * (log2_x - torch.log2(scale)))
+        underflow = codes >= levels
+        codes = codes.clamp(0, levels - 1)
+        return (torch.exp2(-0.5 * codes) * scale).masked_fill_(underflow, 0.0)
+    # the operations of the lines above, in one buffer
+    codes = torch.sub(log2_x, torch.log2(scale), out=out) if out is not None else log2_x - torch.log2(scale)
+    codes.mul_(-2).round_()
+    underflow = torch.ge(codes, levels, out=underflow) if underflow is not None else codes >= levels
     # 2^(-ceil(q/2)) (1 + (q mod 2)(sqrt2 - 1)) equals 2^(-q/2) for every integer q >= 0
-    return (torch.exp2(-0.5 * codes) * scale).masked_fill_(underflow, 0.0)
+    return codes.clamp_(0, levels - 1).mul_(-0.5).exp2_().mul_(scale).masked_fill_(underflow, 0.0)
 
 
 def log_sqrt2_levels(scale: Tensor, bits: int) -> Tensor:
@@ -226,12 +320,27 @@ class LogSqrt2Quantizer(ActivationQuantizer):
 
     @torch.no_grad()
     def calibrate(self, x: Tensor) -> None:
-        flat = x.detach().float().reshape(-1)
+        self._search(x.detach().float().reshape(-1))
+
+    def _search(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """Set the scale with the least squared error among the percentile candidates; return
+        log2(flat) and a bool buffer of its size, for a quantization of flat that follows."""
         uppers = percentile_bounds(flat, ACTIVATION_PERCENTILES, dim=0)[0].reshape(-1).clamp(min=_MIN_SCALE)
         log2_flat = torch.log2(flat)
-        errors = [(log_sqrt2_quantize(flat, u, self.bits, log2_flat) - flat).pow(2).sum() for u in uppers]
+        out, underflow = torch.empty_like(flat), torch.empty_like(flat, dtype=torch.bool)  # shared by the candidates
+        errors = [log_sqrt2_quantize(flat, u, self.bits, log2_flat, out, underflow).sub_(flat).pow_(2).sum()
+                  for u in uppers]
         self.scale = uppers[int(torch.stack(errors).argmin())].reshape(1).to(self.scale)
         self.calibrated.fill_(True)
+        return log2_flat, underflow
+
+    def calibrate_and_quantize(self, x: Tensor) -> Tensor:
+        if self.as_float64_export or x.dtype != torch.float32 or not x.is_contiguous() or _autograd_watches(x):
+            return super().calibrate_and_quantize(x)
+        with torch.no_grad():
+            log2_flat, underflow = self._search(x.reshape(-1))
+        # quantize(x), with the log2 the search computed and its buffer for the result
+        return log_sqrt2_quantize(x, self.scale, self.bits, log2_flat, log2_flat, underflow).view(x.shape)
 
     def quantize(self, x: Tensor) -> Tensor:
         if self.as_float64_export:
@@ -275,7 +384,11 @@ class WeightQuantizer(nn.Module):
         return self.scale.shape[1]
 
     def column_scale(self) -> tuple[Tensor, Tensor]:
-        """Scale and zero point expanded to (d_out, d_in): each column's own group."""
+        """Scale and zero point expanded to (d_out, d_in): each column's own group (with one group,
+        a broadcast view instead of a copy: the same values)."""
+        if self.groups == 1:
+            shape = (self.scale.shape[0], self.column_group.numel())
+            return self.scale.expand(shape), self.zero_point.expand(shape)
         return self.scale[:, self.column_group], self.zero_point[:, self.column_group]
 
     @torch.no_grad()

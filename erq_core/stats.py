@@ -35,8 +35,8 @@ class FPRows:
 
     @classmethod
     def of(cls, x: Tensor, y: Tensor, keep_input: bool = True, keep_output: bool = True) -> "FPRows":
-        return cls(x if keep_input else None, y if keep_output else None,
-                   y.double().pow(2).reshape(y.shape[0], -1).sum(dim=1))
+        squares = y.double().pow_(2) if y.dtype != torch.float64 else y.pow(2)  # pow_ on the copy .double() made
+        return cls(x if keep_input else None, y if keep_output else None, squares.reshape(y.shape[0], -1).sum(dim=1))
 
     def images(self, index: slice) -> "FPRows":
         return FPRows(None if self.input is None else self.input[index],
