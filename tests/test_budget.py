@@ -4,6 +4,7 @@ saved, loaded and exported without changing a bit."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from erq_core import ErqConfig, load_quantized, save_quantized
-from erq_core.budget import heldout_batches, heldout_samples, quantize_with_budget
+from erq_core.budget import heldout_batches, heldout_samples, layer_swaps, mixed, quantize_with_budget
 from erq_core.data import build_transform, calibration_loader, list_split
 from erq_core.float64 import to_float64
 from erq_core.models import load_model
@@ -161,3 +162,33 @@ def test_the_report_has_a_precision_column_per_layer_as_metrics_json_says(budget
     Rows().feed(html)
     assert rows == precision
     assert f'{result.budget["layers_at_8_bits"]} of {result.budget["layers"]} layers at 8 bits' in html
+
+
+def test_the_float32_export_of_a_mixed_run_holds_each_layers_own_codes_and_agrees_with_erq(tmp_path):
+    """A W4/A4 model with some layers from its W8/A8 twin, as the budget search builds it. (At W2/A3
+    the float32 export parts from erq's float32 evaluation on every image, mixed or not: the float64
+    export above is the exact check there.)"""
+    from tests.test_onnx_export import run_onnxruntime_alone
+
+    config = dataclasses.replace(CONFIG, w_bits=4, a_bits=4, max_drop=None)
+    loaded, calibration, heldout = _pieces(config)
+    low = quantize(copy.deepcopy(loaded.model), calibration, config)
+    high = quantize(loaded.model, calibration, dataclasses.replace(config, w_bits=8, a_bits=8))
+    swaps = layer_swaps(low.model, low.norm_linear_pairs)
+    names = list(swaps)[::3]  # the patch embedding, linear layers of both kinds, attention matmuls
+    result = dataclasses.replace(low, model=mixed(low.model, high.model, names, swaps))
+    save_quantized(result, tmp_path, loaded.source, loaded.pretrained_cfg)
+    exported = export_onnx(tmp_path, tmp_path / "model.onnx")
+    blocks = {4: 0, 8: 0}  # a two-part weight quantizer is two blocks of codes
+    for _, module in result.model.named_modules():
+        if isinstance(module, (QuantLinear, QuantConv2d)):
+            blocks[module.weight_quantizer.bits] += module.weight_quantizer.groups
+    assert blocks[4] and blocks[8]
+    assert exported.weight_code_types == {"UINT4": blocks[4], "UINT8": blocks[8]}
+    images = torch.cat([x for x, _ in heldout])[:64]
+    with torch.no_grad():
+        expected = load_quantized(tmp_path, "cpu")(images).numpy()
+    logits = run_onnxruntime_alone(tmp_path / "model.onnx", images.numpy(), tmp_path)
+    per_image = np.abs(logits - expected).max(axis=1)
+    # as for a uniform run (tests/test_onnx_export.py): a tie at a rounding boundary moves an image a step
+    assert (per_image < 1e-4).mean() >= 0.95 and per_image.max() < 0.1 * np.abs(expected).max(), per_image
