@@ -58,7 +58,3 @@ def apply_precision(model: nn.Module, precision: list[dict]) -> None:
     for entry in precision:
         set_layer_bits(modules[entry["name"]], entry.get("w_bits"), entry.get("a_bits"))
 
-
-def count_at(precision: list[dict], bits: int) -> int:
-    """How many layers have all their quantizers at `bits`."""
-    return sum(all(b in (None, bits) for b in (p["w_bits"], p["a_bits"])) for p in precision)
