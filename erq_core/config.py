@@ -122,6 +122,11 @@ class ErqConfig:
                                                                "(drawn like the others; more than calib-size "
                                                                "draws more)",
                                      flags=("--reconstruct-images",), ge=1, le=MAX_CALIB_SIZE)
+    max_drop: Optional[float] = _field(
+        None, help="accuracy budget, in points of top-1: keep the fewest layers at 8 bits (weights and their input "
+                   "activations) that bring the model within this many points of FP on held-out train/ images "
+                   "(not the calibration draw, never val/); see docs/accuracy.md",
+        flags=("--max-drop",), ge=0, le=100)
     export: tuple[str, ...] = _field((), help="also write the model in these formats (onnx: DIR/model.onnx, "
                                               "runs in onnxruntime without erq; onnx-float64: "
                                               "DIR/model-float64.onnx, computed in float64 as erq evaluate "

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
-import torch
 from torch import Tensor, nn
 
 from erq_core.config import ErqConfig
@@ -25,7 +24,7 @@ from erq_core.layer import LayerPlan, augmented_weight, solve_layer
 from erq_core.output_aware import linear_input_loss, matmul_loss, search_range
 from erq_core.progress import LAYERS_STAGE, RECONSTRUCT_STAGE
 from erq_core.qmodules import QuantLinear, QuantMatMul, set_quant_state
-from erq_core.ridge import choose_aqer_alpha, mean_diagonal
+from erq_core.ridge import ALPHAS, held_out_gains, mean_diagonal
 from erq_core.sequential import call_arguments, leading_images, quantize_sequentially
 from erq_core.stats import FoldedStats, LayerStats
 from erq_core.timing import timed
@@ -43,6 +42,18 @@ class PlusOptions:
     output_aware_clipping: bool = True
 
 
+def choose_aqer(weight: Tensor, folds: FoldedStats, with_bias: bool) -> tuple[float, bool]:
+    """The alpha whose Aqer solve on one half predicts the other half's FP output best, and whether
+    that solve lowers the held-out output error at all. When no alpha does (the input quantization
+    error is small, as with 8-bit activations, and the update would fit the calibration images'
+    noise), Aqer is skipped: it could only make the layer worse on images it has not seen."""
+    first, second = folds.folds
+    gains = held_out_gains(weight, first, second, with_bias, ALPHAS) + \
+        held_out_gains(weight, second, first, with_bias, ALPHAS)
+    best = int(gains.argmin())
+    return ALPHAS[best], bool(gains[best] < 0)
+
+
 def layer_plan(layer: nn.Module, stats: LayerStats, folds: Optional[FoldedStats], config: ErqConfig,
                options: PlusOptions) -> tuple[LayerPlan, Optional[float]]:
     """How to solve one layer, and the alpha chosen for its ridge strength (None: the coe rule)."""
@@ -50,13 +61,13 @@ def layer_plan(layer: nn.Module, stats: LayerStats, folds: Optional[FoldedStats]
     if not isinstance(layer, QuantLinear):  # the patch embedding: Wqer only, on its im2col input
         wqer = config.coe if config.wqer else None
         return LayerPlan(None, wqer, refine_rounding=False, output_aware_clipping=clipping), None
-    alpha = None
+    alpha, aqer_helps = None, True
     if options.auto_lambda and folds is not None:
-        alpha = choose_aqer_alpha(augmented_weight(layer), folds, layer.bias is not None)
+        alpha, aqer_helps = choose_aqer(augmented_weight(layer), folds, layer.bias is not None)
         aqer = wqer = alpha * mean_diagonal(stats.gram(layer.bias is not None))
     else:
         aqer, wqer = (0.1 * config.coe if stats.token_input else 0.1), 0.1 * config.coe
-    return LayerPlan(aqer if config.aqer else None, wqer if config.wqer else None,
+    return LayerPlan(aqer if config.aqer and aqer_helps else None, wqer if config.wqer else None,
                      output_aware_clipping=clipping), alpha
 
 
@@ -86,6 +97,8 @@ def quantize_plus(model: nn.Module, calibration: Iterable, config: ErqConfig, se
         report = solve_layer(name, layer, stats, plan, seconds)
         if alpha is not None:
             report["alpha"] = alpha
+        if isinstance(layer, QuantLinear) and config.aqer:
+            report["aqer_kept"] = plan.aqer_lambda is not None
         return report
 
     after_block = None

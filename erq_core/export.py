@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from erq_core.errors import CheckpointError
+from erq_core.precision import apply_precision, model_precision
 from erq_core.qmodules import activation_quantizers, convert_model, set_quant_state, weight_layers
 
 FORMAT = "erq-quantized/1"
@@ -104,6 +105,8 @@ def save_quantized(quantized, out_dir: str | Path, source: dict, pretrained_cfg:
             "norm_linear_pairs": quantized.norm_linear_pairs,
             "two_part_layers": quantized.two_part_layers,
             "layers": layout,
+            # every layer's bit widths: a --max-drop run keeps some at 8 bits
+            "precision": model_precision(quantized.model),
         },
         "versions": package_versions(),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -137,6 +140,7 @@ def load_quantized(folder: str | Path, device: Optional[str | torch.device] = No
     q = config["quantization"]
     model = build_architecture(config["model_source"])
     convert_model(model, q["a_bits"], q["w_bits"], set(), set(q["two_part_layers"]), q["log_sqrt2_softmax"])
+    apply_precision(model, q.get("precision", []))  # older folders hold one bit width for all
     try:
         state = load_file(str(Path(folder) / WEIGHTS_FILE))
     except (SafetensorError, OSError) as exc:

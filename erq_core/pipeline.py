@@ -40,6 +40,7 @@ class QuantizedModel:
     two_part_layers: list[str]
     layers: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    budget: Optional[dict] = None  # what --max-drop searched and found (erq_core/budget.py)
 
 
 def _no_progress(stage: str, done: int, total: int) -> None:

@@ -1,9 +1,9 @@
 """report.html: one self-contained page that shows what a run did (no script, no network).
 
-FP against quantized top-1/top-5, the time of each stage, peak memory, and a chart of every
+FP against quantized top-1/top-5, the time of each stage, peak memory, a chart of every
 quantized layer's relative output error after each step that metrics.json records for it
 (round-to-nearest, Aqer, Wqer, and whatever steps a method adds): a user sees at a glance which
-layers hurt. Charts are inline SVG drawn here; every user-supplied string is escaped.
+layers hurt; and a table of every layer's bit widths (a `--max-drop` run keeps some at 8 bits). Charts are inline SVG drawn here; every user-supplied string is escaped.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from erq_core.export import CONFIG_FILE, METRICS_FILE, write_atomic
 REPORT_FILE = "report.html"
 # how the known per-layer steps are labelled; any other numeric key of a layer is one more series
 STEP_LABELS = {"rtn": "round-to-nearest", "aqer": "after Aqer", "wqer": "after Wqer"}
+# numeric per-layer keys that are not errors (erq+'s chosen ridge strength)
+NOT_ERRORS = {"alpha"}
 PALETTE = ("#9aa5b1", "#e8a33d", "#2f7dd1", "#3aa66b", "#b5489c", "#d1495b", "#5b5f97", "#7a9e3b")
 STAGE_COLOR = "#2f7dd1"
 
@@ -58,7 +60,7 @@ def layer_series(layers: list[dict]) -> list[str]:
     series: list[str] = []
     for layer in layers:
         for key, value in layer.items():
-            if key != "name" and isinstance(value, (int, float)) and not isinstance(value, bool) and key not in series:
+            if key != "name" and key not in NOT_ERRORS and isinstance(value, (int, float)) and not isinstance(value, bool) and key not in series:
                 series.append(key)
     known = list(STEP_LABELS)
     return sorted(series, key=lambda k: (known.index(k) if k in known else len(known), series.index(k)))
@@ -165,9 +167,10 @@ def _layer_chart(layers: list[dict]) -> str:
     legend = "".join(f'<span><i style="background:{PALETTE[k % len(PALETTE)]}"></i>{escape(STEP_LABELS.get(s, s))}'
                      f'</span>' for k, s in enumerate(series))
     last = series[-1]
-    worst = sorted((l for l in layers if isinstance(l.get(last), (int, float))), key=lambda l: -l[last])[:5]
-    worst_rows = "".join(f'<tr><td>{escape(str(l["name"]))}</td><td class="num">{l[last]:.4g}</td></tr>'
-                         for l in worst)
+    worst = sorted((layer for layer in layers if isinstance(layer.get(last), (int, float))),
+                   key=lambda layer: -layer[last])[:5]
+    worst_rows = "".join(f'<tr><td>{escape(str(layer["name"]))}</td><td class="num">{layer[last]:.4g}</td></tr>'
+                         for layer in worst)
     return ('<h2>Per-layer relative output error</h2>'
             '<p class="sub">||X&#770;W&#770;&#7488; &minus; XW&#7488;||&sup2; / ||XW&#7488;||&sup2; on the calibration '
             'set, log scale; shorter is better.</p>'
@@ -176,6 +179,37 @@ def _layer_chart(layers: list[dict]) -> str:
             f'aria-label="relative output error per layer">{"".join(parts)}</svg>'
             f'<h2>Layers that hurt most ({escape(STEP_LABELS.get(last, last))})</h2>'
             f'<table id="worst-layers"><tr><th>layer</th><th>error</th></tr>{worst_rows}</table>')
+
+
+def _bits(value: Optional[int]) -> str:
+    return "&ndash;" if value is None else str(value)
+
+
+def _precision_section(precision: list[dict], layers: list[dict], budget: Optional[dict]) -> str:
+    """Every layer's bit widths (a --max-drop run raises some to 8) beside its final output error."""
+    if not precision:
+        return ""
+    errors = {layer.get("name"): layer for layer in layers}
+    series = layer_series(layers)
+    last = series[-1] if series else None
+    rows = []
+    for entry in precision:
+        name = escape(str(entry["name"]))
+        error = (errors.get(entry["name"]) or {}).get(last) if last else None
+        rows.append(f'<tr class="precision" data-layer="{name}" data-w-bits="{json.dumps(entry.get("w_bits"))}" '
+                    f'data-a-bits="{json.dumps(entry.get("a_bits"))}"><td>{name}</td>'
+                    f'<td class="num">{_bits(entry.get("w_bits"))}</td><td class="num">{_bits(entry.get("a_bits"))}</td>'
+                    f'<td class="num">{"" if error is None else f"{error:.4g}"}</td></tr>')
+    note = ""
+    if budget:
+        drop = budget.get("drop_heldout")
+        note = (f'<p class="sub" id="budget">accuracy budget {budget.get("max_drop")} points: '
+                f'{budget.get("layers_at_8_bits")} of {budget.get("layers")} layers at 8 bits, held-out drop '
+                f'{_num(drop)} points on {budget.get("heldout_images")} train/ images outside the calibration '
+                f'draw{"" if budget.get("met") else " (not met even with every layer at 8 bits)"}</p>')
+    return ('<h2>Per-layer precision</h2>' + note +
+            '<table id="precision"><tr><th>layer</th><th>weight bits</th><th>input bits</th>'
+            f'<th>error ({escape(STEP_LABELS.get(last, last or ""))})</th></tr>{"".join(rows)}</table>')
 
 
 def render_report(metrics: dict, config: dict[str, Any]) -> str:
@@ -192,6 +226,7 @@ def render_report(metrics: dict, config: dict[str, Any]) -> str:
         _stages_section(metrics.get("seconds") or {}),
         _memory_section(metrics),
         _layer_chart(metrics.get("layers") or []),
+        _precision_section(metrics.get("precision") or [], metrics.get("layers") or [], metrics.get("budget")),
     ])
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f'<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; style-src \'unsafe-inline\'">'

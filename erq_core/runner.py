@@ -10,7 +10,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -21,6 +21,7 @@ from erq_core.export import METRICS_FILE, read_config, save_quantized, load_quan
 from erq_core.float64 import to_float64, with_precision
 from erq_core.models import load_model
 from erq_core.pipeline import Progress, quantize
+from erq_core.precision import model_precision
 from erq_core.report import write_report
 
 log = logging.getLogger("erq")
@@ -77,7 +78,13 @@ def run(config: ErqConfig, out_dir: str | Path, *, device: Optional[str] = None,
         seconds["evaluate_fp"] = round(time.perf_counter() - start, 3)
         log.info("full precision: top-1 %.2f%%, top-5 %.2f%% on %d images", fp["top1"], fp["top5"], n_val)
 
-    quantized = quantize(loaded.model, calibration, config, progress)
+    if config.max_drop is None:
+        quantized = quantize(loaded.model, calibration, config, progress)
+    else:
+        from erq_core.budget import heldout_batches, quantize_with_budget
+
+        heldout = heldout_batches(config.dataset, transform, config.images_needed, config.seed, config.batch_size)
+        quantized = quantize_with_budget(loaded.model, calibration, heldout, config, progress)
     seconds.update(quantized.seconds)
 
     quant = {"top1": None, "top5": None}
@@ -92,7 +99,9 @@ def run(config: ErqConfig, out_dir: str | Path, *, device: Optional[str] = None,
     start = time.perf_counter()
     progress("save", 0, 1)
     metrics = {"fp": fp, "quantized": quant, "n_val": n_val, "seconds": seconds, **peak_memory_bytes(device),
-               "device": device, "layers": quantized.layers}
+               "device": device, "layers": quantized.layers, "precision": model_precision(quantized.model)}
+    if quantized.budget is not None:
+        metrics["budget"] = quantized.budget
     save_quantized(quantized, out_dir, loaded.source, loaded.pretrained_cfg)
     seconds["save"] = round(time.perf_counter() - start, 3)
     progress("save", 1, 1)

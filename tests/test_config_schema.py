@@ -47,7 +47,8 @@ def test_the_defaults_of_a_bare_job_body_equal_the_config_defaults():
 
 
 @pytest.mark.parametrize("name, value", [("w_bits", 9), ("a_bits", 1), ("coe", 0), ("calib_size", 0),
-                                         ("seed", -1), ("val_limit", 0), ("batch_size", 5000)])
+                                         ("seed", -1), ("val_limit", 0), ("batch_size", 5000),
+                                         ("max_drop", -0.5)])
 def test_a_value_out_of_bounds_is_refused_by_the_config_and_the_job_body_alike(name, value):
     with pytest.raises(ConfigError, match=name):
         ErqConfig(model="deit_small", dataset="/data", **{name: value}).validate()

@@ -42,6 +42,12 @@ def test_submit_follow_and_list(client, alice):
     assert fetched["id"] == job["id"] and fetched["artifacts"] == [] and fetched["created_at"].endswith(("Z", "+00:00"))
 
 
+def test_a_job_takes_an_accuracy_budget_in_points_of_top1(client, alice):
+    answer = submit(client, alice, max_drop=1.5, method="erq+")
+    assert answer.status_code == 202 and answer.json()["params"]["max_drop"] == 1.5
+    assert submit(client, alice).json()["params"]["max_drop"] is None
+
+
 def test_polling_with_the_etag_answers_304_until_the_job_changes(client, alice):
     location = submit(client, alice).headers["Location"]
     first = client.get(location, headers=alice)
@@ -76,6 +82,7 @@ def test_another_keys_job_is_not_found(client, alice, bob):
     ({"method": "gptq"}, "'erq', 'erq+', 'repq' or 'rtn'"),  # the choices of ErqConfig.method
     ({"colour": "blue"}, "Extra inputs are not permitted"),
     ({"calib_size": "many"}, "valid integer"),
+    ({"max_drop": -1}, "greater than or equal to 0"),
 ])
 def test_bad_jobs_are_refused_with_a_message(client, alice, changes, message):
     answer = submit(client, alice, **changes)
