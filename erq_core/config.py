@@ -24,7 +24,9 @@ METHODS = ("erq", "erq+", "repq", "rtn")
 # methods that fold the RepQ-ViT reparameterization and quantize post-softmax with log-sqrt2
 REPARAMETERIZED = ("erq", "erq+", "repq")
 DEFAULT_CALIB_SIZE = {"erq": 32, "repq": 32, "rtn": 32, "erq+": 192}
-EXPORT_FORMATS = ("onnx", "onnx-float64")
+EXPORT_FORMATS = ("onnx", "onnx-float64", "onnx-int8", "onnx-w4")
+# methods whose activation quantizers keep integer zero points (the integer kernels of onnx-int8 need them)
+INTEGER_ZERO_POINT_METHODS = ("erq+", "rtn")
 PRECISIONS = ("float32", "float64")  # what a saved model is evaluated in (erq_core.float64)
 MIN_BITS, MAX_BITS = 2, 8
 MAX_CALIB_SIZE = 100_000
@@ -108,8 +110,11 @@ class ErqConfig:
     export: tuple[str, ...] = _field((), help="also write the model in these formats (onnx: DIR/model.onnx, "
                                               "runs in onnxruntime without erq; onnx-float64: "
                                               "DIR/model-float64.onnx, computed in float64 as erq evaluate "
-                                              "--precision float64 does, also evaluated so); repeat the flag "
-                                              "for several",
+                                              "--precision float64 does, also evaluated so; onnx-int8: "
+                                              "DIR/model-int8.onnx on integer kernels, for 8-bit activations; "
+                                              "onnx-w4: DIR/model-w4.onnx, 4-bit weight kernels with float "
+                                              "activations, for weights of 4 bits or fewer); every ONNX file is "
+                                              "also scored with onnxruntime; repeat the flag for several",
                                      flags=("--export",), choices=EXPORT_FORMATS)
 
     def __post_init__(self) -> None:
@@ -125,7 +130,22 @@ class ErqConfig:
             raise ConfigError("dataset is required: an ImageFolder root with train/ and val/ folders")
         if self.reconstruct and self.method != "erq+":
             raise ConfigError(f"reconstruct starts from the erq+ solution: use method erq+ (got {self.method!r})")
+        self._check_export()
         return self
+
+    def _check_export(self) -> None:
+        """Refuse an export format that cannot express this run (erq_core.onnx_integer says why)."""
+        if "onnx-int8" in self.export:
+            if self.a_bits != 8:
+                raise ConfigError(f"export onnx-int8 runs integer kernels on 8-bit activations: it needs a_bits 8, "
+                                  f"got {self.a_bits} (onnx-w4 runs 4-bit weights with float activations)")
+            if self.method not in INTEGER_ZERO_POINT_METHODS:
+                raise ConfigError(f"export onnx-int8 needs integer activation zero points, which method "
+                                  f"{self.method!r} does not keep (the RepQ-ViT fold makes them fractional): use "
+                                  "method erq+ (--method erq+)")
+        if "onnx-w4" in self.export and self.w_bits > 4:
+            raise ConfigError(f"export onnx-w4 holds 4-bit weights: it needs w_bits 4 or fewer, got {self.w_bits} "
+                              "(onnx-int8 takes weights of up to 8 bits)")
 
     @property
     def images_needed(self) -> int:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 LOG_NAME = "job.log"
 PUBLISHED = ("quantized.safetensors", "config.json", "metrics.json", LOG_NAME, "model.onnx", "model-float64.onnx",
-             "report.html")
+             "model-int8.onnx", "model-w4.onnx", "report.html")
 
 
 def run_name(attempt: int) -> str:

@@ -58,7 +58,8 @@ def _on_worker_shutting_down(**_) -> None:
 # Share of the whole job each engine stage stands for, in order (for the 0..1 progress).
 STAGE_WEIGHTS = {"load_model": 0.05, "evaluate_fp": 0.15, "calibrate_activations": 0.05,
                  "collect_statistics": 0.2, "aqer": 0.05, "calibrate_weights": 0.05, "wqer": 0.2,
-                 "evaluate": 0.2, "save": 0.05, "evaluate_float64": 0.0, "export": 0.0}
+                 "evaluate": 0.2, "save": 0.05, "evaluate_float64": 0.0, "export": 0.0,
+                 "evaluate_onnx": 0.0}
 # erq+ walks the blocks once (LAYERS_STAGE) instead of the four layer stages of erq: it stands for all
 # four; its RECONSTRUCT_STAGE (--reconstruct) keeps the progress reached, its steps are within a block.
 LAYER_STAGES = ("collect_statistics", "aqer", "calibrate_weights", "wqer")
