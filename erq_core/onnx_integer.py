@@ -10,7 +10,9 @@ each marker as the operators onnxruntime's CPU provider turns into integer kerne
   float scale per output channel). Codes of 2 to 7 bits are held in INT8 shifted by 2^(b-1) (so
   |code| <= 64: onnxruntime's u8s8 kernel cannot saturate its int16 pair sums even on CPUs without
   VNNI); 8-bit codes stay UINT8 (the u8u8 kernel, exact on every CPU). A two-part weight (outlier
-  input columns with their own scales) is two such products on the two column sets, added.
+  input columns with their own scales) is two such products, added: the ordinary part over the
+  whole input with the outlier columns' codes at the zero point, the outlier part over a Gather of
+  its few columns.
 - onnx-w4: every linear layer is one com.microsoft MatMulNBits on the float input (activation
   quantizers are left out: 4-bit weights, float activations, at the kernel's W4_ACCURACY_LEVEL):
   4-bit codes packed two a byte in blocks of W4_BLOCK input columns, each block with its channel's
@@ -168,11 +170,18 @@ def _int8_linear(g, x: str, out: str, stem: str, layer: QuantLinear) -> None:
     for group in range(layer.weight_quantizer.groups):
         columns = np.flatnonzero(column_group == group)
         codes, zero, shortfall, elem = _int8_weight_codes(stem, layer, group)
-        part_x = x if layer.weight_quantizer.groups == 1 else g.node(
-            "Gather", [x, g.constant(f"{stem}.columns{group}", columns.astype(np.int64))], stem=stem, axis=-1)
+        # the ordinary columns (most of them) read the whole input, with the outlier columns' codes at the
+        # zero point (they add exactly 0): a strided Gather of the input costs more than those few columns
+        whole = layer.weight_quantizer.groups == 1 or (group == 0 and not np.any(shortfall))
+        if whole:
+            part_x, block = x, np.where((column_group == group)[None, :], codes, zero[:, None])
+        else:
+            part_x = g.node("Gather", [x, g.constant(f"{stem}.columns{group}", columns.astype(np.int64))],
+                            stem=stem, axis=-1)
+            block = codes[:, columns]
         x_codes = g.node("QuantizeLinear", [part_x, s_x, z_x], stem=stem)
         x_hat = g.node("DequantizeLinear", [x_codes, s_x, z_x], stem=stem)
-        w_codes = g.packed(f"{stem}.codes{group}", np.ascontiguousarray(codes[:, columns].T), elem)
+        w_codes = g.packed(f"{stem}.codes{group}", np.ascontiguousarray(block.T.astype(codes.dtype)), elem)
         w_zero = g.packed(f"{stem}.zero_point{group}", zero, elem)
         w_scale = g.constant(f"{stem}.scale{group}", scale[:, group].astype(np.float32))
         w_hat = g.node("DequantizeLinear", [w_codes, w_scale, w_zero], stem=stem, axis=1)

@@ -127,9 +127,14 @@ def int8_codes_in_file(path: Path, layer_name: str, layer: QuantLinear) -> np.nd
     codes = np.zeros((layer.out_features, layer.in_features), dtype=np.int64)
     column_group = layer.weight_quantizer.column_group.numpy()
     for group in range(layer.weight_quantizer.groups):
-        part = stored[f"{layer_name}.codes{group}"]
-        assert part.dtype == (np.uint8 if bits == 8 else np.int8)
-        codes[:, column_group == group] = part.T.astype(np.int64) + offset
+        part = stored[f"{layer_name}.codes{group}"].T.astype(np.int64) + offset
+        assert stored[f"{layer_name}.codes{group}"].dtype == (np.uint8 if bits == 8 else np.int8)
+        if part.shape[1] == layer.in_features:  # over the whole input: the other group's columns are 0s
+            zero = stored[f"{layer_name}.zero_point{group}"].astype(np.int64) + offset
+            np.testing.assert_array_equal(part[:, column_group != group], np.broadcast_to(
+                zero[:, None], part[:, column_group != group].shape))
+            part = part[:, column_group == group]
+        codes[:, column_group == group] = part
     return codes
 
 
