@@ -62,10 +62,12 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="output folder of erq quantize")
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS,
                    help="onnx: a model onnxruntime runs; onnx-float64: the same computed in float64, which "
-                        "gives what erq evaluate --precision float64 gives, image for image")
+                        "gives what erq evaluate --precision float64 gives, image for image; onnx-int8: integer "
+                        "kernels (8-bit activations); onnx-w4: 4-bit weight kernels, float activations")
     p.add_argument("--opset", type=int, default=21, help="ONNX opset (21 or later: 4-bit tensors); default 21")
     p.add_argument("--out", default=None,
-                   help="the file to write (default FOLDER/model.onnx, FOLDER/model-float64.onnx for onnx-float64)")
+                   help="the file to write (default FOLDER/model.onnx, FOLDER/model-float64.onnx, "
+                        "FOLDER/model-int8.onnx, FOLDER/model-w4.onnx)")
     return p
 
 
@@ -139,11 +141,9 @@ def evaluate_main(argv: list[str]) -> int:
 def export_main(argv: list[str]) -> int:
     args = export_parser().parse_args(argv)
     try:
-        from erq_core.onnx_export import EXPORT_FILES, export_onnx
+        from erq_core.onnx_export import export_format
 
-        file_name, precision = EXPORT_FILES[args.format]
-        out = args.out or f"{args.folder.rstrip('/')}/{file_name}"
-        result = export_onnx(args.folder, out, opset=args.opset, precision=precision)
+        result = export_format(args.folder, args.format, args.out, opset=args.opset)
     except ErqError as exc:
         return _fail("erq export", str(exc))
     print(json.dumps({"out": str(result.path), "bytes": result.bytes, "opset": result.opset,

@@ -27,7 +27,8 @@ class MethodSpec:
     name: str
     default_calib_size: int  # the paper calibrates on 32 images; erq+ takes more where its measured curve pays
     reparameterized: bool  # folds RepQ-ViT's LayerNorm reparameterization; log-sqrt2 post-softmax quantizer
-    integer_zero_point: bool  # after the fold: a true b-bit quantizer (else the papers' fractional mean)
+    integer_zero_point: bool  # activation quantizers keep integer zero points (after the fold: a true b-bit
+    # quantizer; the paper methods keep the fractional mean there, which onnx-int8's kernels cannot take)
     solver: Optional[str]  # "paper": ERQ's per-layer Aqer/Wqer; "sequential": erq+; None: no error reduction
     reconstructs: bool = False  # --reconstruct may refine its solution
 
@@ -36,12 +37,13 @@ METHOD_SPECS = {spec.name: spec for spec in (
     MethodSpec("erq", 32, reparameterized=True, integer_zero_point=False, solver="paper"),
     MethodSpec("erq+", 192, reparameterized=True, integer_zero_point=True, solver="sequential", reconstructs=True),
     MethodSpec("repq", 32, reparameterized=True, integer_zero_point=False, solver=None),
-    MethodSpec("rtn", 32, reparameterized=False, integer_zero_point=False, solver=None),
+    MethodSpec("rtn", 32, reparameterized=False, integer_zero_point=True, solver=None),
 )}
 METHODS = tuple(METHOD_SPECS)
 REPARAMETERIZED = tuple(name for name, spec in METHOD_SPECS.items() if spec.reparameterized)
 DEFAULT_CALIB_SIZE = {name: spec.default_calib_size for name, spec in METHOD_SPECS.items()}
-EXPORT_FORMATS = ("onnx", "onnx-float64")
+INTEGER_ZERO_POINT_METHODS = tuple(name for name, spec in METHOD_SPECS.items() if spec.integer_zero_point)
+EXPORT_FORMATS = ("onnx", "onnx-float64", "onnx-int8", "onnx-w4")
 PRECISIONS = ("float32", "float64")  # what a saved model is evaluated in (erq_core.float64)
 MIN_BITS, MAX_BITS = 2, 8
 MAX_CALIB_SIZE = 100_000
@@ -130,8 +132,11 @@ class ErqConfig:
     export: tuple[str, ...] = _field((), help="also write the model in these formats (onnx: DIR/model.onnx, "
                                               "runs in onnxruntime without erq; onnx-float64: "
                                               "DIR/model-float64.onnx, computed in float64 as erq evaluate "
-                                              "--precision float64 does, also evaluated so); repeat the flag "
-                                              "for several",
+                                              "--precision float64 does, also evaluated so; onnx-int8: "
+                                              "DIR/model-int8.onnx on integer kernels, for 8-bit activations; "
+                                              "onnx-w4: DIR/model-w4.onnx, 4-bit weight kernels with float "
+                                              "activations, for weights of 4 bits or fewer); every ONNX file is "
+                                              "also scored with onnxruntime; repeat the flag for several",
                                      flags=("--export",), choices=EXPORT_FORMATS)
 
     def __post_init__(self) -> None:
@@ -147,7 +152,22 @@ class ErqConfig:
             raise ConfigError("dataset is required: an ImageFolder root with train/ and val/ folders")
         if self.reconstruct and not self.method_spec.reconstructs:
             raise ConfigError(f"reconstruct starts from the erq+ solution: use method erq+ (got {self.method!r})")
+        self._check_export()
         return self
+
+    def _check_export(self) -> None:
+        """Refuse an export format that cannot express this run (erq_core.onnx_integer says why)."""
+        if "onnx-int8" in self.export:
+            if self.a_bits != 8:
+                raise ConfigError(f"export onnx-int8 runs integer kernels on 8-bit activations: it needs a_bits 8, "
+                                  f"got {self.a_bits} (onnx-w4 runs 4-bit weights with float activations)")
+            if self.method not in INTEGER_ZERO_POINT_METHODS:
+                raise ConfigError(f"export onnx-int8 needs integer activation zero points, which method "
+                                  f"{self.method!r} does not keep (the RepQ-ViT fold makes them fractional): use "
+                                  "method erq+ (--method erq+)")
+        if "onnx-w4" in self.export and self.w_bits > 4:
+            raise ConfigError(f"export onnx-w4 holds 4-bit weights: it needs w_bits 4 or fewer, got {self.w_bits} "
+                              "(onnx-int8 takes weights of up to 8 bits)")
 
     @property
     def method_spec(self) -> MethodSpec:

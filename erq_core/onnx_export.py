@@ -55,8 +55,11 @@ TRACE_OPSET = 20  # the TorchScript exporter's last opset; the graph is converte
 MARKER_DOMAIN = "erq.marker"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 ONNX_FILE = "model.onnx"  # what `erq quantize --export onnx` writes into the run folder
-# each export format: the file `erq quantize --export FORMAT` writes into the run folder, and its precision
-EXPORT_FILES = {"onnx": (ONNX_FILE, "float32"), "onnx-float64": ("model-float64.onnx", "float64")}
+# each export format: the file `erq quantize --export FORMAT` writes into the run folder, its precision and
+# how its linear layers are written (qdq: DequantizeLinear weights; int8 and w4: erq_core.onnx_integer)
+EXPORT_FILES = {"onnx": (ONNX_FILE, "float32", "qdq"), "onnx-float64": ("model-float64.onnx", "float64", "qdq"),
+                "onnx-int8": ("model-int8.onnx", "float32", "int8"), "onnx-w4": ("model-w4.onnx", "float32", "w4")}
+KERNELS = ("qdq", "int8", "w4")
 
 
 class OnnxExportError(ErqError):
@@ -94,6 +97,22 @@ def _mark(x: Tensor, kind: str, index: int) -> Tensor:
     return _Marker.apply(x, kind, index)
 
 
+class _LinearMarker(torch.autograd.Function):
+    """x -> (..., d_out) in torch (zeros: only the shape is traced); a node erq.marker::Linear(index)
+    that stands for the whole quantized product Q_a(x) Q_w(W)^T, written by erq_core.onnx_integer."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: int, d_out: int) -> Tensor:  # noqa: ARG004
+        return x.new_zeros(*x.shape[:-1], d_out)
+
+    @staticmethod
+    def symbolic(g, x, index: int, d_out: int):
+        out = g.op(f"{MARKER_DOMAIN}::Linear", x, index_i=index)
+        sizes = x.type().sizes() if x.type().dim() is not None else None
+        out.setType(x.type().with_sizes(list(sizes[:-1]) + [d_out]) if sizes else x.type())
+        return out
+
+
 def _marked_activation_forward(index: int):
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float64 and isinstance(self, UniformQuantizer):  # quantized in float32
@@ -107,6 +126,13 @@ def _marked_linear_forward(index: int):
         # the weight is marked transposed (d_in, d_out): x @ W^T needs no Transpose at run time;
         # it stays float32 (DequantizeLinear's output) and is cast for a float64 model
         y = self.input_quantizer(x) @ _mark(self.weight.t(), "Weight", index).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+    return forward
+
+
+def _marked_integer_linear_forward(index: int):
+    def forward(self, x: Tensor) -> Tensor:
+        y = _LinearMarker.apply(x, index, self.out_features)
         return y if self.bias is None else y + self.bias
     return forward
 
@@ -218,14 +244,22 @@ def _check_supported(model: nn.Module) -> None:
                                   "fully quantized ViT/DeiT/Swin models only")
 
 
-def _install_markers(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
-    """Swap the forwards of quantizers and weight layers for marked ones; return both lists in index order."""
+def _install_markers(model: nn.Module, kernels: str = "qdq"
+                     ) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
+    """Swap the forwards of quantizers and weight layers for marked ones; return both lists in index order.
+
+    kernels "int8", "w4": each linear layer is one Linear marker (its input quantizer included); "w4"
+    also leaves every activation in float (the activation quantizers pass their input through)."""
     activations = [(name, m) for name, m in model.named_modules() if isinstance(m, ActivationQuantizer)]
     weights = list(weight_layers(model))
     for index, (_, quantizer) in enumerate(activations):
-        quantizer.forward = types.MethodType(_marked_activation_forward(index), quantizer)
+        if kernels == "w4":
+            quantizer.enabled = False
+        else:
+            quantizer.forward = types.MethodType(_marked_activation_forward(index), quantizer)
+    linear_maker = _marked_linear_forward if kernels == "qdq" else _marked_integer_linear_forward
     for index, (_, layer) in enumerate(weights):
-        maker = _marked_linear_forward if isinstance(layer, QuantLinear) else _marked_conv_forward
+        maker = linear_maker if isinstance(layer, QuantLinear) else _marked_conv_forward
         layer.forward = types.MethodType(maker(index), layer)
     return activations, weights
 
@@ -418,9 +452,10 @@ def _weight(g: _Graph, out: str, stem: str, layer: nn.Module, transposed: bool) 
     _stitched(g, stem, "columns", column_parts, 0, out)
 
 
-def _rewrite(model_proto, activations, weights, float_type: type = np.float32):
+def _rewrite(model_proto, activations, weights, float_type: type = np.float32, kernels: str = "qdq"):
     """Every marker node replaced by its standard-operator form; the float weights they read removed.
-    `float_type`: what the log-sqrt2 quantizers compute in (uniform ones are always float32)."""
+    `float_type`: what the log-sqrt2 quantizers compute in (uniform ones are always float32);
+    `kernels`: how Linear markers are written (erq_core.onnx_integer)."""
     graph = model_proto.graph
     g = _Graph(graph)
     found_weight = set()
@@ -437,6 +472,12 @@ def _rewrite(model_proto, activations, weights, float_type: type = np.float32):
                 _log_sqrt2_activation(g, node.input[0], node.output[0], name, quantizer, float_type)
             else:
                 _uniform_activation(g, node.input[0], node.output[0], name, quantizer)
+        elif node.op_type == "Linear":
+            from erq_core.onnx_integer import write_linear
+
+            name, layer = weights[index]
+            found_weight.add(index)
+            write_linear(g, node.input[0], node.output[0], name, layer, kernels)
         else:
             name, layer = weights[index]
             found_weight.add(index)
@@ -474,12 +515,23 @@ def _set_opset(model_proto, opset: int):
     return model_proto
 
 
+def export_format(folder: str | Path, export_format: str, out: Optional[str | Path] = None,
+                  opset: int = DEFAULT_OPSET) -> ExportResult:
+    """Write the run in `folder` in one of EXPORT_FILES' formats (default: its file in the folder)."""
+    if export_format not in EXPORT_FILES:
+        raise OnnxExportError(f"unknown export format {export_format!r}; one of {', '.join(EXPORT_FILES)}")
+    file_name, precision, kernels = EXPORT_FILES[export_format]
+    return export_onnx(folder, out or Path(folder) / file_name, opset=opset, precision=precision, kernels=kernels)
+
+
 def export_onnx(folder: str | Path, out: str | Path, opset: int = DEFAULT_OPSET,
-                batch_size: int = 1, precision: str = "float32") -> ExportResult:
+                batch_size: int = 1, precision: str = "float32", kernels: str = "qdq") -> ExportResult:
     """Write the quantized model saved in `folder` (erq quantize --out) as an ONNX file.
 
     precision "float64": every operator between quantizers in float64, as `erq evaluate
-    --precision float64` computes it (see erq_core.float64); float32 images in, float32 logits out."""
+    --precision float64` computes it (see erq_core.float64); float32 images in, float32 logits out.
+    kernels "int8" (onnx-int8) and "w4" (onnx-w4): linear layers on onnxruntime's integer and
+    4-bit kernels (erq_core.onnx_integer)."""
     import onnx
 
     from erq_core.export import load_quantized
@@ -489,10 +541,18 @@ def export_onnx(folder: str | Path, out: str | Path, opset: int = DEFAULT_OPSET,
                               f"{onnx.defs.onnx_opset_version()}, got {opset}")
     if precision not in PRECISIONS:
         raise OnnxExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if kernels not in KERNELS:
+        raise OnnxExportError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    if kernels != "qdq" and precision != "float32":
+        raise OnnxExportError(f"the {kernels} kernels compute in float32 only")
     config = read_config(folder)
     model = load_quantized(folder, "cpu")
     _check_supported(model)
-    activations, weights = _install_markers(model)
+    if kernels != "qdq":
+        from erq_core.onnx_integer import check_integer_export
+
+        check_integer_export(model, kernels, int(config["quantization"]["w_bits"]))
+    activations, weights = _install_markers(model, kernels)
     traced_model = _prepare_float64(model) if precision == "float64" else model
     size = config["pretrained_cfg"].get("input_size") or [3, 224, 224]
     example = torch.zeros(batch_size, *size)
@@ -503,14 +563,20 @@ def export_onnx(folder: str | Path, out: str | Path, opset: int = DEFAULT_OPSET,
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     traced = _set_opset(traced, opset)
     float_type = np.float64 if precision == "float64" else np.float32
-    proto = _rewrite(traced, activations, weights, float_type)
+    proto = _rewrite(traced, activations, weights, float_type, kernels)
+    if kernels != "qdq":
+        from erq_core.onnx_integer import finish_integer_graph
+
+        finish_integer_graph(proto)
     if precision == "float64":
         _check_float64_operators(proto)
     proto.ir_version = max(proto.ir_version, 10)  # opset 21 needs IR 10
     proto.producer_name = "erq"
     proto.doc_string = (f"erq {config['quantization']['method']} W{config['quantization']['w_bits']}/"
                         f"A{config['quantization']['a_bits']} of {config['model_source']['spec']}"
-                        + (", computed in float64" if precision == "float64" else ""))
+                        + (", computed in float64" if precision == "float64" else "")
+                        + {"qdq": "", "int8": ", integer kernels (onnx-int8)",
+                           "w4": ", 4-bit weight kernels with float activations (onnx-w4)"}[kernels])
     onnx.checker.check_model(proto)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

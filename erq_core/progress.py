@@ -27,7 +27,7 @@ class Stage:
 STAGES = (Stage("load_model", 0.05), Stage("evaluate_fp", 0.15), Stage("calibrate_activations", 0.05),
           Stage("collect_statistics", 0.2), Stage("aqer", 0.05), Stage("calibrate_weights", 0.05), Stage("wqer", 0.2),
           Stage("budget_search", 0.0), Stage("evaluate", 0.2), Stage("save", 0.05), Stage("evaluate_float64", 0.0),
-          Stage("export", 0.0))
+          Stage("export", 0.0), Stage("evaluate_onnx", 0.0))
 STAGE_WEIGHTS = {stage.name: stage.weight for stage in STAGES}
 # erq+ walks the blocks once (LAYERS_STAGE) instead of erq's four layer stages: it stands for all four.
 LAYER_STAGES = ("collect_statistics", "aqer", "calibrate_weights", "wqer")

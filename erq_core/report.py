@@ -81,7 +81,21 @@ def _accuracy_section(metrics: dict) -> str:
     note = f"on {n_val} validation images" if n_val else "not evaluated (evaluate was off)"
     return ('<h2>Accuracy</h2><table id="accuracy"><tr><th></th><th>full precision</th><th>quantized</th>'
             f'<th>change</th></tr>{"".join(rows)}</table><p class="sub">{escape(note)}</p>'
-            + _float64_note(metrics.get("quantized_float64")))
+            + _float64_note(metrics.get("quantized_float64")) + _onnxruntime_note(metrics.get("onnxruntime")))
+
+
+def _onnxruntime_note(scores: Optional[dict]) -> str:
+    """Each exported ONNX file's own top-1 / top-5 (onnxruntime on the same val images)."""
+    if not scores:
+        return ""
+    rows = "".join(
+        f'<tr><th>{escape(fmt)}</th>' + "".join(
+            f'<td class="num" data-metric="onnxruntime.{escape(fmt)}.{key}" data-value="{json.dumps(score.get(key))}">'
+            f'{_num(score.get(key))}</td>' for key in ("top1", "top5")) + "</tr>"
+        for fmt, score in scores.items())
+    return ('<h3>The exported files in onnxruntime</h3><table id="onnxruntime"><tr><th>format</th><th>top-1 %</th>'
+            f'<th>top-5 %</th></tr>{rows}</table><p class="sub">Each file run by onnxruntime (CPU provider) on '
+            'the same validation images.</p>')
 
 
 def _float64_note(float64: Optional[dict]) -> str:

@@ -112,9 +112,13 @@ def run(config: ErqConfig, out_dir: str | Path, *, device: Optional[str] = None,
     for export_format in config.export:
         start = time.perf_counter()
         progress("export", 0, 1)
-        _export(out_dir, export_format)
+        path = _export(out_dir, export_format)
         seconds[f"export_{export_format.replace('-', '_')}"] = round(time.perf_counter() - start, 3)
         progress("export", 1, 1)
+        if validation is not None:
+            start = time.perf_counter()
+            metrics.setdefault("onnxruntime", {})[export_format] = _evaluate_onnx(path, validation, progress)
+            seconds[f"evaluate_{export_format.replace('-', '_')}"] = round(time.perf_counter() - start, 3)
     metrics["seconds"]["total"] = round(sum(v for k, v in seconds.items() if k != "total"), 3)
     write_json(Path(out_dir) / METRICS_FILE, metrics)
     write_report(out_dir)
@@ -129,11 +133,19 @@ def _evaluate_float64(out_dir: str | Path, validation, device: str, progress: Pr
     return {"top1": result["top1"], "top5": result["top5"]}
 
 
-def _export(out_dir: str | Path, export_format: str) -> None:
-    from erq_core.onnx_export import EXPORT_FILES, export_onnx
+def _export(out_dir: str | Path, export_format: str) -> Path:
+    from erq_core.onnx_export import export_format as write
 
-    file_name, precision = EXPORT_FILES[export_format]
-    export_onnx(out_dir, Path(out_dir) / file_name, precision=precision)
+    return write(out_dir, export_format).path
+
+
+def _evaluate_onnx(path: Path, validation, progress: Progress) -> dict:
+    """The exported file's own top-1 / top-5: onnxruntime (CPU provider) on the val images."""
+    from erq_core.onnx_evaluate import onnx_accuracy
+
+    result = onnx_accuracy(path, validation, progress)
+    log.info("%s in onnxruntime: top-1 %.2f%%, top-5 %.2f%%", path.name, result["top1"], result["top5"])
+    return {"top1": result["top1"], "top5": result["top5"]}
 
 
 def evaluate_quantized(folder: str | Path, dataset: str | Path, *, val_limit: Optional[int] = None,

@@ -39,12 +39,13 @@ def images(kind: str, n: int = 4, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def saved_quantized(kind: str, folder) -> None:
-    """ERQ W4/A4 of the small model, calibrated on 8 random images, saved as a run folder."""
+def saved_quantized(kind: str, folder, **config_fields) -> None:
+    """ERQ W4/A4 (or what `config_fields` say) of the small model, calibrated on 8 random images,
+    saved as a run folder."""
     from erq_core import ErqConfig, quantize, save_quantized
 
     name, args = SMALL_MODELS[kind]
     source = {"spec": name, "architecture": name, "model_args": dict(args, num_classes=10), "num_classes": 10}
-    config = ErqConfig(model=name, dataset="unused", calib_size=8, random_init=True)
+    config = ErqConfig(model=name, dataset="unused", **{"calib_size": 8, "random_init": True, **config_fields})
     quantized = quantize(small_model(kind), [images(kind, 8, seed=2)], config)
     save_quantized(quantized, folder, source, {"input_size": [3, args["img_size"], args["img_size"]]})

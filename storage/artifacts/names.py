@@ -5,7 +5,7 @@ from pathlib import Path
 
 LOG_NAME = "job.log"
 PUBLISHED = ("quantized.safetensors", "config.json", "metrics.json", LOG_NAME, "model.onnx", "model-float64.onnx",
-             "report.html")
+             "model-int8.onnx", "model-w4.onnx", "report.html")
 MEDIA_TYPES = {".json": "application/json", ".log": "text/plain; charset=utf-8", ".html": "text/html; charset=utf-8"}
 
 

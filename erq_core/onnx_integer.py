@@ -1,0 +1,276 @@
+"""The linear layers of the two integer-kernel ONNX formats (`onnx-int8`, `onnx-w4`).
+
+erq_core.onnx_export traces the model with one `Linear` marker per linear layer; this module writes
+each marker as the operators onnxruntime's CPU provider turns into integer kernels:
+
+- onnx-int8: the layer's own 8-bit input quantizer (scale, integer zero point) as QuantizeLinear ->
+  DequantizeLinear on UINT8, the weight's integer codes with their per-output-channel scale and zero
+  point as a DequantizeLinear (axis 1), and a MatMul between them: onnxruntime's QDQ fusion makes
+  them one MatMulIntegerToFloat (uint8 activations times int8 or uint8 weights, int32 sums, one
+  float scale per output channel). Codes of 2 to 7 bits are held in INT8 shifted by 2^(b-1) (so
+  |code| <= 64: onnxruntime's u8s8 kernel cannot saturate its int16 pair sums even on CPUs without
+  VNNI); 8-bit codes stay UINT8 (the u8u8 kernel, exact on every CPU). A two-part weight (outlier
+  input columns with their own scales) is two such products, added: the ordinary part over the
+  whole input with the outlier columns' codes at the zero point, the outlier part over a Gather of
+  its few columns.
+- onnx-w4: every linear layer is one com.microsoft MatMulNBits on the float input (activation
+  quantizers are left out: 4-bit weights, float activations, at the kernel's W4_ACCURACY_LEVEL):
+  4-bit codes packed two a byte in blocks of W4_BLOCK input columns, each block with its channel's
+  scale and zero point repeated, which expresses erq's per-output-channel grid exactly. A two-part
+  weight's input columns are gathered group by group, each group padded to whole blocks with
+  columns whose code is the zero point (they add exactly 0). Layers of 5 to 8 bits (mixed
+  precision) use the kernel's 8-bit form.
+
+Nothing is re-quantized: the codes written are erq's (WeightQuantizer.codes of the saved weights),
+and what cannot be expressed exactly is refused with a message (IntegerExportError).
+"""
+from __future__ import annotations
+
+import numpy as np
+from torch import nn
+
+from erq_core.errors import ErqError
+from erq_core.qmodules import QuantLinear
+from erq_core.quantizers import UniformQuantizer
+
+CONTRIB_DOMAIN = "com.microsoft"
+W4_BLOCK = 32
+# MatMulNBits' compute mode: 4 quantizes the float input to int8 per block inside the kernel (faster
+# than float compute on this project's CPUs: bench/deploy.py); 0 computes in float32
+W4_ACCURACY_LEVEL = 4
+_UINT8, _INT8 = 2, 3  # onnx.TensorProto element types
+
+
+class IntegerExportError(ErqError):
+    """The run cannot be written in an integer-kernel format (the message says why and what to do)."""
+
+
+# ---------------------------------------------------------------- what each format can express
+
+
+def check_integer_export(model: nn.Module, kernels: str, run_w_bits: int) -> None:
+    """Refuse, before tracing, a model whose linear layers the format cannot express exactly.
+    Bit widths are read from each layer's own quantizers (runs may mix precisions); `run_w_bits`,
+    the run's weight bits, only decides whether onnx-w4 is the format for it at all."""
+    if kernels == "w4" and run_w_bits > 4:
+        raise IntegerExportError(f"onnx-w4 holds weights of 4 bits or fewer; this run has {run_w_bits}-bit weights: "
+                                 "export it with --format onnx-int8")
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QuantLinear):
+            continue
+        if kernels == "int8":
+            _int8_input(name, layer.input_quantizer)
+            _int8_weight_codes(name, layer, 0)  # every group is checked in the writer; this is the early word
+        else:
+            _nbits(name, layer)
+
+
+def _int8_input(name: str, quantizer: nn.Module) -> tuple[np.float32, np.uint8]:
+    """The per-tensor scale and UINT8 zero point of an 8-bit uniform input quantizer."""
+    if not isinstance(quantizer, UniformQuantizer) or quantizer.bits != 8:
+        bits = getattr(quantizer, "bits", "?")
+        raise IntegerExportError(f"{name}: onnx-int8 needs 8-bit uniform activations, this layer's input has "
+                                 f"{bits} bits; use --export onnx-w4 (float activations) or onnx")
+    if quantizer.per_channel:
+        raise IntegerExportError(f"{name}: a per-channel input quantizer has no integer-kernel form; "
+                                 "export with --format onnx")
+    zero = float(quantizer.zero_point.reshape(()))
+    if not zero.is_integer():
+        raise IntegerExportError(
+            f"{name}: its input quantizer has the fractional zero point {zero:.4g} that the RepQ-ViT fold of the "
+            "erq and repq methods leaves, which integer kernels cannot take; quantize with --method erq+ "
+            "(integer zero points), or export this run with --format onnx")
+    if not 0 <= zero <= 255:
+        raise IntegerExportError(f"{name}: input zero point {zero:g} lies outside 0..255; export with --format onnx")
+    return np.float32(quantizer.scale.reshape(()).item()), np.uint8(zero)
+
+
+def _layer_codes(layer: QuantLinear) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """erq's integer codes (d_out, d_in), scales and zero points (d_out, groups), column groups (d_in,)."""
+    quantizer = layer.weight_quantizer
+    codes = quantizer.codes(layer.weight.detach().reshape(layer.out_features, -1)).cpu().numpy()
+    scale = quantizer.scale.detach().float().cpu().numpy()
+    zero = quantizer.zero_point.detach().float().cpu().numpy()
+    return codes, scale, zero, quantizer.column_group.cpu().numpy()
+
+
+def _int8_weight_codes(name: str, layer: QuantLinear, group: int
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """One column group's codes (d_out, d_in) and zero points (d_out,) as stored, the zero points'
+    shortfall (true minus stored, d_out,; see _zero_point_in_type) and their ONNX type."""
+    bits = layer.weight_quantizer.bits
+    codes, _, zero, _ = _layer_codes(layer)
+    zero = zero[:, group]
+    if not np.all(zero == np.round(zero)):
+        raise IntegerExportError(f"{name}: fractional weight zero points have no integer-kernel form")
+    if bits > 8:
+        raise IntegerExportError(f"{name}: {bits}-bit weights do not fit onnx-int8 (at most 8 bits)")
+    if bits == 8:
+        stored, shortfall = _zero_point_in_type(zero, 0, 255)
+        return codes.astype(np.uint8), stored.astype(np.uint8), shortfall, _UINT8
+    offset = 2 ** (bits - 1)
+    stored, shortfall = _zero_point_in_type(zero - offset, -128, 127)
+    return (codes - offset).astype(np.int8), stored.astype(np.int8), shortfall, _INT8
+
+
+def _zero_point_in_type(zero: np.ndarray, low: int, high: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zero points clipped into the stored type, and what the clip took off (zero - stored).
+
+    A row all of one sign has its zero point outside the codes' range, where no integer type of the
+    codes' width holds it. (q - z) s = (q - c) s - (z - c) s: the kernel computes with the stored c,
+    and the layer adds -(z - c) s times the sum of its (quantized) inputs, exactly."""
+    stored = np.clip(zero, low, high)
+    return stored, zero - stored
+
+
+def _nbits(name: str, layer: QuantLinear) -> int:
+    """MatMulNBits' width for the layer: 4 for 2- to 4-bit codes, 8 for 5 to 8 bits."""
+    bits = layer.weight_quantizer.bits
+    zero = layer.weight_quantizer.zero_point.detach().float().cpu().numpy()
+    if not np.all(zero == np.round(zero)):
+        raise IntegerExportError(f"{name}: fractional weight zero points have no MatMulNBits form")
+    if bits > 8:
+        raise IntegerExportError(f"{name}: {bits}-bit weights do not fit MatMulNBits (at most 8 bits)")
+    return 4 if bits <= 4 else 8
+
+
+# ---------------------------------------------------------------- writers
+
+
+def write_linear(g, x: str, out: str, stem: str, layer: QuantLinear, kernels: str) -> None:
+    """The Linear marker x -> Q_a(x) Q_w(W)^T (no bias) written on `g` (onnx_export._Graph)."""
+    if kernels == "int8":
+        _int8_linear(g, x, out, stem, layer)
+    elif kernels == "w4":
+        _w4_linear(g, x, out, stem, layer)
+    else:
+        raise IntegerExportError(f"no integer writer for kernels {kernels!r}")
+
+
+def _rank(graph, value: str) -> int | None:
+    for info in graph.value_info:
+        if info.name == value and info.type.tensor_type.HasField("shape"):
+            return len(info.type.tensor_type.shape.dim)
+    return None
+
+
+def _int8_linear(g, x: str, out: str, stem: str, layer: QuantLinear) -> None:
+    if _rank(g.graph, x) == 2:
+        # a 2-D product (the head) would become a float Gemm (MatMul + Add fusion) before the QDQ fusion
+        # could see it: computed as a batch of one instead
+        axes = g.constant(f"{stem}.axes", np.asarray([0], dtype=np.int64))
+        product = g.name(f"{stem}_product3d")
+        _int8_linear(g, g.node("Unsqueeze", [x, axes], stem=stem), product, stem, layer)
+        g.node("Squeeze", [product, axes], out, stem=stem)
+        return
+    scale_x, zero_x = _int8_input(stem, layer.input_quantizer)
+    _, scale, _, column_group = _layer_codes(layer)
+    s_x, z_x = g.constant(f"{stem}.input_scale", scale_x), g.constant(f"{stem}.input_zero_point", zero_x)
+    parts = []
+    for group in range(layer.weight_quantizer.groups):
+        columns = np.flatnonzero(column_group == group)
+        codes, zero, shortfall, elem = _int8_weight_codes(stem, layer, group)
+        # the ordinary columns (most of them) read the whole input, with the outlier columns' codes at the
+        # zero point (they add exactly 0): a strided Gather of the input costs more than those few columns
+        whole = layer.weight_quantizer.groups == 1 or (group == 0 and not np.any(shortfall))
+        if whole:
+            part_x, block = x, np.where((column_group == group)[None, :], codes, zero[:, None])
+        else:
+            part_x = g.node("Gather", [x, g.constant(f"{stem}.columns{group}", columns.astype(np.int64))],
+                            stem=stem, axis=-1)
+            block = codes[:, columns]
+        x_codes = g.node("QuantizeLinear", [part_x, s_x, z_x], stem=stem)
+        x_hat = g.node("DequantizeLinear", [x_codes, s_x, z_x], stem=stem)
+        w_codes = g.packed(f"{stem}.codes{group}", np.ascontiguousarray(block.T.astype(codes.dtype)), elem)
+        w_zero = g.packed(f"{stem}.zero_point{group}", zero, elem)
+        w_scale = g.constant(f"{stem}.scale{group}", scale[:, group].astype(np.float32))
+        w_hat = g.node("DequantizeLinear", [w_codes, w_scale, w_zero], stem=stem, axis=1)
+        parts.append(g.node("MatMul", [x_hat, w_hat], stem=stem))
+        if np.any(shortfall):  # its own DequantizeLinear: the fused one must feed the MatMul alone
+            x_sum = g.node("ReduceSum", [g.node("DequantizeLinear", [x_codes, s_x, z_x], stem=stem),
+                                         g.constant(f"{stem}.last_axis", np.asarray([-1], dtype=np.int64))],
+                           stem=stem, keepdims=1)
+            correction = (-shortfall * scale[:, group]).astype(np.float32)
+            parts.append(g.node("Mul", [x_sum, g.constant(f"{stem}.zero_point_correction{group}", correction)],
+                                stem=stem))
+    if len(parts) == 1:
+        g.rename(parts[0], out)
+    else:
+        total = parts[0]
+        for k, part in enumerate(parts[1:], start=2):
+            total = g.node("Add", [total, part], out if k == len(parts) else None, stem=stem)
+
+
+def _w4_layout(column_group: np.ndarray, groups: int, d_in: int) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """(input columns in kernel order, or None when the order is the layer's own; a mask of padding
+    columns in that order; each block's column group)."""
+    if groups == 1:
+        blocks = -(-d_in // W4_BLOCK)
+        return None, np.arange(blocks * W4_BLOCK) >= d_in, np.zeros(blocks, dtype=np.int64)
+    order, padding, block_group = [], [], []
+    for group in range(groups):
+        columns = np.flatnonzero(column_group == group)
+        pad = (-len(columns)) % W4_BLOCK
+        order += list(columns) + [int(columns[0])] * pad
+        padding += [False] * len(columns) + [True] * pad
+        block_group += [group] * ((len(columns) + pad) // W4_BLOCK)
+    return np.asarray(order, dtype=np.int64), np.asarray(padding), np.asarray(block_group, dtype=np.int64)
+
+
+def _pack_nibbles(values: np.ndarray) -> np.ndarray:
+    """Two 4-bit values a byte along the last axis, the first in the low nibble (odd lengths padded)."""
+    values = values.astype(np.uint8)
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return values[..., 0::2] | (values[..., 1::2] << 4)
+
+
+def _w4_linear(g, x: str, out: str, stem: str, layer: QuantLinear) -> None:
+    width = _nbits(stem, layer)
+    codes, scale, zero, column_group = _layer_codes(layer)
+    d_out, d_in = codes.shape
+    order, padding, block_group = _w4_layout(column_group, layer.weight_quantizer.groups, d_in)
+    blocks = len(block_group)
+    stored_zero, shortfall = _zero_point_in_type(zero, 0, 2**width - 1)
+    block_zero = stored_zero[:, block_group]  # (d_out, blocks)
+    if order is None:
+        kernel_codes = np.concatenate([codes, np.zeros((d_out, blocks * W4_BLOCK - d_in), codes.dtype)], axis=1)
+        inputs_x = x
+    else:
+        kernel_codes = codes[:, order]
+        inputs_x = g.node("Gather", [x, g.constant(f"{stem}.column_order", order)], stem=stem, axis=-1)
+    # padding columns hold the zero point: (code - zero) * scale = 0 whatever the input there
+    kernel_codes = np.where(padding[None, :], np.repeat(block_zero, W4_BLOCK, axis=1), kernel_codes)
+    kernel_codes = kernel_codes.reshape(d_out, blocks, W4_BLOCK)
+    if width == 4:
+        packed_codes, packed_zero = _pack_nibbles(kernel_codes), _pack_nibbles(block_zero).reshape(-1)
+    else:
+        packed_codes, packed_zero = kernel_codes.astype(np.uint8), block_zero.astype(np.uint8).reshape(-1)
+    b = g.constant(f"{stem}.codes", np.ascontiguousarray(packed_codes))
+    s = g.constant(f"{stem}.scales", scale[:, block_group].astype(np.float32).reshape(-1))
+    z = g.constant(f"{stem}.zero_points", np.ascontiguousarray(packed_zero))
+    corrected = np.any(shortfall)
+    product = g.node("MatMulNBits", [inputs_x, b, s, z], None if corrected else out, stem=stem, domain=CONTRIB_DOMAIN,
+           K=d_in if order is None else len(order),
+           N=d_out, bits=width, block_size=W4_BLOCK, accuracy_level=W4_ACCURACY_LEVEL)
+    if corrected:  # each column group's input sum times its rows' -(z - c) s (see _zero_point_in_type)
+        total = product
+        for group in range(layer.weight_quantizer.groups):
+            part_x = x if layer.weight_quantizer.groups == 1 else g.node("Gather", [x, g.constant(
+                f"{stem}.columns{group}", np.flatnonzero(column_group == group).astype(np.int64))], stem=stem, axis=-1)
+            x_sum = g.node("ReduceSum", [part_x, g.constant(f"{stem}.last_axis", np.asarray([-1], dtype=np.int64))],
+                           stem=stem, keepdims=1)
+            correction = g.constant(f"{stem}.zero_point_correction{group}",
+                                    (-shortfall[:, group] * scale[:, group]).astype(np.float32))
+            last = group == layer.weight_quantizer.groups - 1
+            total = g.node("Add", [total, g.node("Mul", [x_sum, correction], stem=stem)], out if last else None,
+                           stem=stem)
+
+
+def finish_integer_graph(proto) -> None:
+    """Declare the contrib domain MatMulNBits lives in."""
+    from onnx import helper
+
+    if any(n.domain == CONTRIB_DOMAIN for n in proto.graph.node) and \
+            not any(e.domain == CONTRIB_DOMAIN for e in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
