@@ -21,7 +21,7 @@ from service.problems import Problem
 from service.schemas import ArtifactOut, JobList, JobOut, JobSubmission, LogChunk, WebhookOut
 from service.validation import InvalidJob, check_uploads, validate_job
 from storage import jobs
-from storage.artifacts import MEDIA_TYPES, PUBLISHED, media_type
+from storage.artifacts import MEDIA_TYPES, PUBLISHED, ArtifactStoreError, media_type
 from storage.artifacts.logs import log_run, read_log, whole_utf8
 from storage.artifacts.tar import RESULT_FOLDER, ResultTar
 from storage.models import Job, JobStatus, Owner
@@ -227,11 +227,12 @@ def delete_job(job_id: str, caller: CurrentCaller, session: DbSession, store: Ar
                       "it once it has ended")
     try:
         store.remove_job(job.id)  # files first: a failure leaves the job to retry
-    except OSError as exc:  # a read-only or failing volume: the job is kept, the client retries later
+    except (OSError, ArtifactStoreError) as exc:  # a read-only volume, a bucket that refuses: the job is kept
         log.warning("job %s: its files cannot be removed: %s", job.id, exc)
+        reason = (exc.strerror or type(exc).__name__) if isinstance(exc, OSError) else str(exc)
         raise Problem(status.HTTP_503_SERVICE_UNAVAILABLE, "artifact_store_unavailable",
-                      f"the files of job {job_id} cannot be removed ({exc.strerror or type(exc).__name__}); the "
-                      "job is kept: retry later", headers={"Retry-After": "60"}) from None
+                      f"the files of job {job_id} cannot be removed ({reason}); the job is kept: retry later",
+                      headers={"Retry-After": "60"}) from None
     jobs.delete_job(session, job)
     session.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

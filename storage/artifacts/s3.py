@@ -312,9 +312,19 @@ class S3Store(ArtifactStore):
                 yield item["Key"]
 
     def _delete(self, keys: list[str]) -> None:
+        """Delete `keys`; ArtifactStoreError when the bucket refuses any of them. A bulk delete reports
+        refusals per key in its answer instead of raising: those must not pass as deleted."""
         for start in range(0, len(keys), 1000):
-            self.client.delete_objects(Bucket=self.bucket, Delete={
-                "Objects": [{"Key": key} for key in keys[start:start + 1000]], "Quiet": True})
+            try:
+                answer = self.client.delete_objects(Bucket=self.bucket, Delete={
+                    "Objects": [{"Key": key} for key in keys[start:start + 1000]], "Quiet": True})
+            except (BotoCoreError, ClientError) as exc:
+                raise ArtifactStoreError(f"cannot delete from s3://{self.bucket}: {exc}") from None
+            refused = answer.get("Errors") or []
+            if refused:
+                first = refused[0]
+                raise ArtifactStoreError(f"s3://{self.bucket} refused to delete {len(refused)} file(s), for example "
+                                         f"{first.get('Key')}: {first.get('Code')} {first.get('Message', '')}".rstrip())
 
 
 def _chunks(body) -> Iterator[bytes]:

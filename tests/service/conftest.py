@@ -205,10 +205,11 @@ def run_erq(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProces
 
 
 def end_job_with_files(settings: Settings, job_id: str, contents: dict[str, bytes | int], status=None,
-                       error: str | None = None, worker: str = "w1") -> Path:
+                       error: str | None = None, worker: str = "w1", store=None) -> Path:
     """What a worker does to a queued job, by hand: claim it, write `contents` into the run's folder
     (bytes, or a size for a sparse file: a big checkpoint that takes no disk), and end it with those
-    files (the job-state code the worker uses). Returns the run folder."""
+    files (the job-state code the worker uses). Returns the run folder. With `store` (an S3 store), the
+    files go through it as a worker's do; else into the folder store at settings.artifact_dir."""
     from storage import jobs
     from storage.artifacts import stored_file
     from storage.db import session_scope
@@ -218,13 +219,16 @@ def end_job_with_files(settings: Settings, job_id: str, contents: dict[str, byte
     status = status or JobStatus.SUCCEEDED
     with session_scope(settings.database_url) as session:
         attempt = jobs.claim(session, job_id, worker).attempts
-    folder = FolderStore(settings.artifact_dir).fresh_run_dir(job_id, f"attempt-{attempt}")
+    run = f"attempt-{attempt}"
+    folder = store.fresh_workspace(job_id, run) if store else FolderStore(settings.artifact_dir).fresh_run_dir(job_id,
+                                                                                                                run)
     for name, data in contents.items():
         with open(folder / name, "wb") as handle:
             handle.truncate(data) if isinstance(data, int) else handle.write(data)
+    stored = (store.store_run(job_id, run, folder, list(contents)) if store
+              else [stored_file(folder, name) for name in contents])
     with session_scope(settings.database_url) as session:
-        assert jobs.finish(session, job_id, status, error, metrics={}, worker=worker, run=folder.name,
-                           stored=[stored_file(folder, name) for name in contents])
+        assert jobs.finish(session, job_id, status, error, metrics={}, worker=worker, run=run, stored=stored)
     return folder
 
 

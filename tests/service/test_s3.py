@@ -104,6 +104,39 @@ def test_other_runs_are_removed_and_the_winner_kept(tmp_path, s3_server, s3_buck
     assert _keys(s3_server, s3_bucket) == set()
 
 
+def test_a_bucket_that_refuses_deletes_keeps_the_job_and_says_why(tmp_path, s3_server, s3_bucket, as_writer,
+                                                                    monkeypatch, settings):
+    """A bulk delete answers refusals per key instead of raising: the store must not take them for done,
+    and DELETE /v1/jobs/ID answers 503 with the reason, keeping the job and its files."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from tests.service.conftest import end_job_with_files, make_key
+
+    writer = S3Store(f"s3://{s3_bucket}/erq", tmp_path / "scratch", s3_server.endpoint_url)
+    folder = writer.fresh_workspace("job1", "attempt-1")
+    (folder / "job.log").write_text("a line\n")
+    writer.store_run("job1", "attempt-1", folder, ["job.log"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", READER[0])  # from here on: an identity that may not delete
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", READER[1])
+    reader = S3Store(f"s3://{s3_bucket}/erq", tmp_path / "scratch", s3_server.endpoint_url)
+    with pytest.raises(ArtifactStoreError, match="AccessDenied"):
+        reader.remove_job("job1")
+    assert _keys(s3_server, s3_bucket) == {"erq/job1/attempt-1/job.log"}
+
+    s3_settings = settings.model_copy(update={"artifact_url": f"s3://{s3_bucket}/erq",
+                                              "s3_endpoint_url": s3_server.endpoint_url})
+    with TestClient(create_app(s3_settings)) as api:
+        api.headers["Authorization"] = f"Bearer {make_key(s3_settings, 'alice')}"
+        job_id = api.post("/v1/jobs", json=QUICK_JOB).json()["id"]
+        end_job_with_files(s3_settings, job_id, {"job.log": b"x"}, store=writer)
+        answer = api.delete(f"/v1/jobs/{job_id}")
+        assert answer.status_code == 503 and answer.json()["code"] == "artifact_store_unavailable", answer.text
+        assert "AccessDenied" in answer.json()["detail"] and answer.headers["Retry-After"]
+        assert api.get(f"/v1/jobs/{job_id}").status_code == 200
+        assert f"erq/{job_id}/attempt-1/job.log" in _keys(s3_server, s3_bucket)
+
+
 def _s3_env(tmp_path: Path, s3_server, bucket: str, credentials=WRITER, **overrides: str) -> dict:
     return service_env(tmp_path, **s3_server.env(f"s3://{bucket}/erq", credentials), **overrides)
 
