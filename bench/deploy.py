@@ -173,7 +173,7 @@ def latencies(runners: dict[str, Callable], shape: tuple[int, ...], batch: int, 
 
 def bench_case(case: str, model: str, dataset: Path, random_init: bool, work: Path, threads: int,
                repeats: int, seeds: int) -> list[dict]:
-    from erq_core.export import read_config
+    from erq_core.checkpoint import read_config
 
     work.mkdir(parents=True, exist_ok=True)
     fp32 = work / f"{case}_fp32.onnx"

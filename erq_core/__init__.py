@@ -12,8 +12,8 @@ _LAZY = {
     "QuantizedModel": "erq_core.pipeline",
     "run": "erq_core.runner",
     "evaluate_quantized": "erq_core.runner",
-    "load_quantized": "erq_core.export",
-    "save_quantized": "erq_core.export",
+    "load_quantized": "erq_core.checkpoint",
+    "save_quantized": "erq_core.checkpoint",
 }
 
 __all__ = ["ErqConfig", "ErqError", "ConfigError", "ModelLoadError", "DatasetError", "CheckpointError", *_LAZY]

@@ -36,29 +36,35 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from erq_core.errors import ErqError
-from erq_core.export import read_config, write_atomic
+from erq_core.checkpoint import read_config, write_atomic
 from erq_core.config import PRECISIONS
+from erq_core.files import EXPORT_FILE_NAMES
 from erq_core.float64 import Float64Model
 from erq_core.qmodules import QuantConv2d, QuantLinear, weight_layers
 from erq_core.quantizers import ActivationQuantizer, LogSqrt2Quantizer, UniformQuantizer, log_sqrt2_levels
+
+if TYPE_CHECKING:
+    import onnx
 
 MIN_OPSET = 21  # INT4/UINT4 initializers and QuantizeLinear/DequantizeLinear on them
 DEFAULT_OPSET = 21
 TRACE_OPSET = 20  # the TorchScript exporter's last opset; the graph is converted afterwards
 MARKER_DOMAIN = "erq.marker"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
-ONNX_FILE = "model.onnx"  # what `erq quantize --export onnx` writes into the run folder
+ONNX_FILE = EXPORT_FILE_NAMES["onnx"]  # what `erq quantize --export onnx` writes into the run folder
 # each export format: the file `erq quantize --export FORMAT` writes into the run folder, its precision and
 # how its linear layers are written (qdq: DequantizeLinear weights; int8 and w4: erq_core.onnx_integer)
-EXPORT_FILES = {"onnx": (ONNX_FILE, "float32", "qdq"), "onnx-float64": ("model-float64.onnx", "float64", "qdq"),
-                "onnx-int8": ("model-int8.onnx", "float32", "int8"), "onnx-w4": ("model-w4.onnx", "float32", "w4")}
+# format -> (file, precision, kernels)
+EXPORT_FILES = {name: (EXPORT_FILE_NAMES[name], precision, kernels) for name, precision, kernels in (
+    ("onnx", "float32", "qdq"), ("onnx-float64", "float64", "qdq"), ("onnx-int8", "float32", "int8"),
+    ("onnx-w4", "float32", "w4"))}
 KERNELS = ("qdq", "int8", "w4")
 
 
@@ -534,7 +540,7 @@ def export_onnx(folder: str | Path, out: str | Path, opset: int = DEFAULT_OPSET,
     4-bit kernels (erq_core.onnx_integer)."""
     import onnx
 
-    from erq_core.export import load_quantized
+    from erq_core.checkpoint import load_quantized
 
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise OnnxExportError(f"opset must be from {MIN_OPSET} (4-bit ONNX tensors) to "

@@ -7,8 +7,6 @@ precision the network output is unchanged.
 """
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 from torch import Tensor, nn
 

@@ -14,9 +14,9 @@ from html import escape
 from pathlib import Path
 from typing import Any, Optional
 
-from erq_core.export import CONFIG_FILE, METRICS_FILE, write_atomic
+from erq_core.checkpoint import write_atomic
+from erq_core.files import CONFIG_FILE, METRICS_FILE, REPORT_FILE
 
-REPORT_FILE = "report.html"
 # how the known per-layer steps are labelled; any other numeric key of a layer is one more series
 STEP_LABELS = {"rtn": "round-to-nearest", "aqer": "after Aqer", "wqer": "after Wqer"}
 # numeric per-layer keys that are not errors (erq+'s chosen ridge strength)

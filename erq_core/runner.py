@@ -17,7 +17,7 @@ import torch
 from erq_core.config import ErqConfig
 from erq_core.data import build_transform, calibration_loader, check_dataset, validation_loader
 from erq_core.evaluate import accuracy
-from erq_core.export import METRICS_FILE, read_config, save_quantized, load_quantized, write_json
+from erq_core.checkpoint import METRICS_FILE, read_config, save_quantized, load_quantized, write_json
 from erq_core.float64 import to_float64, with_precision
 from erq_core.models import load_model
 from erq_core.pipeline import Progress, quantize

@@ -9,7 +9,7 @@ import torch
 
 from erq_core import CheckpointError, ErqConfig, load_quantized, quantize, save_quantized
 from erq_core.config import METHODS
-from erq_core.export import pack_codes, unpack_codes
+from erq_core.checkpoint import pack_codes, unpack_codes
 from erq_core.models import load_checkpoint
 
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL

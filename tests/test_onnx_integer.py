@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from erq_core import ErqConfig, load_quantized
 from erq_core.errors import ConfigError
-from erq_core.export import CODES_SUFFIX, read_config, unpack_codes
+from erq_core.checkpoint import CODES_SUFFIX, read_config, unpack_codes
 from erq_core.onnx_export import EXPORT_FILES, export_format
 from erq_core.onnx_integer import IntegerExportError
 from erq_core.qmodules import QuantLinear, set_quant_state

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from sqlalchemy.exc import IntegrityError
 
+from erq_core.files import RESULT_FOLDER
 from service import events, problems
 from service.auth import CurrentCaller
 from service.deps import AppSettings, Artifacts, DbSession, Queue
@@ -23,7 +24,7 @@ from service.validation import InvalidJob, check_uploads, validate_job
 from storage import jobs
 from storage.artifacts import MEDIA_TYPES, PUBLISHED, ArtifactStoreError, media_type
 from storage.artifacts.logs import log_run, read_log, whole_utf8
-from storage.artifacts.tar import RESULT_FOLDER, ResultTar
+from storage.artifacts.tar import ResultTar
 from storage.models import Job, JobStatus, Owner
 from storage.queue import enqueue
 from storage.webhooks import WebhookRefused, check_webhook, delivery_document

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from erq_core.files import EXPORT_FILE_NAMES, REPORT_FILE, RESULT_FOLDER
+
 LOG_NAME = "job.log"
-PUBLISHED = ("quantized.safetensors", "config.json", "metrics.json", LOG_NAME, "model.onnx", "model-float64.onnx",
-             "model-int8.onnx", "model-w4.onnx", "report.html")
+# what a succeeded run publishes: the engine's files (erq_core/files.py, named there once) and its log
+PUBLISHED = (*RESULT_FOLDER, LOG_NAME, *EXPORT_FILE_NAMES.values(), REPORT_FILE)
 MEDIA_TYPES = {".json": "application/json", ".log": "text/plain; charset=utf-8", ".html": "text/html; charset=utf-8"}
 
 

@@ -7,7 +7,6 @@ from typing import Iterator, Optional
 
 from storage.artifacts.interface import ArtifactStore
 
-RESULT_FOLDER = ("quantized.safetensors", "config.json", "metrics.json")  # what erq_core.load_quantized reads
 TAR_BLOCK = 512
 
 

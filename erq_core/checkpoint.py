@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from erq_core.errors import CheckpointError
+from erq_core.files import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE
 from erq_core.precision import apply_precision, model_precision
 from erq_core.qmodules import activation_quantizers, convert_model, set_quant_state, weight_layers
 
 FORMAT = "erq-quantized/1"
-WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE = "quantized.safetensors", "config.json", "metrics.json"
 CODES_SUFFIX = ".weight_codes"
 
 
