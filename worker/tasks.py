@@ -165,7 +165,26 @@ def _run_pipeline(job_id: str, params: dict, out: Path, settings: Settings, work
             config = erq_core.ErqConfig.from_dict(local)
             metrics = erq_core.run(config, out, progress=ProgressReporter(job_id, settings, worker),
                                    device=engine.device, loader_workers=workers)
+        _name_uploads_as_submitted(out, params, local)
     except Exception as exc:
         return outcome.outcome_of(job_id, exc)
     log.info("job %s succeeded: top-1 %s", job_id, metrics["quantized"]["top1"])
     return RunOutcome(Reason.SUCCEEDED, metrics=metrics)
+
+
+def _name_uploads_as_submitted(out: Path, params: dict, local: dict) -> None:
+    """The engine ran on this host's cache folders for the job's uploads: its config.json and report
+    name them as the job does (dataset:ID, upload:ID), not by a path of this worker's cache."""
+    submitted = {field: params[field] for field in ("model", "dataset") if local.get(field) != params.get(field)}
+    if not submitted:
+        return
+    from erq_core.checkpoint import read_config, write_json
+    from erq_core.files import CONFIG_FILE
+    from erq_core.report import write_report
+
+    config = read_config(out)
+    config["erq_config"].update(submitted)
+    if "model" in submitted:
+        config["model_source"]["spec"] = submitted["model"]
+    write_json(out / CONFIG_FILE, config)
+    write_report(out)

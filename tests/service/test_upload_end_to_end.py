@@ -77,6 +77,14 @@ def assert_downloads_match(client: httpx.Client, job: dict) -> None:
     checkpoint = next(a for a in job["artifacts"] if a["name"] == "quantized.safetensors")
     body = client.get(checkpoint["url"], follow_redirects=True)
     assert body.status_code == 200 and hashlib.sha256(body.content).hexdigest() == checkpoint["sha256"]
+    # the run names the uploads as the job did, not by a folder of the worker's cache
+    urls = {a["name"]: a["url"] for a in job["artifacts"]}
+    config = client.get(urls["config.json"], follow_redirects=True).json()
+    params = job["params"]
+    assert (config["erq_config"]["model"], config["erq_config"]["dataset"]) == (params["model"], params["dataset"])
+    assert config["model_source"]["spec"] == params["model"]
+    report = client.get(urls["report.html"], follow_redirects=True).text
+    assert f"<h1>{params['model']}:" in report and "upload-cache" not in report
 
 
 def test_an_uploaded_dataset_and_model_run_with_the_folder_store(tmp_path, erq_w4a4_run):
