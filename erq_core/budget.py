@@ -155,8 +155,9 @@ def quantize_with_budget(model: nn.Module, calibration: Iterable, heldout: list[
     allowed_wrong = math.floor(fp_wrong + config.max_drop * images / 100 + 1e-9)
     high_model = copy.deepcopy(model)
     low = quantize(model, calibration, config, progress)
+    # the 8-bit pass reports as the budget's stage: its own stages again would move the run's progress back
     high = quantize(high_model, calibration, dataclasses.replace(config, w_bits=HIGH_BITS, a_bits=HIGH_BITS),
-                    progress)
+                    lambda stage, done, total: progress(BUDGET_STAGE, 0, 1))
     swaps = layer_swaps(low.model, low.norm_linear_pairs)
     count = len(swaps)
     ranking: list[str] = []

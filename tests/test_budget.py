@@ -40,8 +40,12 @@ def budget_run():
     torch.manual_seed(0)
     loaded, calibration, heldout = _pieces(CONFIG)
     fp = copy.deepcopy(loaded.model)
-    result = quantize_with_budget(loaded.model, calibration, heldout, CONFIG)
+    result = quantize_with_budget(loaded.model, calibration, heldout, CONFIG,
+                                  lambda stage, done, total: PROGRESS_CALLS.append((stage, done, total)))
     return loaded, fp, calibration, heldout, result
+
+
+PROGRESS_CALLS: list[tuple[str, int, int]] = []  # what budget_run reported, in order
 
 
 def _correct(model, batches) -> float:
@@ -192,3 +196,12 @@ def test_the_float32_export_of_a_mixed_run_holds_each_layers_own_codes_and_agree
     per_image = np.abs(logits - expected).max(axis=1)
     # as for a uniform run (tests/test_onnx_export.py): a tie at a rounding boundary moves an image a step
     assert (per_image < 1e-4).mean() >= 0.95 and per_image.max() < 0.1 * np.abs(expected).max(), per_image
+
+
+def test_the_budget_search_never_moves_the_runs_progress_back(budget_run):
+    """The 8-bit pass and the search report as the budget's stage, after the low-bit pass's own stages."""
+    from erq_core.progress import run_fraction
+
+    fractions = [run_fraction(*call) for call in PROGRESS_CALLS]
+    assert fractions and fractions == sorted(fractions)
+    assert PROGRESS_CALLS[-1][0] == "budget_search"
