@@ -8,19 +8,57 @@ In float64 the computations agree to about 1e-16, so such a tie essentially neve
 What is float64 and what is not, on both sides (torch here, onnxruntime in the float64 export):
 - every operator between quantizers (matrix products, LayerNorm, softmax, GELU, residual adds);
 - a uniform activation quantizer casts its input to float32 and quantizes there exactly as
-  QuantizeLinear -> DequantizeLinear does (quantizers.onnx_fake_quantize), then back to float64;
-- the log-sqrt2 quantizer computes its code in float64 (quantizers.log_sqrt2_quantize_float64);
+  QuantizeLinear -> DequantizeLinear does (onnx_fake_quantize, below), then back to float64;
+- the log-sqrt2 quantizer computes its code in float64 (log_sqrt2_quantize_float64, below);
 - weights are the float32 dequantized codes, as DequantizeLinear gives them, cast to float64.
 Images go in and logits come out as float32, like the float32 model. to_float64 sets each
-quantizer's `as_float64_export`, which selects those two ways of quantizing.
+quantizer's `export_quantize` to the one of those two ways that fits it (quantize_as_exported).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
 
 from erq_core.config import PRECISIONS
 from erq_core.qmodules import activation_quantizers, weight_layers
+from erq_core.quantizers import ActivationQuantizer, LogSqrt2Quantizer, integer_in, log_sqrt2_levels
+
+
+def onnx_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
+    """fake_quantize in float32 exactly as the ONNX export's QuantizeLinear -> DequantizeLinear
+    computes it, bit for bit: x / s (not torch's fused x * (1/s)), and a fractional zero point Z as
+    round(x / s) s clipped to -Z s and (2^b - 1 - Z) s (an INT16 pair with zero point 0)."""
+    x, scale, zero_point = x.float(), scale.float(), zero_point.float()
+    top = 2**bits - 1
+    if scale.numel() == 1 and not integer_in(float(zero_point), top):
+        return torch.clamp(torch.round(x / scale) * scale, (0 - zero_point) * scale, (top - zero_point) * scale)
+    return (torch.clamp(torch.round(x / scale) + zero_point, 0, top) - zero_point) * scale
+
+
+
+def log_sqrt2_quantize_float64(x: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """log_sqrt2_quantize of a float64 x, exactly as the float64 ONNX export computes it:
+    code clamp(round(-2 (ln x / ln 2 - log2 s)), 0, 2^b) in float64, looked up in log_sqrt2_levels."""
+    log2_scale = torch.log2(scale.detach().float().reshape(())).double()
+    codes = torch.round((torch.log(x) / math.log(2) - log2_scale) * -2.0).clamp(0, 2**bits)
+    return log_sqrt2_levels(scale, bits).to(x.device).double()[codes.long()]
+
+
+def _uniform_as_exported(quantizer: ActivationQuantizer, x: Tensor) -> Tensor:
+    return onnx_fake_quantize(x, quantizer.scale, quantizer.zero_point, quantizer.bits).to(x.dtype)
+
+
+def _log_sqrt2_as_exported(quantizer: ActivationQuantizer, x: Tensor) -> Tensor:
+    return log_sqrt2_quantize_float64(x.double(), quantizer.scale, quantizer.bits).to(x.dtype)
+
+
+def quantize_as_exported(quantizer: ActivationQuantizer) -> None:
+    """From now on `quantizer` quantizes exactly as the float64 ONNX export does (its input comes
+    back in its own dtype)."""
+    quantizer.export_quantize = _log_sqrt2_as_exported if isinstance(quantizer, LogSqrt2Quantizer) \
+        else _uniform_as_exported
 
 
 class Float64Model(nn.Module):
@@ -46,7 +84,7 @@ def to_float64(model: nn.Module) -> Float64Model:
                 layer.quantize_weight = False
                 layer._cache = None
     for quantizer in activation_quantizers(model):
-        quantizer.as_float64_export = True
+        quantize_as_exported(quantizer)
     return Float64Model(model.double()).eval()
 
 

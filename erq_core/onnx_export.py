@@ -377,7 +377,7 @@ def _uniform_activation(g: _Graph, x: str, out: str, stem: str, q: UniformQuanti
 
 def _log_sqrt2_activation(g: _Graph, x: str, out: str, stem: str, q: LogSqrt2Quantizer,
                           dtype: type = np.float32) -> None:
-    """In float32, or in float64 as quantizers.log_sqrt2_quantize_float64 computes it."""
+    """In float32, or in float64 as float64.log_sqrt2_quantize_float64 computes it."""
     levels = 2**q.bits
     scale = q.scale.detach().float().cpu().reshape(())
 

@@ -7,7 +7,7 @@ Clipping ranges are searched over a few percentiles, keeping the least squared e
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -73,14 +73,14 @@ def range_to_scale(upper: Tensor, lower: Tensor, bits: int) -> tuple[Tensor, Ten
     return scale, zero_point
 
 
-def _integer_in(value: float, top: int) -> bool:
+def integer_in(value: float, top: int) -> bool:
     return value.is_integer() and 0 <= value <= top
 
 
 def _per_tensor_integer(x: Tensor, scale: Tensor, zero_point: Tensor, top: int) -> bool:
     """Whether torch's fused per-tensor kernel applies: float32, one scale, an integer zero point in
     range (a fractional one would be truncated by it, so it goes the long way instead)."""
-    return scale.numel() == 1 and x.dtype == torch.float32 and _integer_in(float(zero_point), top)
+    return scale.numel() == 1 and x.dtype == torch.float32 and integer_in(float(zero_point), top)
 
 
 def _autograd_watches(*tensors: Tensor) -> bool:
@@ -155,17 +155,6 @@ def squared_error(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int, out: 
     return out
 
 
-def onnx_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
-    """fake_quantize in float32 exactly as the ONNX export's QuantizeLinear -> DequantizeLinear
-    computes it, bit for bit: x / s (not torch's fused x * (1/s)), and a fractional zero point Z as
-    round(x / s) s clipped to -Z s and (2^b - 1 - Z) s (an INT16 pair with zero point 0)."""
-    x, scale, zero_point = x.float(), scale.float(), zero_point.float()
-    top = 2**bits - 1
-    if scale.numel() == 1 and not _integer_in(float(zero_point), top):
-        return torch.clamp(torch.round(x / scale) * scale, (0 - zero_point) * scale, (top - zero_point) * scale)
-    return (torch.clamp(torch.round(x / scale) + zero_point, 0, top) - zero_point) * scale
-
-
 def best_uniform_range(
     x: Tensor, uppers: Tensor, lowers: Tensor, bits: int, channel_dim: int, work: Optional[Tensor] = None
 ) -> tuple[Tensor, Tensor]:
@@ -197,8 +186,8 @@ class ActivationQuantizer(nn.Module):
         self.bits = bits
         self.register_buffer("calibrated", torch.tensor(False))
         self.enabled = False
-        # quantize exactly as the float64 ONNX export does (set by erq_core.float64.to_float64)
-        self.as_float64_export = False
+        # set by erq_core.float64 (quantize_as_exported): quantize x exactly as the float64 ONNX export does
+        self.export_quantize: Optional[Callable[[ActivationQuantizer, Tensor], Tensor]] = None
 
     def calibrate(self, x: Tensor) -> None:
         raise NotImplementedError
@@ -255,7 +244,8 @@ class UniformQuantizer(ActivationQuantizer):
         self.calibrated.fill_(True)
 
     def calibrate_and_quantize(self, x: Tensor) -> Tensor:
-        if self.as_float64_export or x.dtype != torch.float32 or not x.is_contiguous() or _autograd_watches(x):
+        if (self.export_quantize is not None or x.dtype != torch.float32 or not x.is_contiguous()
+                or _autograd_watches(x)):
             return super().calibrate_and_quantize(x)
         buffer = torch.empty_like(x)  # the search's work space, then the result: one allocation, not two
         self.calibrate(x, buffer)
@@ -264,10 +254,9 @@ class UniformQuantizer(ActivationQuantizer):
     def quantize(self, x: Tensor) -> Tensor:
         """Fake-quantize x whatever `enabled` says (used to build Xq for statistics).
 
-        With `as_float64_export`, x is quantized in float32 as the float64 ONNX export's
-        QuantizeLinear/DequantizeLinear pair does it, and comes back in its own dtype."""
-        if self.as_float64_export:
-            return onnx_fake_quantize(x, self.scale, self.zero_point, self.bits).to(x.dtype)
+        With `export_quantize` set, x is quantized as the float64 ONNX export does it (erq_core.float64)."""
+        if self.export_quantize is not None:
+            return self.export_quantize(self, x)
         return fake_quantize(x, self.scale, self.zero_point, self.bits)
 
 
@@ -303,14 +292,6 @@ def log_sqrt2_levels(scale: Tensor, bits: int) -> Tensor:
     return torch.cat([torch.exp2(-0.5 * torch.arange(2**bits, dtype=torch.float32)) * scale, torch.zeros(1)])
 
 
-def log_sqrt2_quantize_float64(x: Tensor, scale: Tensor, bits: int) -> Tensor:
-    """log_sqrt2_quantize of a float64 x, exactly as the float64 ONNX export computes it:
-    code clamp(round(-2 (ln x / ln 2 - log2 s)), 0, 2^b) in float64, looked up in log_sqrt2_levels."""
-    log2_scale = torch.log2(scale.detach().float().reshape(())).double()
-    codes = torch.round((torch.log(x) / math.log(2) - log2_scale) * -2.0).clamp(0, 2**bits)
-    return log_sqrt2_levels(scale, bits).to(x.device).double()[codes.long()]
-
-
 class LogSqrt2Quantizer(ActivationQuantizer):
     """Post-softmax (attention probability) quantizer with one searched scale per tensor."""
 
@@ -335,7 +316,8 @@ class LogSqrt2Quantizer(ActivationQuantizer):
         return log2_flat, underflow
 
     def calibrate_and_quantize(self, x: Tensor) -> Tensor:
-        if self.as_float64_export or x.dtype != torch.float32 or not x.is_contiguous() or _autograd_watches(x):
+        if (self.export_quantize is not None or x.dtype != torch.float32 or not x.is_contiguous()
+                or _autograd_watches(x)):
             return super().calibrate_and_quantize(x)
         with torch.no_grad():
             log2_flat, underflow = self._search(x.reshape(-1))
@@ -343,8 +325,8 @@ class LogSqrt2Quantizer(ActivationQuantizer):
         return log_sqrt2_quantize(x, self.scale, self.bits, log2_flat, log2_flat, underflow).view(x.shape)
 
     def quantize(self, x: Tensor) -> Tensor:
-        if self.as_float64_export:
-            return log_sqrt2_quantize_float64(x.double(), self.scale, self.bits).to(x.dtype)
+        if self.export_quantize is not None:
+            return self.export_quantize(self, x)
         return log_sqrt2_quantize(x, self.scale, self.bits)
 
 

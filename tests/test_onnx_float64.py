@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from erq_core import load_quantized
-from erq_core.float64 import to_float64
+from erq_core.float64 import quantize_as_exported, to_float64
 from erq_core.onnx_export import _Graph, _log_sqrt2_activation, _uniform_activation, erf_float64, export_onnx
 from erq_core.quantizers import LogSqrt2Quantizer, UniformQuantizer, fake_quantize
 
@@ -63,7 +63,7 @@ def uniform_quantizer(bits: int, scale, zero_point) -> UniformQuantizer:
     quantizer.scale = torch.tensor(scale, dtype=torch.float32).reshape(quantizer.scale.shape)
     quantizer.zero_point = torch.tensor(zero_point, dtype=torch.float32).reshape(quantizer.zero_point.shape)
     quantizer.calibrated.fill_(True)
-    quantizer.as_float64_export = True
+    quantize_as_exported(quantizer)
     return quantizer
 
 
@@ -94,7 +94,7 @@ def test_the_float64_log_sqrt2_quantizer_is_what_onnxruntime_computes(bits):
     quantizer = LogSqrt2Quantizer(bits)
     quantizer.scale = torch.tensor([0.61])
     quantizer.calibrated.fill_(True)
-    quantizer.as_float64_export = True
+    quantize_as_exported(quantizer)
     generator = np.random.default_rng(0)
     # log-uniform over every level and past the last, the midpoints between levels, and the ends
     spread = 0.61 * np.exp2(-generator.uniform(-0.5, 2**bits / 2 + 1, 100_000))
