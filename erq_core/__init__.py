@@ -4,7 +4,7 @@ The light parts (configuration, model registry, errors) import without torch; th
 (`quantize`, `run`, `load_quantized`, `evaluate_quantized`) is loaded on first use so that
 the API process can share the job parameters without paying for torch.
 """
-from erq_core.config import ErqConfig
+from erq_core.config import ErqConfig, QuantRecipe
 from erq_core.errors import CheckpointError, ConfigError, DatasetError, ErqError, ModelLoadError
 
 _LAZY = {
@@ -16,7 +16,7 @@ _LAZY = {
     "save_quantized": "erq_core.checkpoint",
 }
 
-__all__ = ["ErqConfig", "ErqError", "ConfigError", "ModelLoadError", "DatasetError", "CheckpointError", *_LAZY]
+__all__ = ["ErqConfig", "QuantRecipe", "ErqError", "ConfigError", "ModelLoadError", "DatasetError", "CheckpointError", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from erq_core.config import ErqConfig
+from erq_core.config import QuantRecipe
 from erq_core.errors import DatasetError
 from erq_core.pipeline import Progress, QuantizedModel, first_images, quantize
 from erq_core.precision import precision_layers
@@ -142,7 +142,7 @@ def heldout_score(model: nn.Module, batches: list[tuple[Tensor, Tensor]], device
 
 @torch.no_grad()
 def quantize_with_budget(model: nn.Module, calibration: Iterable, heldout: list[tuple[Tensor, Tensor]],
-                         config: ErqConfig, progress: Optional[Progress] = None) -> QuantizedModel:
+                         config: QuantRecipe, progress: Optional[Progress] = None) -> QuantizedModel:
     """Quantize `model` (in place: it becomes the low model) with the fewest 8-bit layers that keep
     held-out top-1 within config.max_drop of FP."""
     progress = progress or (lambda stage, done, total: None)

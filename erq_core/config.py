@@ -79,16 +79,10 @@ def _field(default: Any = dataclasses.MISSING, **option: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class ErqConfig:
-    """What to quantize and how. Saved verbatim beside every quantized model."""
+class QuantRecipe:
+    """How to quantize: the method, its bits and knobs, the calibration draw. erq_core.quantize()
+    takes one; a job spec (ErqConfig) is a recipe with what to run it on and what to produce."""
 
-    model: str = _field(
-        help="an alias (deit_small, vit_base, swin_tiny, ...), a timm ViT/DeiT/Swin name, hf-hub:ORG/NAME "
-             "or local-dir:/path (timm's folder: config.json + model.safetensors)",
-        flags=("--model",), max_length=1000, required=True)
-    dataset: Optional[str] = _field(
-        None, help="ImageFolder root: ROOT/train/<class>/* (calibration) and ROOT/val/<class>/* (evaluation)",
-        flags=("--dataset",), max_length=4096, required=True)
     w_bits: int = _field(4, help="weight bits", flags=("--w-bits", "--w_bits", "--w_bit", "--w-bit"),
                          ge=MIN_BITS, le=MAX_BITS)
     a_bits: int = _field(4, help="activation bits", flags=("--a-bits", "--a_bits", "--a_bit", "--a-bit"),
@@ -105,16 +99,6 @@ class ErqConfig:
     aqer: bool = _field(True, help="ERQ's Aqer step (off: an ablation)", negative_flag="--no-aqer")
     wqer: bool = _field(True, help="ERQ's Wqer step (off: an ablation)", negative_flag="--no-wqer")
     seed: int = _field(0, help="calibration seed", flags=("--seed",), ge=0, le=MAX_SEED)
-    checkpoint: Optional[str] = _field(None, help="a local .safetensors state dict instead of downloading "
-                                                  "(pickled checkpoints are refused)",
-                                       flags=("--checkpoint",), max_length=4096)
-    random_init: bool = _field(False, help="build the architecture without weights (benchmarks, smoke tests)",
-                               flags=("--random-init",), rest=False)
-    evaluate: bool = _field(True, help="evaluate FP and quantized top-1/top-5 on ROOT/val",
-                            negative_flag="--no-eval")
-    val_limit: Optional[int] = _field(None, help="evaluate on a fixed random subset of N val images",
-                                      flags=("--val-limit", "--val_limit"), ge=1, le=MAX_VAL_LIMIT)
-    batch_size: int = _field(32, help="batch size", flags=("--batch-size", "--batch_size"), ge=1, le=MAX_BATCH_SIZE)
     reconstruct: bool = _field(False, help="erq+ only: then learn each block's weight rounding and activation "
                                            "scales by block output reconstruction (meant for GPUs)",
                                flags=("--reconstruct",))
@@ -129,6 +113,58 @@ class ErqConfig:
                    "activations) that bring the model within this many points of FP on held-out train/ images "
                    "(not the calibration draw, never val/); see docs/accuracy.md",
         flags=("--max-drop",), ge=0, le=100)
+
+    def __post_init__(self) -> None:
+        if self.calib_size is None and self.method in DEFAULT_CALIB_SIZE:
+            object.__setattr__(self, "calib_size", DEFAULT_CALIB_SIZE[self.method])
+
+    def validate_recipe(self) -> None:
+        for spec in fields(QuantRecipe):
+            check_value(spec, getattr(self, spec.name))
+        if self.reconstruct and not self.method_spec.reconstructs:
+            raise ConfigError(f"reconstruct starts from the erq+ solution: use method erq+ (got {self.method!r})")
+
+    @property
+    def method_spec(self) -> MethodSpec:
+        return METHOD_SPECS[self.method]
+
+    @property
+    def images_needed(self) -> int:
+        """Calibration images to draw: the statistics' and, with reconstruct, reconstruction's."""
+        return max(self.calib_size, self.reconstruct_images if self.reconstruct else 0)
+
+    @property
+    def recipe(self) -> "QuantRecipe":
+        """This recipe alone (a job spec's quantization part)."""
+        return QuantRecipe(**{f.name: getattr(self, f.name) for f in dataclasses.fields(QuantRecipe)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {spec.name: _jsonable(getattr(self, spec.name)) for spec in fields(type(self))}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ErqConfig(QuantRecipe):
+    """A job spec: a quantization recipe (QuantRecipe) and what to run it on (model, dataset,
+    checkpoint) and produce (evaluation, exports). Saved verbatim beside every quantized model; the
+    CLI options and the REST body are generated from its fields (`fields()`)."""
+
+    model: str = _field(
+        help="an alias (deit_small, vit_base, swin_tiny, ...), a timm ViT/DeiT/Swin name, hf-hub:ORG/NAME "
+             "or local-dir:/path (timm's folder: config.json + model.safetensors)",
+        flags=("--model",), max_length=1000, required=True)
+    dataset: Optional[str] = _field(
+        None, help="ImageFolder root: ROOT/train/<class>/* (calibration) and ROOT/val/<class>/* (evaluation)",
+        flags=("--dataset",), max_length=4096, required=True)
+    checkpoint: Optional[str] = _field(None, help="a local .safetensors state dict instead of downloading "
+                                                  "(pickled checkpoints are refused)",
+                                       flags=("--checkpoint",), max_length=4096)
+    random_init: bool = _field(False, help="build the architecture without weights (benchmarks, smoke tests)",
+                               flags=("--random-init",), rest=False)
+    evaluate: bool = _field(True, help="evaluate FP and quantized top-1/top-5 on ROOT/val",
+                            negative_flag="--no-eval")
+    val_limit: Optional[int] = _field(None, help="evaluate on a fixed random subset of N val images",
+                                      flags=("--val-limit", "--val_limit"), ge=1, le=MAX_VAL_LIMIT)
+    batch_size: int = _field(32, help="batch size", flags=("--batch-size", "--batch_size"), ge=1, le=MAX_BATCH_SIZE)
     export: tuple[str, ...] = _field((), help="also write the model in these formats (onnx: DIR/model.onnx, "
                                               "runs in onnxruntime without erq; onnx-float64: "
                                               "DIR/model-float64.onnx, computed in float64 as erq evaluate "
@@ -139,9 +175,6 @@ class ErqConfig:
                                               "also scored with onnxruntime; repeat the flag for several",
                                      flags=("--export",), choices=EXPORT_FORMATS)
 
-    def __post_init__(self) -> None:
-        if self.calib_size is None and self.method in DEFAULT_CALIB_SIZE:
-            object.__setattr__(self, "calib_size", DEFAULT_CALIB_SIZE[self.method])
 
     def validate(self) -> "ErqConfig":
         """Raise ConfigError with a message that says what to fix; return self when fine."""
@@ -150,8 +183,7 @@ class ErqConfig:
         validate_model_spec(self.model)
         if not self.dataset:
             raise ConfigError("dataset is required: an ImageFolder root with train/ and val/ folders")
-        if self.reconstruct and not self.method_spec.reconstructs:
-            raise ConfigError(f"reconstruct starts from the erq+ solution: use method erq+ (got {self.method!r})")
+        self.validate_recipe()
         self._check_export()
         return self
 
@@ -168,18 +200,6 @@ class ErqConfig:
         if "onnx-w4" in self.export and self.w_bits > 4:
             raise ConfigError(f"export onnx-w4 holds 4-bit weights: it needs w_bits 4 or fewer, got {self.w_bits} "
                               "(onnx-int8 takes weights of up to 8 bits)")
-
-    @property
-    def method_spec(self) -> MethodSpec:
-        return METHOD_SPECS[self.method]
-
-    @property
-    def images_needed(self) -> int:
-        """Calibration images to draw: the statistics' and, with reconstruct, reconstruction's."""
-        return max(self.calib_size, self.reconstruct_images if self.reconstruct else 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {spec.name: _jsonable(getattr(self, spec.name)) for spec in fields()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ErqConfig":
@@ -214,9 +234,16 @@ class FieldSpec:
         return type(None) in typing.get_args(self.type)
 
 
-def fields() -> list[FieldSpec]:
-    hints = typing.get_type_hints(ErqConfig)
-    return [FieldSpec(f.name, hints[f.name], f.default, f.metadata["option"]) for f in dataclasses.fields(ErqConfig)]
+# What users see first (CLI help, REST schema, config.json); then the recipe's fields, then the job's.
+LEADING_FIELDS = ("model", "dataset")
+
+
+def fields(of: Optional[type] = None) -> list[FieldSpec]:
+    """The fields of a job spec (ErqConfig, the default) or of a recipe alone, LEADING_FIELDS first."""
+    of = of or ErqConfig
+    hints = typing.get_type_hints(of)
+    ordered = sorted(dataclasses.fields(of), key=lambda f: f.name not in LEADING_FIELDS)  # a stable sort
+    return [FieldSpec(f.name, hints[f.name], f.default, f.metadata["option"]) for f in ordered]
 
 
 def describe_bounds(spec: FieldSpec) -> str:

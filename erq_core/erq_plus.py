@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Optional
 
 from torch import Tensor, nn
 
-from erq_core.config import ErqConfig
+from erq_core.config import QuantRecipe
 from erq_core.layer import LayerPlan, augmented_weight, solve_layer
 from erq_core.output_aware import linear_input_loss, matmul_loss, search_range
 from erq_core.progress import LAYERS_STAGE, RECONSTRUCT_STAGE
@@ -54,7 +54,7 @@ def choose_aqer(weight: Tensor, folds: FoldedStats, with_bias: bool) -> tuple[fl
     return ALPHAS[best], bool(gains[best] < 0)
 
 
-def layer_plan(layer: nn.Module, stats: LayerStats, folds: Optional[FoldedStats], config: ErqConfig,
+def layer_plan(layer: nn.Module, stats: LayerStats, folds: Optional[FoldedStats], config: QuantRecipe,
                options: PlusOptions) -> tuple[LayerPlan, Optional[float]]:
     """How to solve one layer, and the alpha chosen for its ridge strength (None: the coe rule)."""
     clipping = options.output_aware_clipping
@@ -82,7 +82,7 @@ def calibrate_before(unit: nn.Module, module: nn.Module, unit_input: Tensor) -> 
         search_range(module.input_quantizer, seen, linear_input_loss(seen, module.weight))
 
 
-def quantize_plus(model: nn.Module, calibration: Iterable, config: ErqConfig, seconds: dict[str, float],
+def quantize_plus(model: nn.Module, calibration: Iterable, config: QuantRecipe, seconds: dict[str, float],
                   progress: Callable[[str, int, int], None], options: PlusOptions = PlusOptions()) -> list[dict]:
     """Quantize `model` (converted, reparameterized, activation quantizers calibrated) in place."""
     device = next(model.parameters()).device

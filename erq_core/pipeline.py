@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from erq_core.config import ErqConfig
+from erq_core.config import QuantRecipe
 from erq_core.layer import LayerPlan, solve_layer
 from erq_core.qmodules import QuantConv2d, QuantLinear, convert_model, set_quant_state, weight_layers
 from erq_core.reparam import find_norm_linear_pairs, reparameterize
@@ -35,7 +35,7 @@ class QuantizedModel:
     """A quantized timm model and what was done to it."""
 
     model: nn.Module
-    config: ErqConfig
+    config: QuantRecipe
     norm_linear_pairs: dict[str, str]
     two_part_layers: list[str]
     layers: list[dict] = field(default_factory=list)
@@ -68,7 +68,7 @@ def first_images(calibration: Iterable, count: int, device: torch.device) -> Ten
 def quantize(
     model: nn.Module,
     calibration: Iterable,
-    config: ErqConfig,
+    config: QuantRecipe,
     progress: Optional[Progress] = None,
 ) -> QuantizedModel:
     """Quantize `model` in place. `calibration` yields image batches (or (images, labels)) and
@@ -160,7 +160,7 @@ def _conv_hook(stats: LayerStats):
     return hook
 
 
-def paper_plan(layer: nn.Module, token_input: bool, config: ErqConfig) -> LayerPlan:
+def paper_plan(layer: nn.Module, token_input: bool, config: QuantRecipe) -> LayerPlan:
     """ERQ's ridge strengths from coe (0.1 coe; Aqer 0.1 for the head's per-image input; the patch
     embedding gets Wqer only, with coe and no rounding refinement, as in the paper's code)."""
     if config.method_spec.solver != "paper":

@@ -59,3 +59,17 @@ def test_a_value_out_of_bounds_is_refused_by_the_config_and_the_job_body_alike(n
 def test_config_round_trips_through_its_dict():
     config = ErqConfig(model="deit_small", dataset="/data", w_bits=3, val_limit=10)
     assert ErqConfig.from_dict(config.to_dict()) == config
+
+
+def test_a_job_spec_is_a_recipe_and_what_to_run_it_on():
+    """quantize() takes a QuantRecipe; a job spec (ErqConfig) adds the model, data and outputs."""
+    from erq_core import QuantRecipe
+
+    config = ErqConfig(model="deit_small", dataset="/data", method="erq+", w_bits=3, export=("onnx",))
+    assert config.recipe == QuantRecipe(method="erq+", w_bits=3) and config.recipe.calib_size == 192
+    recipe_fields = {spec.name for spec in fields(QuantRecipe)}
+    assert recipe_fields < {spec.name for spec in fields()}
+    assert not recipe_fields & {"model", "dataset", "checkpoint", "random_init", "evaluate", "val_limit",
+                                "batch_size", "export"}
+    assert [spec.name for spec in fields()][:2] == ["model", "dataset"]  # what users see first
+    assert ErqConfig.from_dict(config.to_dict()) == config

@@ -6,17 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from erq_core import ErqConfig, quantize
+from erq_core import QuantRecipe, quantize
 from erq_core.layer import LayerPlan
 from erq_core.pipeline import HEAD_AQER_LAMBDA, paper_plan
 from erq_core.qmodules import QuantConv2d, QuantLinear
 from tests.small_models import images, small_model
 
-NAME = "vit_tiny_patch16_224"
 
 
 def quantized(**config):
-    config = ErqConfig(model=NAME, dataset="unused", calib_size=8, random_init=True, **config)
+    config = QuantRecipe(calib_size=8, **config)  # a recipe alone: no model or dataset to name
     return quantize(small_model("vit"), [images("vit", 8, seed=2)], config)
 
 
@@ -27,7 +26,7 @@ def layers() -> dict:
 
 @pytest.mark.parametrize("aqer, wqer", [(True, True), (False, True), (True, False), (False, False)])
 def test_the_paper_plan_takes_its_ridge_strengths_from_coe(layers, aqer, wqer):
-    config = ErqConfig(model=NAME, dataset="unused", coe=2000.0, aqer=aqer, wqer=wqer)
+    config = QuantRecipe(coe=2000.0, aqer=aqer, wqer=wqer)
     token_layer, head, patch = layers["blocks.0.mlp.fc1"], layers["head"], layers["patch_embed.proj"]
     assert isinstance(token_layer, QuantLinear) and isinstance(patch, QuantConv2d)
     wqer_lambda = 200.0 if wqer else None  # 0.1 coe
@@ -41,7 +40,7 @@ def test_the_paper_plan_takes_its_ridge_strengths_from_coe(layers, aqer, wqer):
 
 @pytest.mark.parametrize("method", ["erq+", "repq", "rtn"])
 def test_only_the_paper_method_uses_the_paper_plan(layers, method):
-    config = ErqConfig(model=NAME, dataset="unused", method=method)
+    config = QuantRecipe(method=method)
     assert paper_plan(layers["blocks.0.mlp.fc1"], True, config) == LayerPlan(None, None)
 
 
