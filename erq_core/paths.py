@@ -33,10 +33,15 @@ def restricted_to(roots: Sequence[str | os.PathLike]) -> Iterator[None]:
         _roots = previous
 
 
+def under_any(resolved: Path, roots: Sequence[Path]) -> bool:
+    """Whether the resolved path is one of `roots` (resolved too) or lies below one."""
+    return any(resolved == root or root in resolved.parents for root in roots)
+
+
 def inside_roots(path: str | os.PathLike, what: str, error: type[ErqError] = PathOutsideRoots) -> Path:
     """`path` resolved (links followed) if reading it is allowed; else `error`, naming `path` only."""
     resolved = Path(path).resolve()
-    if _roots is not None and not any(resolved == root or root in resolved.parents for root in _roots):
+    if _roots is not None and not under_any(resolved, _roots):
         raise error(f"{what} {str(path)!r} leads outside the data roots this job may read "
                     "(a link to elsewhere?); only files under ERQ_DATA_ROOTS can be used")
     return resolved

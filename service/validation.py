@@ -8,6 +8,7 @@ from typing import Iterator
 
 from erq_core.config import ErqConfig, fields
 from erq_core.errors import ConfigError
+from erq_core.paths import under_any
 from erq_core.registry import MODEL_ALIASES, local_dir_path
 from sqlalchemy.orm import Session
 
@@ -32,7 +33,7 @@ def resolve_under_roots(raw: str, what: str, roots: list[Path], field: str | Non
     if not os.path.isabs(raw):
         raise InvalidJob(f"{what} {raw!r} must be an absolute path under ERQ_DATA_ROOTS", "invalid_path", field)
     resolved = Path(raw).resolve()
-    if not any(resolved == root or root in resolved.parents for root in roots):
+    if not under_any(resolved, roots):
         allowed = ", ".join(str(r) for r in roots) or "(none configured)"
         raise InvalidJob(f"{what} {raw!r} is outside the allowed data roots ({allowed}); set ERQ_DATA_ROOTS",
                          "path_outside_roots", field)
