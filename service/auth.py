@@ -47,14 +47,17 @@ def current_caller(request: Request, session: DbSession,
     if caller is not None:
         _check_request_rate(request, caller)
         return caller
+    refuse_credentials(request, "invalid_api_key", "invalid or revoked API key")
+
+
+def refuse_credentials(request: Request, code: str, message: str) -> None:
+    """A failed authentication: counted for the client's address, 429 past its limit, else 401 `code`."""
     throttle = request.app.state.auth_throttle
-    client = request.client.host if request.client else "unknown"
-    if throttle.failed(client):
+    if throttle.failed(request.client.host if request.client else "unknown"):
         raise Problem(status.HTTP_429_TOO_MANY_REQUESTS, "too_many_failed_authentications",
                       "too many failed authentications from this address; wait a minute",
                       headers={"Retry-After": str(int(throttle.window))})
-    raise Problem(status.HTTP_401_UNAUTHORIZED, "invalid_api_key", "invalid or revoked API key",
-                  headers={"WWW-Authenticate": "Bearer"})
+    raise Problem(status.HTTP_401_UNAUTHORIZED, code, message, headers={"WWW-Authenticate": "Bearer"})
 
 
 CurrentCaller = Annotated[Caller, Depends(current_caller)]

@@ -14,6 +14,7 @@ import anyio
 from fastapi import Request, status
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from service.auth import refuse_credentials
 from service.problems import Problem
 from storage import jobs
 from storage.db import session_factory
@@ -64,14 +65,8 @@ def check_access(request: Request, settings: Settings) -> None:
     expected = settings.metrics_token.get_secret_value()
     if scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), expected.encode()):
         return
-    throttle = request.app.state.auth_throttle
-    if throttle.failed(request.client.host if request.client else "unknown"):
-        raise Problem(status.HTTP_429_TOO_MANY_REQUESTS, "too_many_failed_authentications",
-                      "too many failed authentications from this address; wait a minute",
-                      headers={"Retry-After": str(int(throttle.window))})
-    raise Problem(status.HTTP_401_UNAUTHORIZED, "invalid_metrics_token",
-                  "GET /metrics needs 'Authorization: Bearer TOKEN' with the token of ERQ_METRICS_TOKEN",
-                  headers={"WWW-Authenticate": "Bearer"})
+    refuse_credentials(request, "invalid_metrics_token",
+                       "GET /metrics needs 'Authorization: Bearer TOKEN' with the token of ERQ_METRICS_TOKEN")
 
 
 class JobCollector:
