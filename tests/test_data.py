@@ -6,18 +6,12 @@ import torch
 
 from erq_core import DatasetError
 from erq_core.data import calibration_loader, check_dataset, validation_loader
+from tests.fixture_paths import small_dataset
 
 
 @pytest.fixture
-def dataset(tmp_path, fixture_dataset):
-    root = tmp_path / "data"
-    for split in ("train", "val"):
-        for class_dir in sorted((fixture_dataset / split).iterdir())[:2]:
-            target = root / split / class_dir.name
-            target.mkdir(parents=True)
-            for image in sorted(class_dir.iterdir())[:4]:
-                shutil.copy(image, target / image.name)
-    return root
+def dataset(tmp_path):
+    return small_dataset(tmp_path / "data")
 
 
 def to_tensor(image):

@@ -11,20 +11,9 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from storage.settings import Settings
-from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
+from tests.fixture_paths import FIXTURE_MODEL_DIR, small_dataset
 from tests.service.conftest import ON_SQLITE, make_key, worker_and_api
 from tests.service.processes import wait_for_job
-
-
-def small_dataset(root: Path) -> Path:
-    """Two classes of the fixture, four images each, in train/ and val/."""
-    for split in ("train", "val"):
-        for class_dir in sorted((FIXTURE_DATASET / split).iterdir())[:2]:
-            target = root / split / class_dir.name
-            target.mkdir(parents=True)
-            for image in sorted(class_dir.iterdir())[:4]:
-                shutil.copy(image, target / image.name)
-    return root
 
 
 def job(dataset: Path, model: Path = FIXTURE_MODEL_DIR) -> dict:
