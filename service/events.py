@@ -36,6 +36,7 @@ from storage.settings import Settings
 POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0
 KEY_CHECK_SECONDS = 5.0  # a stream whose key was revoked ends within this long (plus a poll)
+OUTAGE_REMINDER_SECONDS = 60.0
 MAX_QUEUED_EVENTS = 10_000  # a follower this far behind is dropped (it reconnects with Last-Event-ID)
 log = logging.getLogger("erq")
 
@@ -50,6 +51,33 @@ class Snapshot:
     attempts: int
     run: int  # the attempt whose log is followed (the published one once the job ended); 0: none yet
     log_run: Optional[str]  # that attempt's run, the log is read from (None: the job's own folder, before attempts)
+
+
+class Outage:
+    """The log of failed polls: the first failure with its traceback, then a line every
+    OUTAGE_REMINDER_SECONDS while it lasts and one when it ends (not a traceback per poll, twice a
+    second, for as long as the database is away)."""
+
+    def __init__(self) -> None:
+        self.since: Optional[float] = None
+        self.reminded = 0.0
+        self.polls = 0
+
+    def failed(self) -> None:
+        now = time.monotonic()
+        self.polls += 1
+        if self.since is None:
+            self.since = self.reminded = now
+            log.warning("event stream poll failed; retrying every %.1f s", POLL_SECONDS, exc_info=True)
+        elif now - self.reminded >= OUTAGE_REMINDER_SECONDS:
+            self.reminded = now
+            log.warning("event stream polls still failing after %.0f s (%d polls)", now - self.since, self.polls)
+
+    def ended(self) -> None:
+        if self.since is not None:
+            log.warning("event stream polls recovered after %.1f s (%d failed)", time.monotonic() - self.since,
+                        self.polls)
+            self.since, self.polls = None, 0
 
 
 @dataclass(eq=False)
@@ -136,11 +164,14 @@ class EventHub:
                 del self.followers[follower.job_id]
 
     async def _run(self) -> None:
+        outage = Outage()
         while self.followers:
             try:
                 await self.tick()
             except Exception:  # a database blip: the followers wait for the next tick
-                log.warning("event stream poll failed", exc_info=True)
+                outage.failed()
+            else:
+                outage.ended()
             await asyncio.sleep(POLL_SECONDS)
 
     async def tick(self) -> None:

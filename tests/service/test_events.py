@@ -19,8 +19,9 @@ from storage.db import session_scope
 from storage.artifacts.folder import FolderStore
 from storage.models import JobStatus
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL_DIR
-from tests.service.conftest import ON_SQLITE, make_key, run_erq, service_env, worker_and_api
+from tests.service.conftest import ON_POSTGRESQL, ON_SQLITE, make_key, run_erq, service_env, worker_and_api
 from tests.service.processes import api_client, api_process
+from tests.service.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration  # a real erq api process
 
@@ -65,10 +66,11 @@ class Following(threading.Thread):
 
 
 @contextmanager
-def api_only(tmp_path, settings) -> Iterator[httpx.Client]:
+def api_only(tmp_path, settings, database_url: str | None = None) -> Iterator[httpx.Client]:
     # One owner follows with hundreds of streams here: the per-owner limits (tested in test_load_limits.py) off.
-    env = service_env(tmp_path, ERQ_DATABASE_URL=settings.database_url, ERQ_BROKER_URL=settings.broker_url,
-                      ERQ_MAX_EVENT_STREAMS_PER_OWNER="0", ERQ_OWNER_REQUESTS_PER_SECOND="0")
+    env = service_env(tmp_path, ERQ_DATABASE_URL=database_url or settings.database_url,
+                      ERQ_BROKER_URL=settings.broker_url, ERQ_MAX_EVENT_STREAMS_PER_OWNER="0",
+                      ERQ_OWNER_REQUESTS_PER_SECOND="0")
     with api_process(["api"], env, tmp_path, tmp_path / "api.log") as (api, port):
         with api_client(port, make_key(settings, "alice")) as client:
             yield client
@@ -121,6 +123,34 @@ def test_events_follow_a_job_to_its_end_and_resume_from_an_id(tmp_path, settings
 
         other = {"Authorization": f"Bearer {make_key(settings, 'bob')}"}
         assert client.get(f"/v1/jobs/{job_id}/events", headers=other).json()["code"] == "job_not_found"
+
+
+@ON_POSTGRESQL
+def test_a_database_outage_logs_one_traceback_and_the_stream_goes_on(tmp_path, settings):
+    """The API is cut from PostgreSQL for a few seconds (many polls) while a client follows a job:
+    its log gets the first failure's traceback and one line when the polls recover, not a traceback
+    per poll, and the stream then follows the job to its end."""
+    proxy = TcpProxy(5432)
+    try:
+        with api_only(tmp_path, settings, settings.database_url.replace(":5432/", f":{proxy.port}/")) as client:
+            job_id = client.post("/v1/jobs", json=JOB).json()["id"]
+            following = Following(client, job_id)
+            following.start()
+            following.wait_for_events(1)
+            proxy.cut()
+            time.sleep(4)  # eight polls
+            proxy.restore()
+            run_job_by_hand(settings, job_id, ["after the outage"])
+            following.join(60)
+    finally:
+        proxy.close()
+    assert following.events is not None and following.events[-1]["data"]["status"] == "succeeded"
+    assert [e["data"]["line"] for e in following.events if e["event"] == "log"] == ["after the outage"]
+    log = (tmp_path / "api.log").read_text()
+    # two records from the hub: the first failure (with its traceback) and the recovery
+    assert log.count("event stream poll failed") == 1 and log.count("event stream poll") == 2, log
+    assert re.search(r"event stream polls recovered after [\d.]+ s \((\d+) failed\)", log), log
+    assert int(re.search(r"\((\d+) failed\)", log).group(1)) >= 4, log
 
 
 @ON_SQLITE
