@@ -578,8 +578,10 @@ def export_onnx(folder: str | Path, out: str | Path, opset: int = DEFAULT_OPSET,
         _check_float64_operators(proto)
     proto.ir_version = max(proto.ir_version, 10)  # opset 21 needs IR 10
     proto.producer_name = "erq"
+    # the architecture, not the run's model spec: that can be a path on the host that ran it (a data
+    # root, or a worker's cache folder of an uploaded model), which a deployed file should not carry
     proto.doc_string = (f"erq {config['quantization']['method']} W{config['quantization']['w_bits']}/"
-                        f"A{config['quantization']['a_bits']} of {config['model_source']['spec']}"
+                        f"A{config['quantization']['a_bits']} of {config['model_source']['architecture']}"
                         + (", computed in float64" if precision == "float64" else "")
                         + {"qdq": "", "int8": ", integer kernels (onnx-int8)",
                            "w4": ", 4-bit weight kernels with float activations (onnx-w4)"}[kernels])

@@ -109,6 +109,15 @@ def test_only_standard_operators_and_a_qdq_pair_per_uniform_activation_quantizer
     assert Counter(n.op_type for n in proto.graph.node)["Log"] == len(log_sqrt2) > 0
 
 
+def test_the_description_names_the_architecture_and_no_path_of_the_host(exported):
+    folder, _, path, _ = exported
+    proto = onnx.load(str(path))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_source"]["spec"].startswith("local-dir:/")  # a path on this host
+    assert proto.doc_string == f"erq erq W4/A4 of {config['model_source']['architecture']}"
+    assert str(folder.parent) not in proto.doc_string and "local-dir" not in proto.doc_string
+
+
 @pytest.mark.integration
 def test_cli_writes_the_model_and_refuses_what_it_cannot_express(erq_w4a4_run, tmp_path):
     folder, _ = erq_w4a4_run
