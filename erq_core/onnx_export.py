@@ -608,5 +608,6 @@ def _weight_code_types(proto) -> dict[str, int]:
     from onnx import TensorProto
 
     stored = {t.name: t.data_type for t in proto.graph.initializer}
-    return dict(Counter(TensorProto.DataType.Name(stored[n.input[0]]) for n in proto.graph.node
-                        if n.op_type == "DequantizeLinear" and n.input[0] in stored))
+    codes = [n.input[{"DequantizeLinear": 0, "MatMulIntegerToFloat": 1}[n.op_type]] for n in proto.graph.node
+             if n.op_type in ("DequantizeLinear", "MatMulIntegerToFloat")]
+    return dict(Counter(TensorProto.DataType.Name(stored[c]) for c in codes if c in stored))
