@@ -3,16 +3,18 @@
 erq_core.onnx_export traces the model with one `Linear` marker per linear layer; this module writes
 each marker as the operators onnxruntime's CPU provider turns into integer kernels:
 
-- onnx-int8: the layer's own 8-bit input quantizer (scale, integer zero point) as QuantizeLinear ->
-  DequantizeLinear on UINT8, the weight's integer codes with their per-output-channel scale and zero
-  point as a DequantizeLinear (axis 1), and a MatMul between them: onnxruntime's QDQ fusion makes
-  them one MatMulIntegerToFloat (uint8 activations times int8 or uint8 weights, int32 sums, one
-  float scale per output channel). Codes of 2 to 7 bits are held in INT8 shifted by 2^(b-1) (so
-  |code| <= 64: onnxruntime's u8s8 kernel cannot saturate its int16 pair sums even on CPUs without
-  VNNI); 8-bit codes stay UINT8 (the u8u8 kernel, exact on every CPU). A two-part weight (outlier
-  input columns with their own scales) is two such products, added: the ordinary part over the
-  whole input with the outlier columns' codes at the zero point, the outlier part over a Gather of
-  its few columns.
+- onnx-int8: the layer's own 8-bit input quantizer (scale, integer zero point) as one QuantizeLinear
+  to UINT8 codes, and per column group a com.microsoft MatMulIntegerToFloat of those codes with the
+  weight's integer codes and their per-output-channel scale and zero point (uint8 activations times
+  int8 or uint8 weights, int32 sums, one float scale per output channel); the layer's bias is
+  folded into its first product (finish_integer_graph). Codes of 2 to 7 bits are held in INT8
+  shifted by 2^(b-1) (|code| <= 64: onnxruntime's u8s8 kernel cannot saturate its int16 pair sums
+  even on CPUs without VNNI); 8-bit codes go INT8 (code - 128) only where no pair can saturate
+  (_u8s8_exact), else stay UINT8 (the u8u8 kernel, exact on every CPU, about half as fast), unless
+  `int8_weights="signed"` asks for INT8 everywhere (exact on CPUs with VNNI only). A two-part
+  weight (outlier input columns with their own scales) is two such products, added: the ordinary
+  part over the whole input with the outlier columns' codes at the zero point, the outlier part
+  over a Gather of its few columns' UINT8 codes.
 - onnx-w4: every linear layer is one com.microsoft MatMulNBits on the float input (activation
   quantizers are left out: 4-bit weights, float activations, at the kernel's W4_ACCURACY_LEVEL):
   4-bit codes packed two a byte in blocks of W4_BLOCK input columns, each block with its channel's
@@ -29,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
+from erq_core.config import INT8_WEIGHTS
 from erq_core.errors import ErqError
 from erq_core.qmodules import QuantLinear
 from erq_core.quantizers import UniformQuantizer
@@ -109,13 +112,15 @@ def _int8_weight_group(name: str, layer: QuantLinear, group: int) -> tuple[np.nd
     return codes.astype(np.int64), clipped.astype(np.int64), shortfall
 
 
-def _int8_storage(bits: int, codes: np.ndarray, zero: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+def _int8_storage(bits: int, codes: np.ndarray, zero: np.ndarray, signed: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray, int]:
     """How a block of codes (d_out, d_in) and its zero points (d_out,) are stored: INT8 shifted by
     2^(b-1), onnxruntime's fast u8s8 kernel, wherever that kernel computes them exactly on every
-    CPU; 8-bit codes that it could not are kept UINT8 (the u8u8 kernel, about half as fast)."""
+    CPU (or everywhere when `signed`); 8-bit codes that it could not are kept UINT8 (the u8u8
+    kernel, about half as fast)."""
     offset = 2 ** (bits - 1)
     shifted = codes - offset
-    if bits < 8 or _u8s8_exact(shifted):
+    if bits < 8 or signed or _u8s8_exact(shifted):
         return shifted.astype(np.int8), (zero - offset).astype(np.int8), _INT8
     return codes.astype(np.uint8), zero.astype(np.uint8), _UINT8
 
@@ -156,10 +161,13 @@ def _nbits(name: str, layer: QuantLinear) -> int:
 # ---------------------------------------------------------------- writers
 
 
-def write_linear(g, x: str, out: str, stem: str, layer: QuantLinear, kernels: str) -> None:
+def write_linear(g, x: str, out: str, stem: str, layer: QuantLinear, kernels: str,
+                 int8_weights: str = "exact") -> None:
     """The Linear marker x -> Q_a(x) Q_w(W)^T (no bias) written on `g` (onnx_export._Graph)."""
+    if int8_weights not in INT8_WEIGHTS:
+        raise IntegerExportError(f"int8 weights must be one of {', '.join(INT8_WEIGHTS)}, got {int8_weights!r}")
     if kernels == "int8":
-        _int8_linear(g, x, out, stem, layer)
+        _int8_linear(g, x, out, stem, layer, int8_weights == "signed")
     elif kernels == "w4":
         _w4_linear(g, x, out, stem, layer)
     else:
@@ -173,12 +181,12 @@ def _rank(graph, value: str) -> int | None:
     return None
 
 
-def _int8_linear(g, x: str, out: str, stem: str, layer: QuantLinear) -> None:
+def _int8_linear(g, x: str, out: str, stem: str, layer: QuantLinear, signed: bool = False) -> None:
     if _rank(g.graph, x) == 2:
         # MatMulIntegerToFloat multiplies a batch of matrices: the head's (batch, d_in) input is one
         axes = g.constant(f"{stem}.axes", np.asarray([0], dtype=np.int64))
         product = g.name(f"{stem}_product3d")
-        _int8_linear(g, g.node("Unsqueeze", [x, axes], stem=stem), product, stem, layer)
+        _int8_linear(g, g.node("Unsqueeze", [x, axes], stem=stem), product, stem, layer, signed)
         g.node("Squeeze", [product, axes], out, stem=stem)
         return
     scale_x, zero_x = _int8_input(stem, layer.input_quantizer)
@@ -198,7 +206,7 @@ def _int8_linear(g, x: str, out: str, stem: str, layer: QuantLinear) -> None:
             part_codes = g.node("Gather", [x_codes, g.constant(f"{stem}.columns{group}", columns.astype(np.int64))],
                                 stem=stem, axis=-1)
             block = codes[:, columns]
-        stored, stored_zero, elem = _int8_storage(layer.weight_quantizer.bits, block, zero)
+        stored, stored_zero, elem = _int8_storage(layer.weight_quantizer.bits, block, zero, signed)
         w_codes = g.packed(f"{stem}.codes{group}", np.ascontiguousarray(stored.T), elem)
         w_zero = g.packed(f"{stem}.zero_point{group}", stored_zero, elem)
         w_scale = g.constant(f"{stem}.scale{group}", scale[:, group].astype(np.float32))

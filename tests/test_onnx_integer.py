@@ -124,8 +124,9 @@ def test_w4_runs_every_linear_layer_on_matmulnbits(fixture_runs, tmp_path):
 # ---------------------------------------------------------------- the codes are erq's
 
 
-def int8_codes_in_file(path: Path, layer_name: str, layer: QuantLinear) -> np.ndarray:
-    """The layer's codes (d_out, d_in) read back from its INT8/UINT8 initializers, offset undone."""
+def int8_codes_in_file(path: Path, layer_name: str, layer: QuantLinear, exact: bool = True) -> np.ndarray:
+    """The layer's codes (d_out, d_in) read back from its INT8/UINT8 initializers, offset undone;
+    `exact`: INT8 8-bit codes must be safe from the u8s8 kernel's saturation (the default export)."""
     stored = {t.name.split("__")[0]: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
     bits = layer.weight_quantizer.bits
     codes = np.zeros((layer.out_features, layer.in_features), dtype=np.int64)
@@ -134,7 +135,7 @@ def int8_codes_in_file(path: Path, layer_name: str, layer: QuantLinear) -> np.nd
         held = stored[f"{layer_name}.codes{group}"]
         # INT8 shifted by 2^(b-1) where the u8s8 kernel is exact, else 8-bit codes as they are in UINT8
         assert held.dtype == np.int8 if bits < 8 else held.dtype in (np.int8, np.uint8)
-        if held.dtype == np.int8:
+        if held.dtype == np.int8 and exact:
             assert not saturating_pairs(held.T.astype(np.int64)), layer_name
         offset = 2 ** (bits - 1) if held.dtype == np.int8 else 0
         part = held.T.astype(np.int64) + offset
@@ -210,6 +211,34 @@ def test_8_bit_weights_take_the_u8s8_kernel_only_where_no_pair_can_saturate():
     assert _u8s8_exact(np.asarray([[64, 64, -128, 127]]))  # 255 * 128 fits; a mixed pair never clips
     assert not _u8s8_exact(np.asarray([[65, 64, 0, 0]]))
     assert not _u8s8_exact(np.asarray([[0, 0, -65, -64]]))
+
+
+def has_vnni() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def test_signed_int8_weights_put_every_8_bit_layer_on_the_u8s8_kernel_with_erqs_codes(tmp_path):
+    """`erq export --int8-weights signed`: every 8-bit layer's codes in INT8 (code - 128), still erq's;
+    on a CPU with VNNI the u8s8 kernel is exact, so the logits keep the default export's bound."""
+    saved_quantized("vit", tmp_path, method="erq+", w_bits=8, a_bits=8)
+    result = erq("export", str(tmp_path), "--format", "onnx-int8", "--int8-weights", "signed")
+    assert result.returncode == 0, result.stderr
+    parts = sum(layer.weight_quantizer.groups for layer in linear_layers(tmp_path).values())
+    assert json.loads(result.stdout)["weight_code_types"]["INT8"] == parts  # the patch embedding: UINT8, float
+    path = tmp_path / "model-int8.onnx"
+    expected = checkpoint_codes(tmp_path)
+    for name, layer in linear_layers(tmp_path).items():
+        np.testing.assert_array_equal(int8_codes_in_file(path, name, layer, exact=False), expected[name])
+    assert_int8_kernels(tmp_path, tmp_path)
+    if has_vnni():
+        x = images("vit", 16, seed=3)
+        with torch.no_grad():
+            reference = load_quantized(tmp_path, "cpu")(x).numpy()
+        got = onnxruntime_logits(path, x)
+        assert np.abs(got - reference).max() <= INT8_LOGIT_BOUND * np.abs(reference).max()
+    assert_one_line_error(erq("export", str(tmp_path), "--format", "onnx-int8", "--int8-weights", "fast"),
+                          "invalid choice")
 
 
 # ---------------------------------------------------------------- what the files compute
