@@ -203,9 +203,7 @@ def _int8_linear(g, x: str, out: str, stem: str, layer: QuantLinear, signed: boo
         if whole:
             part_codes, block = x_codes, np.where((column_group == group)[None, :], codes, zero[:, None])
         else:  # the outlier columns' UINT8 input codes, gathered once quantized (a quarter of the bytes)
-            part_codes = g.node("Gather", [x_codes, g.constant(f"{stem}.columns{group}", columns.astype(np.int64))],
-                                stem=stem, axis=-1)
-            block = codes[:, columns]
+            part_codes, block = _gather_columns(g, x_codes, columns, f"{stem}.columns{group}", stem), codes[:, columns]
         stored, stored_zero, elem = _int8_storage(layer.weight_quantizer.bits, block, zero, signed)
         w_codes = g.packed(f"{stem}.codes{group}", np.ascontiguousarray(stored.T), elem)
         w_zero = g.packed(f"{stem}.zero_point{group}", stored_zero, elem)
@@ -225,6 +223,16 @@ def _int8_linear(g, x: str, out: str, stem: str, layer: QuantLinear, signed: boo
         total = parts[0]
         for k, part in enumerate(parts[1:], start=2):
             total = g.node("Add", [total, part], out if k == len(parts) else None, stem=stem)
+
+
+def _gather_columns(g, x: str, columns: np.ndarray, tag: str, stem: str) -> str:
+    """x[..., columns] as GatherElements with the columns broadcast over x's leading axes: the same
+    values as Gather(axis=-1), which onnxruntime copies element by element (about 8x slower here)."""
+    leading = g.node("Shape", [x], stem=stem, end=-1)
+    shape = g.node("Concat", [leading, g.constant(f"{tag}.count", np.asarray([len(columns)], dtype=np.int64))],
+                   stem=stem, axis=0)
+    index = g.node("Expand", [g.constant(tag, columns.astype(np.int64)), shape], stem=stem)
+    return g.node("GatherElements", [x, index], stem=stem, axis=-1)
 
 
 def _w4_layout(column_group: np.ndarray, groups: int, d_in: int) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
@@ -299,6 +307,7 @@ def finish_integer_graph(proto) -> None:
     from onnx import helper
 
     _fold_biases(proto.graph)
+    _log_softmax(proto.graph)
     _lookups_as_gather_elements(proto.graph)
     if any(n.domain == CONTRIB_DOMAIN for n in proto.graph.node) and \
             not any(e.domain == CONTRIB_DOMAIN for e in proto.opset_import):
@@ -345,6 +354,32 @@ def _fold_biases(graph) -> None:
         removed.append(add)
     for add in removed:
         graph.node.remove(add)
+
+
+def _log_softmax(graph) -> None:
+    """Softmax followed by the log-sqrt2 quantizer's Log as one LogSoftmax: the same logarithms up to
+    float rounding (a code can move only where a value lies on a rounding boundary, as anywhere in
+    the file), without exponentiating the probabilities only to take their logarithm again."""
+    from onnx import helper
+
+    consumers = _consumers(graph)
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for value in node.input:
+            readers.setdefault(value, []).append(node)
+    rewritten, dropped = [], set()
+    for node in graph.node:
+        log = readers[node.output[0]][0] if node.output and len(readers.get(node.output[0], [])) == 1 else None
+        if node.op_type == "Softmax" and not node.domain and consumers.get(node.output[0]) == 1 \
+                and log is not None and log.op_type == "Log" and not log.domain:
+            merged = helper.make_node("LogSoftmax", [node.input[0]], [log.output[0]], name=f"{node.name}_log")
+            merged.attribute.extend(node.attribute)  # the softmax axis
+            rewritten.append(merged)
+            dropped.add(log.name)
+        elif node.name not in dropped or node.op_type != "Log":
+            rewritten.append(node)
+    del graph.node[:]
+    graph.node.extend(rewritten)
 
 
 def _lookups_as_gather_elements(graph) -> None:

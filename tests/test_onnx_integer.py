@@ -95,11 +95,13 @@ def assert_int8_kernels(folder: Path, work: Path) -> None:
     assert sum(operators[op] for op in FLOAT_PRODUCTS) == blocks, operators
     weights = {t.name for t in graph.initializer}
     assert not [n.name for n in graph.node if n.op_type in FLOAT_PRODUCTS and set(n.input) & weights]
-    # no separate pass over a product's output to add its bias, no element-by-element table Gather
+    # no separate pass over a product's output to add its bias, no element-by-element table Gather,
+    # one LogSoftmax for the post-softmax quantizer's Softmax and Log
     products = {out for n in graph.node if n.op_type == "MatMulIntegerToFloat" for out in n.output}
     vectors = {t.name for t in graph.initializer if len(t.dims) == 1}
     assert not [n.name for n in graph.node if n.op_type == "Add" and set(n.input) & products and set(n.input) & vectors]
     assert not [n.name for n in graph.node if n.op_type == "Gather" and ".levels" in n.input[0]]
+    assert operators["LogSoftmax"] == blocks and not operators["Log"]  # no exp of the logits only to log them
 
 
 def assert_w4_kernels(folder: Path, work: Path) -> None:
