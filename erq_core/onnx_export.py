@@ -525,7 +525,7 @@ def _set_opset(model_proto, opset: int):
 def export_format(folder: str | Path, export_format: str, out: Optional[str | Path] = None,
                   opset: int = DEFAULT_OPSET, int8_weights: str = "exact") -> ExportResult:
     """Write the run in `folder` in one of EXPORT_FILES' formats (default: its file in the folder);
-    `int8_weights`: onnx-int8's 8-bit weight kernel (erq_core.onnx_integer.INT8_WEIGHTS)."""
+    `int8_weights`: onnx-int8's 8-bit weight kernel (erq_core.config.INT8_WEIGHTS)."""
     if export_format not in EXPORT_FILES:
         raise OnnxExportError(f"unknown export format {export_format!r}; one of {', '.join(EXPORT_FILES)}")
     file_name, precision, kernels = EXPORT_FILES[export_format]
