@@ -3,8 +3,9 @@
 For the realistic fixture (a real DINOv2 ViT-S/14 at 112 px, Fashion-MNIST) and deit_small (random
 init: speed and size only), in one run on one machine, onnxruntime's CPU provider:
 - FP32: the full-precision model as torch.onnx.export writes it;
-- erq: `erq export --format onnx-int8` of erq+ W8/A8 and W4/A8 runs, `--format onnx-w4` of erq+ W4/A8
-  and W4/A4 runs (the runs are made by `erq quantize` into --work if they are not there);
+- erq: `erq export --format onnx-int8` of erq+ W8/A8 and W4/A8 runs (the W8/A8 one also with
+  `--int8-weights signed`: exact only on CPUs with VNNI), `--format onnx-w4` of erq+ W4/A8 and W4/A4
+  runs (the runs are made by `erq quantize` into --work if they are not there);
 - the peers, on the same FP32 ONNX: onnxruntime.quantization.quantize_static (QDQ, per-channel INT8
   weights, UINT8 activations, MinMax and Percentile calibration on erq+'s own 192 calibration
   images), onnxruntime's MatMulNBits 4-bit weight-only quantizer (block 32, asymmetric, accuracy
@@ -18,6 +19,7 @@ erq's seed 0 runs are made in --work when missing (`erq quantize`, as ERQ_ROWS s
 (WORK/realistic_w8a8_s1, ...) are scored when they are there.
 
     .venv/bin/python bench/deploy.py --realistic /work/fixtures/realistic --work /tmp/deploy [--threads 2]
+    [--cases realistic --rows "erq+ W8/A8 onnx-int8" "quantize_static Percentile" --out FILE]
 """
 from __future__ import annotations
 
@@ -40,9 +42,12 @@ from bench.export import fp32_onnx  # noqa: E402
 
 ERQ = Path(sys.executable).parent / "erq"
 CALIB_SEED = 0
-ERQ_ROWS = (("erq+ W8/A8 onnx-int8", 8, 8, "onnx-int8"), ("erq+ W4/A8 onnx-int8", 4, 8, "onnx-int8"),
+ERQ_ROWS = (("erq+ W8/A8 onnx-int8", 8, 8, "onnx-int8"),
+            ("erq+ W8/A8 onnx-int8 --int8-weights signed", 8, 8, "onnx-int8-signed"),
+            ("erq+ W4/A8 onnx-int8", 4, 8, "onnx-int8"),
             ("erq+ W4/A8 onnx-w4", 4, 8, "onnx-w4"), ("erq+ W4/A4 onnx-w4", 4, 4, "onnx-w4"))
-FILES = {"onnx-int8": "model-int8.onnx", "onnx-w4": "model-w4.onnx"}
+# the signed row: `erq export --format onnx-int8 --int8-weights signed` (exact only on CPUs with VNNI)
+FILES = {"onnx-int8": "model-int8.onnx", "onnx-int8-signed": "model-int8-signed.onnx", "onnx-w4": "model-w4.onnx"}
 
 
 # ---------------------------------------------------------------- the models
@@ -66,7 +71,8 @@ def erq_file(folder: Path, fmt: str) -> Path:
 
     path = folder / FILES[fmt]
     if not path.exists():
-        export_format(folder, fmt)
+        signed = fmt == "onnx-int8-signed"
+        export_format(folder, "onnx-int8" if signed else fmt, path, int8_weights="signed" if signed else "exact")
     return path
 
 
@@ -172,7 +178,8 @@ def latencies(runners: dict[str, Callable], shape: tuple[int, ...], batch: int, 
 
 
 def bench_case(case: str, model: str, dataset: Path, random_init: bool, work: Path, threads: int,
-               repeats: int, seeds: int) -> list[dict]:
+               repeats: int, seeds: int, only: Optional[list[str]] = None) -> list[dict]:
+    """The rows of one model (`only`: those named, FP32 always; None: all)."""
     from erq_core.checkpoint import read_config
 
     work.mkdir(parents=True, exist_ok=True)
@@ -180,10 +187,14 @@ def bench_case(case: str, model: str, dataset: Path, random_init: bool, work: Pa
     if not fp32.exists():
         fp32_onnx(model, dataset, random_init, fp32)
     # seed 0 is made when missing; the further seeds (up to `seeds`) are scored when their runs are there
+    def wanted(row: str) -> bool:
+        return only is None or row in only
+
     runs = {(w, a): [erq_run(work, case, model, dataset, w, a, 0, random_init)]
             + [work / f"{case}_w{w}a{a}_s{seed}" for seed in range(1, seeds)
                if (work / f"{case}_w{w}a{a}_s{seed}" / "metrics.json").exists()]
-            for w, a in sorted({(w, a) for _, w, a, _ in ERQ_ROWS}) if not (random_init and a == 4)}
+            for w, a in sorted({(w, a) for name, w, a, _ in ERQ_ROWS if wanted(name)} | {(8, 8)})
+            if not (random_init and a == 4)}
     pretrained_cfg = read_config(runs[(8, 8)][0])["pretrained_cfg"]
     shape = tuple(pretrained_cfg["input_size"])
     images = calibration_images(dataset, pretrained_cfg, 192 if not random_init else 8)
@@ -191,17 +202,21 @@ def bench_case(case: str, model: str, dataset: Path, random_init: bool, work: Pa
     for name, w, a, fmt in ERQ_ROWS:
         if random_init and (w, a, fmt) == (4, 4, "onnx-w4"):  # the W4/A8 row's graph: activations are float
             continue
+        if not wanted(name):
+            continue
         rows[name] = {"path": erq_file(runs[(w, a)][0], fmt), "runtime": "onnxruntime",
                       "seed_paths": [erq_file(folder, fmt) for folder in runs[(w, a)]],
                       "erq_top1": [json.loads((f / "metrics.json").read_text())["quantized"]["top1"]
                                    for f in runs[(w, a)] if not random_init]}
     for method in ("MinMax", "Percentile"):
-        rows[f"quantize_static {method}"] = {
-            "path": quantize_static_peer(fp32, work / f"{case}_qdq_{method.lower()}.onnx", images, method),
-            "runtime": "onnxruntime"}
-    rows["MatMulNBits 4-bit weight-only"] = {"path": nbits_peer(fp32, work / f"{case}_nbits.onnx"),
-                                             "runtime": "onnxruntime"}
-    nncf_path = nncf_peer(fp32, work / f"{case}_nncf_int8.onnx", images)
+        if wanted(f"quantize_static {method}"):
+            rows[f"quantize_static {method}"] = {
+                "path": quantize_static_peer(fp32, work / f"{case}_qdq_{method.lower()}.onnx", images, method),
+                "runtime": "onnxruntime"}
+    if wanted("MatMulNBits 4-bit weight-only"):
+        rows["MatMulNBits 4-bit weight-only"] = {"path": nbits_peer(fp32, work / f"{case}_nbits.onnx"),
+                                                 "runtime": "onnxruntime"}
+    nncf_path = nncf_peer(fp32, work / f"{case}_nncf_int8.onnx", images) if wanted("NNCF INT8 (OpenVINO)") else None
     if nncf_path is not None:
         rows["NNCF INT8 (OpenVINO)"] = {"path": nncf_path, "runtime": "openvino"}
     runner = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner}
@@ -252,17 +267,20 @@ def main() -> None:
                                                              "(seed 0 is made; others are used when in --work)")
     parser.add_argument("--cases", nargs="*", default=["realistic", "deit_small"], choices=["realistic", "deit_small"],
                         help="which models (the results of the others already in --out are kept)")
+    parser.add_argument("--rows", nargs="*", default=None,
+                        help="only these rows (names as in the table; FP32 always), e.g. to re-time erq's "
+                             "int8 rows against FP32 and a peer; --out then gets these rows alone")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "deploy.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    kept = json.loads(args.out.read_text())["results"] if args.out.exists() else []
+    kept = json.loads(args.out.read_text())["results"] if args.out.exists() and args.rows is None else []
     results = [r for r in kept if r["case"] not in args.cases]
     if "realistic" in args.cases:
         results += bench_case("realistic", f"local-dir:{args.realistic / 'model'}", args.realistic / "data", False,
-                              args.work, args.threads, args.repeats, args.seeds)
+                              args.work, args.threads, args.repeats, args.seeds, args.rows)
     if "deit_small" in args.cases:
         results += bench_case("deit_small", "deit_small", args.realistic / "data", True, args.work, args.threads,
-                              args.repeats, 1)
+                              args.repeats, 1, args.rows)
     results.sort(key=lambda r: r["case"] != "realistic")
     import onnxruntime
 

@@ -458,7 +458,8 @@ def _weight(g: _Graph, out: str, stem: str, layer: nn.Module, transposed: bool) 
     _stitched(g, stem, "columns", column_parts, 0, out)
 
 
-def _rewrite(model_proto, activations, weights, float_type: type = np.float32, kernels: str = "qdq"):
+def _rewrite(model_proto, activations, weights, float_type: type = np.float32, kernels: str = "qdq",
+             int8_weights: str = "exact"):
     """Every marker node replaced by its standard-operator form; the float weights they read removed.
     `float_type`: what the log-sqrt2 quantizers compute in (uniform ones are always float32);
     `kernels`: how Linear markers are written (erq_core.onnx_integer)."""
@@ -483,7 +484,7 @@ def _rewrite(model_proto, activations, weights, float_type: type = np.float32, k
 
             name, layer = weights[index]
             found_weight.add(index)
-            write_linear(g, node.input[0], node.output[0], name, layer, kernels)
+            write_linear(g, node.input[0], node.output[0], name, layer, kernels, int8_weights)
         else:
             name, layer = weights[index]
             found_weight.add(index)
@@ -522,22 +523,25 @@ def _set_opset(model_proto, opset: int):
 
 
 def export_format(folder: str | Path, export_format: str, out: Optional[str | Path] = None,
-                  opset: int = DEFAULT_OPSET) -> ExportResult:
-    """Write the run in `folder` in one of EXPORT_FILES' formats (default: its file in the folder)."""
+                  opset: int = DEFAULT_OPSET, int8_weights: str = "exact") -> ExportResult:
+    """Write the run in `folder` in one of EXPORT_FILES' formats (default: its file in the folder);
+    `int8_weights`: onnx-int8's 8-bit weight kernel (erq_core.config.INT8_WEIGHTS)."""
     if export_format not in EXPORT_FILES:
         raise OnnxExportError(f"unknown export format {export_format!r}; one of {', '.join(EXPORT_FILES)}")
     file_name, precision, kernels = EXPORT_FILES[export_format]
-    return export_onnx(folder, out or Path(folder) / file_name, opset=opset, precision=precision, kernels=kernels)
+    return export_onnx(folder, out or Path(folder) / file_name, opset=opset, precision=precision, kernels=kernels,
+                       int8_weights=int8_weights)
 
 
 def export_onnx(folder: str | Path, out: str | Path, opset: int = DEFAULT_OPSET,
-                batch_size: int = 1, precision: str = "float32", kernels: str = "qdq") -> ExportResult:
+                batch_size: int = 1, precision: str = "float32", kernels: str = "qdq",
+                int8_weights: str = "exact") -> ExportResult:
     """Write the quantized model saved in `folder` (erq quantize --out) as an ONNX file.
 
     precision "float64": every operator between quantizers in float64, as `erq evaluate
     --precision float64` computes it (see erq_core.float64); float32 images in, float32 logits out.
     kernels "int8" (onnx-int8) and "w4" (onnx-w4): linear layers on onnxruntime's integer and
-    4-bit kernels (erq_core.onnx_integer)."""
+    4-bit kernels (erq_core.onnx_integer, which says what `int8_weights` chooses)."""
     import onnx
 
     from erq_core.checkpoint import load_quantized
@@ -569,7 +573,7 @@ def export_onnx(folder: str | Path, out: str | Path, opset: int = DEFAULT_OPSET,
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     traced = _set_opset(traced, opset)
     float_type = np.float64 if precision == "float64" else np.float32
-    proto = _rewrite(traced, activations, weights, float_type, kernels)
+    proto = _rewrite(traced, activations, weights, float_type, kernels, int8_weights)
     if kernels != "qdq":
         from erq_core.onnx_integer import finish_integer_graph
 
@@ -610,5 +614,6 @@ def _weight_code_types(proto) -> dict[str, int]:
     from onnx import TensorProto
 
     stored = {t.name: t.data_type for t in proto.graph.initializer}
-    return dict(Counter(TensorProto.DataType.Name(stored[n.input[0]]) for n in proto.graph.node
-                        if n.op_type == "DequantizeLinear" and n.input[0] in stored))
+    codes = [n.input[{"DequantizeLinear": 0, "MatMulIntegerToFloat": 1}[n.op_type]] for n in proto.graph.node
+             if n.op_type in ("DequantizeLinear", "MatMulIntegerToFloat")]
+    return dict(Counter(TensorProto.DataType.Name(stored[c]) for c in codes if c in stored))

@@ -3,16 +3,18 @@
 erq_core.onnx_export traces the model with one `Linear` marker per linear layer; this module writes
 each marker as the operators onnxruntime's CPU provider turns into integer kernels:
 
-- onnx-int8: the layer's own 8-bit input quantizer (scale, integer zero point) as QuantizeLinear ->
-  DequantizeLinear on UINT8, the weight's integer codes with their per-output-channel scale and zero
-  point as a DequantizeLinear (axis 1), and a MatMul between them: onnxruntime's QDQ fusion makes
-  them one MatMulIntegerToFloat (uint8 activations times int8 or uint8 weights, int32 sums, one
-  float scale per output channel). Codes of 2 to 7 bits are held in INT8 shifted by 2^(b-1) (so
-  |code| <= 64: onnxruntime's u8s8 kernel cannot saturate its int16 pair sums even on CPUs without
-  VNNI); 8-bit codes stay UINT8 (the u8u8 kernel, exact on every CPU). A two-part weight (outlier
-  input columns with their own scales) is two such products, added: the ordinary part over the
-  whole input with the outlier columns' codes at the zero point, the outlier part over a Gather of
-  its few columns.
+- onnx-int8: the layer's own 8-bit input quantizer (scale, integer zero point) as one QuantizeLinear
+  to UINT8 codes, and per column group a com.microsoft MatMulIntegerToFloat of those codes with the
+  weight's integer codes and their per-output-channel scale and zero point (uint8 activations times
+  int8 or uint8 weights, int32 sums, one float scale per output channel); the layer's bias is
+  folded into its first product (finish_integer_graph). Codes of 2 to 7 bits are held in INT8
+  shifted by 2^(b-1) (|code| <= 64: onnxruntime's u8s8 kernel cannot saturate its int16 pair sums
+  even on CPUs without VNNI); 8-bit codes go INT8 (code - 128) only where no pair can saturate
+  (_u8s8_exact), else stay UINT8 (the u8u8 kernel, exact on every CPU, about half as fast), unless
+  `int8_weights="signed"` asks for INT8 everywhere (exact on CPUs with VNNI only). A two-part
+  weight (outlier input columns with their own scales) is two such products, added: the ordinary
+  part over the whole input with the outlier columns' codes at the zero point, the outlier part
+  over a Gather of its few columns' UINT8 codes.
 - onnx-w4: every linear layer is one com.microsoft MatMulNBits on the float input (activation
   quantizers are left out: 4-bit weights, float activations, at the kernel's W4_ACCURACY_LEVEL):
   4-bit codes packed two a byte in blocks of W4_BLOCK input columns, each block with its channel's
@@ -29,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
+from erq_core.config import INT8_WEIGHTS
 from erq_core.errors import ErqError
 from erq_core.qmodules import QuantLinear
 from erq_core.quantizers import UniformQuantizer
@@ -60,7 +63,7 @@ def check_integer_export(model: nn.Module, kernels: str, run_w_bits: int) -> Non
             continue
         if kernels == "int8":
             _int8_input(name, layer.input_quantizer)
-            _int8_weight_codes(name, layer, 0)  # every group is checked in the writer; this is the early word
+            _int8_weight_group(name, layer, 0)  # every group is checked in the writer; this is the early word
         else:
             _nbits(name, layer)
 
@@ -94,10 +97,9 @@ def _layer_codes(layer: QuantLinear) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return codes, scale, zero, quantizer.column_group.cpu().numpy()
 
 
-def _int8_weight_codes(name: str, layer: QuantLinear, group: int
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """One column group's codes (d_out, d_in) and zero points (d_out,) as stored, the zero points'
-    shortfall (true minus stored, d_out,; see _zero_point_in_type) and their ONNX type."""
+def _int8_weight_group(name: str, layer: QuantLinear, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One column group's codes (d_out, d_in), its zero points (d_out,) clipped into what the stored
+    type can hold, and their shortfall (true minus clipped, d_out,; see _zero_point_in_type)."""
     bits = layer.weight_quantizer.bits
     codes, _, zero, _ = _layer_codes(layer)
     zero = zero[:, group]
@@ -105,12 +107,34 @@ def _int8_weight_codes(name: str, layer: QuantLinear, group: int
         raise IntegerExportError(f"{name}: fractional weight zero points have no integer-kernel form")
     if bits > 8:
         raise IntegerExportError(f"{name}: {bits}-bit weights do not fit onnx-int8 (at most 8 bits)")
-    if bits == 8:
-        stored, shortfall = _zero_point_in_type(zero, 0, 255)
-        return codes.astype(np.uint8), stored.astype(np.uint8), shortfall, _UINT8
+    low, high = (0, 255) if bits == 8 else (-128 + 2 ** (bits - 1), 127 + 2 ** (bits - 1))
+    clipped, shortfall = _zero_point_in_type(zero, low, high)
+    return codes.astype(np.int64), clipped.astype(np.int64), shortfall
+
+
+def _int8_storage(bits: int, codes: np.ndarray, zero: np.ndarray, signed: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray, int]:
+    """How a block of codes (d_out, d_in) and its zero points (d_out,) are stored: INT8 shifted by
+    2^(b-1), onnxruntime's fast u8s8 kernel, wherever that kernel computes them exactly on every
+    CPU (or everywhere when `signed`); 8-bit codes that it could not are kept UINT8 (the u8u8
+    kernel, about half as fast)."""
     offset = 2 ** (bits - 1)
-    stored, shortfall = _zero_point_in_type(zero - offset, -128, 127)
-    return (codes - offset).astype(np.int8), stored.astype(np.int8), shortfall, _INT8
+    shifted = codes - offset
+    if bits < 8 or signed or _u8s8_exact(shifted):
+        return shifted.astype(np.int8), (zero - offset).astype(np.int8), _INT8
+    return codes.astype(np.uint8), zero.astype(np.uint8), _UINT8
+
+
+def _u8s8_exact(weights: np.ndarray) -> bool:
+    """Whether onnxruntime's u8s8 kernel sums these INT8 weights (d_out, d_in) exactly for every UINT8
+    input. On x86 CPUs without VNNI it multiplies the inputs k, k+1 (k even) by their weights with
+    vpmaddubsw, whose 16-bit sum of the two products saturates past 32767: 255 (|a| + |b|) for a
+    pair of one sign, at most 255 * 128 for a mixed pair. Codes of 7 bits or fewer, shifted, never
+    reach it (|w| <= 64); 8-bit rows do when some pair of one sign has |a| + |b| > 128."""
+    if weights.shape[1] % 2:
+        weights = np.concatenate([weights, np.zeros((weights.shape[0], 1), weights.dtype)], axis=1)
+    a, b = weights[:, 0::2], weights[:, 1::2]
+    return not np.any((np.sign(a) == np.sign(b)) & (np.abs(a) + np.abs(b) > 128))
 
 
 def _zero_point_in_type(zero: np.ndarray, low: int, high: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,10 +161,13 @@ def _nbits(name: str, layer: QuantLinear) -> int:
 # ---------------------------------------------------------------- writers
 
 
-def write_linear(g, x: str, out: str, stem: str, layer: QuantLinear, kernels: str) -> None:
+def write_linear(g, x: str, out: str, stem: str, layer: QuantLinear, kernels: str,
+                 int8_weights: str = "exact") -> None:
     """The Linear marker x -> Q_a(x) Q_w(W)^T (no bias) written on `g` (onnx_export._Graph)."""
+    if int8_weights not in INT8_WEIGHTS:
+        raise IntegerExportError(f"int8 weights must be one of {', '.join(INT8_WEIGHTS)}, got {int8_weights!r}")
     if kernels == "int8":
-        _int8_linear(g, x, out, stem, layer)
+        _int8_linear(g, x, out, stem, layer, int8_weights == "signed")
     elif kernels == "w4":
         _w4_linear(g, x, out, stem, layer)
     else:
@@ -154,40 +181,37 @@ def _rank(graph, value: str) -> int | None:
     return None
 
 
-def _int8_linear(g, x: str, out: str, stem: str, layer: QuantLinear) -> None:
+def _int8_linear(g, x: str, out: str, stem: str, layer: QuantLinear, signed: bool = False) -> None:
     if _rank(g.graph, x) == 2:
-        # a 2-D product (the head) would become a float Gemm (MatMul + Add fusion) before the QDQ fusion
-        # could see it: computed as a batch of one instead
+        # MatMulIntegerToFloat multiplies a batch of matrices: the head's (batch, d_in) input is one
         axes = g.constant(f"{stem}.axes", np.asarray([0], dtype=np.int64))
         product = g.name(f"{stem}_product3d")
-        _int8_linear(g, g.node("Unsqueeze", [x, axes], stem=stem), product, stem, layer)
+        _int8_linear(g, g.node("Unsqueeze", [x, axes], stem=stem), product, stem, layer, signed)
         g.node("Squeeze", [product, axes], out, stem=stem)
         return
     scale_x, zero_x = _int8_input(stem, layer.input_quantizer)
     _, scale, _, column_group = _layer_codes(layer)
     s_x, z_x = g.constant(f"{stem}.input_scale", scale_x), g.constant(f"{stem}.input_zero_point", zero_x)
+    x_codes = g.node("QuantizeLinear", [x, s_x, z_x], stem=stem)  # one for every part of the layer
     parts = []
     for group in range(layer.weight_quantizer.groups):
         columns = np.flatnonzero(column_group == group)
-        codes, zero, shortfall, elem = _int8_weight_codes(stem, layer, group)
+        codes, zero, shortfall = _int8_weight_group(stem, layer, group)
         # the ordinary columns (most of them) read the whole input, with the outlier columns' codes at the
         # zero point (they add exactly 0): a strided Gather of the input costs more than those few columns
         whole = layer.weight_quantizer.groups == 1 or (group == 0 and not np.any(shortfall))
         if whole:
-            part_x, block = x, np.where((column_group == group)[None, :], codes, zero[:, None])
-        else:
-            part_x = g.node("Gather", [x, g.constant(f"{stem}.columns{group}", columns.astype(np.int64))],
-                            stem=stem, axis=-1)
-            block = codes[:, columns]
-        x_codes = g.node("QuantizeLinear", [part_x, s_x, z_x], stem=stem)
-        x_hat = g.node("DequantizeLinear", [x_codes, s_x, z_x], stem=stem)
-        w_codes = g.packed(f"{stem}.codes{group}", np.ascontiguousarray(block.T.astype(codes.dtype)), elem)
-        w_zero = g.packed(f"{stem}.zero_point{group}", zero, elem)
+            part_codes, block = x_codes, np.where((column_group == group)[None, :], codes, zero[:, None])
+        else:  # the outlier columns' UINT8 input codes, gathered once quantized (a quarter of the bytes)
+            part_codes, block = _gather_columns(g, x_codes, columns, f"{stem}.columns{group}", stem), codes[:, columns]
+        stored, stored_zero, elem = _int8_storage(layer.weight_quantizer.bits, block, zero, signed)
+        w_codes = g.packed(f"{stem}.codes{group}", np.ascontiguousarray(stored.T), elem)
+        w_zero = g.packed(f"{stem}.zero_point{group}", stored_zero, elem)
         w_scale = g.constant(f"{stem}.scale{group}", scale[:, group].astype(np.float32))
-        w_hat = g.node("DequantizeLinear", [w_codes, w_scale, w_zero], stem=stem, axis=1)
-        parts.append(g.node("MatMul", [x_hat, w_hat], stem=stem))
-        if np.any(shortfall):  # its own DequantizeLinear: the fused one must feed the MatMul alone
-            x_sum = g.node("ReduceSum", [g.node("DequantizeLinear", [x_codes, s_x, z_x], stem=stem),
+        parts.append(g.node("MatMulIntegerToFloat", [part_codes, w_codes, s_x, w_scale, z_x, w_zero], stem=stem,
+                            domain=CONTRIB_DOMAIN))
+        if np.any(shortfall):
+            x_sum = g.node("ReduceSum", [g.node("DequantizeLinear", [part_codes, s_x, z_x], stem=stem),
                                          g.constant(f"{stem}.last_axis", np.asarray([-1], dtype=np.int64))],
                            stem=stem, keepdims=1)
             correction = (-shortfall * scale[:, group]).astype(np.float32)
@@ -199,6 +223,16 @@ def _int8_linear(g, x: str, out: str, stem: str, layer: QuantLinear) -> None:
         total = parts[0]
         for k, part in enumerate(parts[1:], start=2):
             total = g.node("Add", [total, part], out if k == len(parts) else None, stem=stem)
+
+
+def _gather_columns(g, x: str, columns: np.ndarray, tag: str, stem: str) -> str:
+    """x[..., columns] as GatherElements with the columns broadcast over x's leading axes: the same
+    values as Gather(axis=-1), which onnxruntime copies element by element (about 8x slower here)."""
+    leading = g.node("Shape", [x], stem=stem, end=-1)
+    shape = g.node("Concat", [leading, g.constant(f"{tag}.count", np.asarray([len(columns)], dtype=np.int64))],
+                   stem=stem, axis=0)
+    index = g.node("Expand", [g.constant(tag, columns.astype(np.int64)), shape], stem=stem)
+    return g.node("GatherElements", [x, index], stem=stem, axis=-1)
 
 
 def _w4_layout(column_group: np.ndarray, groups: int, d_in: int) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
@@ -268,9 +302,112 @@ def _w4_linear(g, x: str, out: str, stem: str, layer: QuantLinear) -> None:
 
 
 def finish_integer_graph(proto) -> None:
-    """Declare the contrib domain MatMulNBits lives in."""
+    """Fold each linear layer's bias into its first integer product, write the post-softmax codes'
+    table lookups in their faster form, and declare the contrib domain the kernels live in."""
     from onnx import helper
 
+    _fold_biases(proto.graph)
+    _log_softmax(proto.graph)
+    _lookups_as_gather_elements(proto.graph)
     if any(n.domain == CONTRIB_DOMAIN for n in proto.graph.node) and \
             not any(e.domain == CONTRIB_DOMAIN for e in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
+
+
+def _consumers(graph) -> dict[str, int]:
+    count: dict[str, int] = {}
+    for node in graph.node:
+        for value in node.input:
+            count[value] = count.get(value, 0) + 1
+    for output in graph.output:
+        count[output.name] = count.get(output.name, 0) + 1
+    return count
+
+
+def _fold_biases(graph) -> None:
+    """Add(layer output, bias) -> the bias input of the layer's first MatMulIntegerToFloat, which adds
+    it while it scales the sums (one pass over the output fewer). A two-part layer's parts are
+    summed after it: (p0 + b) + p1 for (p0 + p1) + b, the same up to float rounding order."""
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers = _consumers(graph)
+    vectors = {t.name: t for t in graph.initializer if len(t.dims) == 1 and t.data_type == 1}
+    removed = []
+    for add in graph.node:
+        if add.op_type != "Add" or add.domain or len(add.input) != 2:
+            continue
+        value, bias = (add.input[0], add.input[1]) if add.input[1] in vectors else (add.input[1], add.input[0])
+        if bias not in vectors or consumers.get(value) != 1 or value not in producer:
+            continue
+        last = node = producer[value]
+        # down the first inputs of the layer's own part sums to its first product
+        while node.op_type == "Add" and not node.domain and consumers.get(node.input[0]) == 1 \
+                and node.input[0] in producer:
+            node = producer[node.input[0]]
+        stem = last.name.split("/")[0]
+        if node.op_type != "MatMulIntegerToFloat" or len(node.input) > 6 or node.name.split("/")[0] != stem:
+            continue
+        codes = next((t for t in graph.initializer if t.name == node.input[1]), None)
+        if codes is None or list(codes.dims)[-1:] != list(vectors[bias].dims):
+            continue
+        node.input.append(bias)
+        last.output[0] = add.output[0]
+        removed.append(add)
+    for add in removed:
+        graph.node.remove(add)
+
+
+def _log_softmax(graph) -> None:
+    """Softmax followed by the log-sqrt2 quantizer's Log as one LogSoftmax: the same logarithms up to
+    float rounding (a code can move only where a value lies on a rounding boundary, as anywhere in
+    the file), without exponentiating the probabilities only to take their logarithm again."""
+    from onnx import helper
+
+    consumers = _consumers(graph)
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for value in node.input:
+            readers.setdefault(value, []).append(node)
+    rewritten, dropped = [], set()
+    for node in graph.node:
+        log = readers[node.output[0]][0] if node.output and len(readers.get(node.output[0], [])) == 1 else None
+        if node.op_type == "Softmax" and not node.domain and consumers.get(node.output[0]) == 1 \
+                and log is not None and log.op_type == "Log" and not log.domain:
+            merged = helper.make_node("LogSoftmax", [node.input[0]], [log.output[0]], name=f"{node.name}_log")
+            merged.attribute.extend(node.attribute)  # the softmax axis
+            rewritten.append(merged)
+            dropped.add(log.name)
+        elif node.name not in dropped or node.op_type != "Log":
+            rewritten.append(node)
+    del graph.node[:]
+    graph.node.extend(rewritten)
+
+
+def _lookups_as_gather_elements(graph) -> None:
+    """The log-sqrt2 quantizer's Gather(levels, codes) as GatherElements on the flattened codes: the
+    same values, but onnxruntime's Gather copies element by element (about 4x slower here)."""
+    from onnx import helper
+
+    levels = {t.name for t in graph.initializer if len(t.dims) == 1 and ".levels" in t.name}
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers = _consumers(graph)
+    flat = None
+    rewritten = []
+    for node in graph.node:
+        if node.op_type != "Gather" or node.input[0] not in levels:
+            rewritten.append(node)
+            continue
+        if flat is None:
+            flat = "erq.flat_shape"
+            graph.initializer.append(helper.make_tensor(flat, 7, [1], [-1]))
+        index, out, stem = node.input[1], node.output[0], node.name.split("/")[0]
+        cast = producer.get(index)
+        if cast is not None and cast.op_type == "Cast" and consumers.get(index) == 1:
+            next(a for a in cast.attribute if a.name == "to").i = 6  # INT32 indices: the codes are 0..2^b
+        rewritten += [helper.make_node("Shape", [index], [f"{out}.shape"], name=f"{stem}/Shape_levels"),
+                      helper.make_node("Reshape", [index, flat], [f"{out}.flat"], name=f"{stem}/Reshape_codes"),
+                      helper.make_node("GatherElements", [node.input[0], f"{out}.flat"], [f"{out}.values"],
+                                       name=f"{stem}/GatherElements_levels", axis=0),
+                      helper.make_node("Reshape", [f"{out}.values", f"{out}.shape"], [out],
+                                       name=f"{stem}/Reshape_levels")]
+    del graph.node[:]
+    graph.node.extend(rewritten)

@@ -20,7 +20,7 @@ from erq_core import ErqConfig, load_quantized
 from erq_core.errors import ConfigError
 from erq_core.checkpoint import CODES_SUFFIX, read_config, unpack_codes
 from erq_core.onnx_export import EXPORT_FILES, export_format
-from erq_core.onnx_integer import IntegerExportError
+from erq_core.onnx_integer import IntegerExportError, _u8s8_exact
 from erq_core.qmodules import QuantLinear, set_quant_state
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL
 from tests.small_models import images, saved_quantized
@@ -95,6 +95,13 @@ def assert_int8_kernels(folder: Path, work: Path) -> None:
     assert sum(operators[op] for op in FLOAT_PRODUCTS) == blocks, operators
     weights = {t.name for t in graph.initializer}
     assert not [n.name for n in graph.node if n.op_type in FLOAT_PRODUCTS and set(n.input) & weights]
+    # no separate pass over a product's output to add its bias, no element-by-element table Gather,
+    # one LogSoftmax for the post-softmax quantizer's Softmax and Log
+    products = {out for n in graph.node if n.op_type == "MatMulIntegerToFloat" for out in n.output}
+    vectors = {t.name for t in graph.initializer if len(t.dims) == 1}
+    assert not [n.name for n in graph.node if n.op_type == "Add" and set(n.input) & products and set(n.input) & vectors]
+    assert not [n.name for n in graph.node if n.op_type == "Gather" and ".levels" in n.input[0]]
+    assert operators["LogSoftmax"] == blocks and not operators["Log"]  # no exp of the logits only to log them
 
 
 def assert_w4_kernels(folder: Path, work: Path) -> None:
@@ -119,16 +126,21 @@ def test_w4_runs_every_linear_layer_on_matmulnbits(fixture_runs, tmp_path):
 # ---------------------------------------------------------------- the codes are erq's
 
 
-def int8_codes_in_file(path: Path, layer_name: str, layer: QuantLinear) -> np.ndarray:
-    """The layer's codes (d_out, d_in) read back from its INT8/UINT8 initializers, offset undone."""
+def int8_codes_in_file(path: Path, layer_name: str, layer: QuantLinear, exact: bool = True) -> np.ndarray:
+    """The layer's codes (d_out, d_in) read back from its INT8/UINT8 initializers, offset undone;
+    `exact`: INT8 8-bit codes must be safe from the u8s8 kernel's saturation (the default export)."""
     stored = {t.name.split("__")[0]: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
     bits = layer.weight_quantizer.bits
-    offset = 0 if bits == 8 else 2 ** (bits - 1)
     codes = np.zeros((layer.out_features, layer.in_features), dtype=np.int64)
     column_group = layer.weight_quantizer.column_group.numpy()
     for group in range(layer.weight_quantizer.groups):
-        part = stored[f"{layer_name}.codes{group}"].T.astype(np.int64) + offset
-        assert stored[f"{layer_name}.codes{group}"].dtype == (np.uint8 if bits == 8 else np.int8)
+        held = stored[f"{layer_name}.codes{group}"]
+        # INT8 shifted by 2^(b-1) where the u8s8 kernel is exact, else 8-bit codes as they are in UINT8
+        assert held.dtype == np.int8 if bits < 8 else held.dtype in (np.int8, np.uint8)
+        if held.dtype == np.int8 and exact:
+            assert not saturating_pairs(held.T.astype(np.int64)), layer_name
+        offset = 2 ** (bits - 1) if held.dtype == np.int8 else 0
+        part = held.T.astype(np.int64) + offset
         if part.shape[1] == layer.in_features:  # over the whole input: the other group's columns are 0s
             zero = stored[f"{layer_name}.zero_point{group}"].astype(np.int64) + offset
             np.testing.assert_array_equal(part[:, column_group != group], np.broadcast_to(
@@ -136,6 +148,22 @@ def int8_codes_in_file(path: Path, layer_name: str, layer: QuantLinear) -> np.nd
             part = part[:, column_group == group]
         codes[:, column_group == group] = part
     return codes
+
+
+def saturating_pairs(weights: np.ndarray) -> int:
+    """How many input pairs (k, k+1; k even) of INT8 weights (d_out, d_in) the u8s8 kernel of CPUs
+    without VNNI (vpmaddubsw: two u8 x s8 products summed into a saturating int16) would clip for some
+    UINT8 input: the sum is largest in magnitude at a corner of the input square, so the four corners
+    {0, 255}^2 are tried."""
+    if weights.shape[1] % 2:
+        weights = np.concatenate([weights, np.zeros((weights.shape[0], 1), np.int64)], axis=1)
+    a, b = weights[:, 0::2], weights[:, 1::2]
+    clipped = np.zeros(a.shape, dtype=bool)
+    for x1 in (0, 255):
+        for x2 in (0, 255):
+            total = x1 * a + x2 * b
+            clipped |= total != np.clip(total, -32768, 32767)
+    return int(clipped.sum())
 
 
 def w4_codes_in_file(path: Path, layer_name: str, layer: QuantLinear) -> tuple[np.ndarray, np.ndarray]:
@@ -175,6 +203,44 @@ def test_the_integer_codes_in_both_files_are_the_checkpoints(fixture_runs):
         # each block carries its channel's scale (of the block's column group): the grid is erq's
         channel_scales = layer.weight_quantizer.scale.numpy()
         assert {tuple(np.unique(row)) for row in scales} == {tuple(np.unique(row)) for row in channel_scales}
+
+
+def test_8_bit_weights_take_the_u8s8_kernel_only_where_no_pair_can_saturate():
+    rng = np.random.default_rng(0)
+    for spread in (40, 64, 90, 128):
+        weights = np.clip(rng.normal(0, spread / 2, (64, 33)).round(), -128, 127).astype(np.int64)
+        assert _u8s8_exact(weights) == (saturating_pairs(weights) == 0), spread
+    assert _u8s8_exact(np.asarray([[64, 64, -128, 127]]))  # 255 * 128 fits; a mixed pair never clips
+    assert not _u8s8_exact(np.asarray([[65, 64, 0, 0]]))
+    assert not _u8s8_exact(np.asarray([[0, 0, -65, -64]]))
+
+
+def has_vnni() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def test_signed_int8_weights_put_every_8_bit_layer_on_the_u8s8_kernel_with_erqs_codes(tmp_path):
+    """`erq export --int8-weights signed`: every 8-bit layer's codes in INT8 (code - 128), still erq's;
+    on a CPU with VNNI the u8s8 kernel is exact, so the logits keep the default export's bound."""
+    saved_quantized("vit", tmp_path, method="erq+", w_bits=8, a_bits=8)
+    result = erq("export", str(tmp_path), "--format", "onnx-int8", "--int8-weights", "signed")
+    assert result.returncode == 0, result.stderr
+    parts = sum(layer.weight_quantizer.groups for layer in linear_layers(tmp_path).values())
+    assert json.loads(result.stdout)["weight_code_types"]["INT8"] == parts  # the patch embedding: UINT8, float
+    path = tmp_path / "model-int8.onnx"
+    expected = checkpoint_codes(tmp_path)
+    for name, layer in linear_layers(tmp_path).items():
+        np.testing.assert_array_equal(int8_codes_in_file(path, name, layer, exact=False), expected[name])
+    assert_int8_kernels(tmp_path, tmp_path)
+    if has_vnni():
+        x = images("vit", 16, seed=3)
+        with torch.no_grad():
+            reference = load_quantized(tmp_path, "cpu")(x).numpy()
+        got = onnxruntime_logits(path, x)
+        assert np.abs(got - reference).max() <= INT8_LOGIT_BOUND * np.abs(reference).max()
+    assert_one_line_error(erq("export", str(tmp_path), "--format", "onnx-int8", "--int8-weights", "fast"),
+                          "invalid choice")
 
 
 # ---------------------------------------------------------------- what the files compute
