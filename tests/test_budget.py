@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from erq_core import ErqConfig, load_quantized, save_quantized
-from erq_core.budget import heldout_batches, heldout_samples, layer_swaps, mixed, quantize_with_budget
+from erq_core.budget import (fewest_passing, heldout_batches, heldout_samples, layer_swaps, mixed,
+                             quantize_with_budget)
 from erq_core.data import build_transform, calibration_loader, list_split
 from erq_core.float64 import to_float64
 from erq_core.models import load_model
@@ -104,22 +105,43 @@ def test_the_search_keeps_the_fewest_8_bit_layers_a_brute_force_over_every_count
     # a count passes when its drop plus one standard error of the paired drop (McNemar's: the square
     # root of the discordant images) is within the budget
     judged = [lost - gained + np.sqrt(lost + gained) for lost, gained in counts]
-    fewest = next(k for k, value in enumerate(judged) if value <= CONFIG.max_drop * images / 100 + 1e-9)
-    print("held-out (lost, gained) by count:", counts, "fewest", fewest)
-    assert budget["met"] and budget["layers_at_8_bits"] == fewest and fewest > 0
+    passing = [value <= CONFIG.max_drop * images / 100 + 1e-9 for value in judged]
+    found = budget["layers_at_8_bits"]
+    print("held-out (lost, gained) by count:", counts, "found", found)
+    # the count found passes and the one below it fails
+    assert budget["met"] and passing[found] and found > 0 and not passing[found - 1]
     assert budget["heldout_images"] == images and budget["margin_stderrs"] == 1.0
-    lost, gained = counts[fewest]
+    lost, gained = counts[found]
     assert budget["drop_heldout"] == pytest.approx(100.0 * (lost - gained) / images, abs=1e-3)
     evaluated = budget["evaluations"]
-    assert [evaluated[str(k)]["passed"] for k in range(fewest + 1)] == [False] * fewest + [True]
-    # a count that failed was cut short only where it could not pass any more; a complete one counted right
-    for k in range(fewest + 1):
-        if evaluated[str(k)]["images_seen"] == images:
-            assert (evaluated[str(k)]["lost"], evaluated[str(k)]["gained"]) == counts[k]
+    for k, evaluation in evaluated.items():
+        assert evaluation["passed"] == passing[int(k)]
+        # a count cut short could not pass any more; a complete one counted what the brute force counts
+        if evaluation["images_seen"] == images:
+            assert (evaluation["lost"], evaluation["gained"]) == counts[int(k)]
+    fewest = found
     eight = {p["name"] for p in model_precision(result.model) if p["w_bits"] in (8, None) and p["a_bits"] in (8, None)}
     assert eight == set(ranking[:fewest])
     assert _correct(result.model, heldout) == pytest.approx(100.0 * (int(fp_right.sum()) - lost + gained) / images,
                                                             abs=1e-3)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_count_search_finds_a_passing_count_whose_predecessor_fails_in_few_evaluations(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(200):
+        count = int(rng.integers(0, 80))
+        outcome = list(rng.random(count + 1) < rng.random())
+        asked = []
+        k = fewest_passing(lambda n: asked.append(n) or outcome[n], count)
+        if k is None:
+            assert not any(outcome[n] for n in asked) and count in asked
+        else:
+            assert outcome[k] and (k == 0 or not outcome[k - 1])
+            assert len(asked) <= 2 * np.log2(max(k, 1)) + 3  # doubling up to k, then halving back
+        # a monotone outcome (every count from some k on passes): the fewest
+        first = int(rng.integers(0, count + 1))
+        assert fewest_passing(lambda n: n >= first, count) == first
 
 
 def test_held_out_images_are_every_train_image_outside_the_calibration_draw_and_never_val():
