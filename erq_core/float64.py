@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from erq_core.config import PRECISIONS
 from erq_core.qmodules import activation_quantizers, weight_layers
-from erq_core.quantizers import ActivationQuantizer, LogSqrt2Quantizer, integer_in, log_sqrt2_levels
+from erq_core.quantizers import ActivationQuantizer, LogSqrt2Quantizer, integer_in, log_sqrt2_levels, log_steps
 
 
 def onnx_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
@@ -40,9 +40,10 @@ def onnx_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) 
 
 def log_sqrt2_quantize_float64(x: Tensor, scale: Tensor, bits: int) -> Tensor:
     """log_sqrt2_quantize of a float64 x, exactly as the float64 ONNX export computes it:
-    code clamp(round(-2 (ln x / ln 2 - log2 s)), 0, 2^b) in float64, looked up in log_sqrt2_levels."""
+    code clamp(round(-n (ln x / ln 2 - log2 s)), 0, 2^b) in float64 (n = log_steps(b)), looked up in
+    log_sqrt2_levels."""
     log2_scale = torch.log2(scale.detach().float().reshape(())).double()
-    codes = torch.round((torch.log(x) / math.log(2) - log2_scale) * -2.0).clamp(0, 2**bits)
+    codes = torch.round((torch.log(x) / math.log(2) - log2_scale) * -float(log_steps(bits))).clamp(0, 2**bits)
     return log_sqrt2_levels(scale, bits).to(x.device).double()[codes.long()]
 
 

@@ -48,7 +48,7 @@ from erq_core.config import PRECISIONS
 from erq_core.files import EXPORT_FILE_NAMES
 from erq_core.float64 import Float64Model
 from erq_core.qmodules import QuantConv2d, QuantLinear, weight_layers
-from erq_core.quantizers import ActivationQuantizer, LogSqrt2Quantizer, UniformQuantizer, log_sqrt2_levels
+from erq_core.quantizers import ActivationQuantizer, LogSqrt2Quantizer, UniformQuantizer, log_sqrt2_levels, log_steps
 
 if TYPE_CHECKING:
     import onnx
@@ -386,7 +386,8 @@ def _log_sqrt2_activation(g: _Graph, x: str, out: str, stem: str, q: LogSqrt2Qua
 
     log2x = g.node("Div", [g.node("Log", [x], stem=stem), constant("ln2", math.log(2))], stem=stem)
     shifted = g.node("Sub", [log2x, constant("log2_scale", torch.log2(scale).item())], stem=stem)
-    codes = g.node("Round", [g.node("Mul", [shifted, constant("minus2", -2)], stem=stem)], stem=stem)
+    steps = log_steps(q.bits)
+    codes = g.node("Round", [g.node("Mul", [shifted, constant(f"minus{steps}", -steps)], stem=stem)], stem=stem)
     codes = g.node("Clip", [codes, constant("lo", 0), constant("hi", levels)], stem=stem)
     index = g.node("Cast", [codes], stem=stem, to=7)  # INT64
     # the levels exactly as erq computes them (torch.exp2 * s), and 0 for the codes past the last one

@@ -261,35 +261,49 @@ class UniformQuantizer(ActivationQuantizer):
 
 
 
+LOG_OCTAVES = 32  # the post-softmax grid spans 2^-32 of its scale at 7 and 8 bits (and less below)
+
+
+def log_steps(bits: int) -> int:
+    """Codes per octave of the post-softmax quantizer: 2 (RepQ-ViT's powers of sqrt(2)) up to 6
+    bits; at 7 and 8 bits as many as keep the 2^b codes spanning LOG_OCTAVES octaves (4 and 8).
+    Steps of sqrt(2) err by up to 19% on every probability whatever the bits, and at 8 bits they
+    reach 2^-127 of the scale, far below any attention probability: on the realistic fixture they
+    were most of erq+'s W8/A8 loss (docs/accuracy.md)."""
+    return max(2, 2**bits // LOG_OCTAVES)
+
+
 def log_sqrt2_quantize(x: Tensor, scale: Tensor, bits: int, log2_x: Optional[Tensor] = None,
                        out: Optional[Tensor] = None, underflow: Optional[Tensor] = None) -> Tensor:
     """RepQ-ViT's post-softmax quantizer: powers of sqrt(2) below the scale; deep codes become 0.
 
-    code q = clamp(round(-2 log2(x / s)), 0, 2^b - 1), value 2^(-ceil(q/2)) (1 + (q mod 2)(sqrt2 - 1)) s.
+    code q = clamp(round(-n log2(x / s)), 0, 2^b - 1), value 2^(-q/n) s, with n = log_steps(b) codes
+    per octave (2 below 7 bits: 2^(-ceil(q/2)) (1 + (q mod 2)(sqrt2 - 1)) s).
     `out` (float, x's shape) and `underflow` (bool) are buffers for searches that quantize many times.
     """
-    levels = 2**bits
+    levels, steps = 2**bits, log_steps(bits)
     if log2_x is None:
         log2_x = torch.log2(x)
         out = None if _autograd_watches(x) else log2_x  # a fresh tensor: the codes can be computed in it
     if not _in_place_keeps_dtype_and_shape(log2_x, scale):
-        codes = torch.round(-2 * (log2_x - torch.log2(scale)))
+        codes = torch.round(-steps * (log2_x - torch.log2(scale)))
         underflow = codes >= levels
         codes = codes.clamp(0, levels - 1)
-        return (torch.exp2(-0.5 * codes) * scale).masked_fill_(underflow, 0.0)
+        return (torch.exp2(codes / -steps) * scale).masked_fill_(underflow, 0.0)
     # the operations of the lines above, in one buffer
     codes = torch.sub(log2_x, torch.log2(scale), out=out) if out is not None else log2_x - torch.log2(scale)
-    codes.mul_(-2).round_()
+    codes.mul_(-steps).round_()
     underflow = torch.ge(codes, levels, out=underflow) if underflow is not None else codes >= levels
-    # 2^(-ceil(q/2)) (1 + (q mod 2)(sqrt2 - 1)) equals 2^(-q/2) for every integer q >= 0
-    return codes.clamp_(0, levels - 1).mul_(-0.5).exp2_().mul_(scale).masked_fill_(underflow, 0.0)
+    # 2^(-ceil(q/2)) (1 + (q mod 2)(sqrt2 - 1)) equals 2^(-q/2) for every integer q >= 0; 1/steps is a power of 2
+    return codes.clamp_(0, levels - 1).mul_(-1.0 / steps).exp2_().mul_(scale).masked_fill_(underflow, 0.0)
 
 
 def log_sqrt2_levels(scale: Tensor, bits: int) -> Tensor:
     """The float32 values of the codes 0..2^b-1 as log_sqrt2_quantize computes them, then a 0 for
     the codes past the last level."""
     scale = scale.detach().float().cpu().reshape(())
-    return torch.cat([torch.exp2(-0.5 * torch.arange(2**bits, dtype=torch.float32)) * scale, torch.zeros(1)])
+    steps = log_steps(bits)
+    return torch.cat([torch.exp2(torch.arange(2**bits, dtype=torch.float32) / -steps) * scale, torch.zeros(1)])
 
 
 class LogSqrt2Quantizer(ActivationQuantizer):

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from erq_core.qmodules import QuantLinear, QuantMatMul
-from erq_core.quantizers import LogSqrt2Quantizer, UniformQuantizer
+from erq_core.quantizers import LogSqrt2Quantizer, UniformQuantizer, log_steps
 
 DROP_PROBABILITY = 0.5
 WEIGHT_LR = 1e-2  # in units of quantization steps
@@ -47,11 +47,11 @@ def _uniform_ste(x: Tensor, log_scale: Tensor, zero_point: Tensor, bits: int) ->
 
 
 def _log_sqrt2_ste(x: Tensor, log_scale: Tensor, bits: int) -> Tensor:
-    levels = 2**bits
-    codes = _round_ste(-2 * (torch.log2(x.clamp(min=1e-30)) - log_scale / math.log(2)))
+    levels, steps = 2**bits, log_steps(bits)
+    codes = _round_ste(-steps * (torch.log2(x.clamp(min=1e-30)) - log_scale / math.log(2)))
     underflow = (codes >= levels).detach()
     codes = codes.clamp(0, levels - 1)
-    return torch.where(underflow, torch.zeros_like(x), torch.exp2(-0.5 * codes) * log_scale.exp())
+    return torch.where(underflow, torch.zeros_like(x), torch.exp2(codes / -steps) * log_scale.exp())
 
 
 class _LearnedActivation:

@@ -89,16 +89,16 @@ def test_the_float64_models_uniform_quantizer_is_what_onnxruntime_computes_bit_f
         assert (fused != expected).sum() > 0
 
 
-@pytest.mark.parametrize("bits", [3, 4])
-def test_the_float64_log_sqrt2_quantizer_is_what_onnxruntime_computes(bits):
+@pytest.mark.parametrize("bits, steps", [(3, 2), (4, 2), (8, 8)])  # codes per octave: finer at 8 bits
+def test_the_float64_log_sqrt2_quantizer_is_what_onnxruntime_computes(bits, steps):
     quantizer = LogSqrt2Quantizer(bits)
     quantizer.scale = torch.tensor([0.61])
     quantizer.calibrated.fill_(True)
     quantize_as_exported(quantizer)
     generator = np.random.default_rng(0)
     # log-uniform over every level and past the last, the midpoints between levels, and the ends
-    spread = 0.61 * np.exp2(-generator.uniform(-0.5, 2**bits / 2 + 1, 100_000))
-    midpoints = 0.61 * np.exp2(-(np.arange(2**bits + 1) + 0.5) / 2)
+    spread = 0.61 * np.exp2(-generator.uniform(-0.5, 2**bits / steps + 1, 100_000))
+    midpoints = 0.61 * np.exp2(-(np.arange(2**bits + 1) + 0.5) / steps)
     probabilities = np.concatenate([spread, midpoints, np.nextafter(midpoints, 0), np.nextafter(midpoints, 1),
                                     [0.0, 1.0, 1e-300]])
     expected = run_quantizer_in_onnxruntime(quantizer, probabilities, np.float64)

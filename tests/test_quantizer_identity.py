@@ -46,10 +46,11 @@ def reference_best_uniform_range(x: Tensor, uppers: Tensor, lowers: Tensor, bits
 
 def reference_log_sqrt2_quantize(x: Tensor, scale: Tensor, bits: int) -> Tensor:
     levels = 2**bits
-    codes = torch.round(-2 * (torch.log2(x) - torch.log2(scale)))
+    steps = {7: 4, 8: 8}.get(bits, 2)  # codes per octave: sqrt(2) steps below 7 bits (issue 18: finer at 7, 8)
+    codes = torch.round(-steps * (torch.log2(x) - torch.log2(scale)))
     underflow = codes >= levels
     codes = codes.clamp(0, levels - 1)
-    return (torch.exp2(-0.5 * codes) * scale).masked_fill_(underflow, 0.0)
+    return (torch.exp2(-codes / steps) * scale).masked_fill_(underflow, 0.0)
 
 
 def reference_log_sqrt2_scale(x: Tensor, bits: int) -> Tensor:

@@ -52,6 +52,25 @@ def test_log_sqrt2_on_hand_computed_values():
                             reference, rel_tol=1e-6)
 
 
+@pytest.mark.parametrize("bits, steps", [(2, 2), (4, 2), (6, 2), (7, 4), (8, 8)])
+def test_the_post_softmax_grid_has_finer_steps_at_7_and_8_bits(bits, steps):
+    # sqrt(2) steps up to 6 bits; at 7 and 8 bits steps of 2^(1/4) and 2^(1/8): the 2^b codes span 32 octaves
+    x = torch.cat([torch.rand(4000), torch.exp2(-40 * torch.rand(4000))])
+    scale = torch.tensor(0.9)
+    codes = torch.round(-steps * torch.log2(x.double() / 0.9))
+    expected = torch.where(codes >= 2**bits, 0.0, 0.9 * 2 ** (-codes.clamp(0, 2**bits - 1) / steps))
+    assert torch.allclose(log_sqrt2_quantize(x, scale, bits).double(), expected, rtol=1e-5, atol=1e-30)
+    quantizer = LogSqrt2Quantizer(bits)
+    quantizer.enabled = True
+    quantizer(torch.softmax(torch.randn(2, 3, 20, 20) * 2, dim=-1))  # calibrates (the buffered path)
+    attn = torch.softmax(torch.randn(2, 3, 20, 20) * 2, dim=-1)
+    assert torch.equal(quantizer(attn), log_sqrt2_quantize(attn, quantizer.scale, bits))
+    lowest = float(quantizer.scale) * 2 ** (-(2**bits - 1) / steps)
+    inside = (attn >= max(lowest, 0.01)) & (attn <= quantizer.scale)
+    # the largest relative error on the probabilities that matter: half a step of the grid
+    assert ((quantizer(attn) - attn).abs() / attn)[inside].max() <= 2 ** (0.5 / steps) - 1 + 1e-6
+
+
 def test_log_sqrt2_quantizer_calibrates_on_attention_maps():
     torch.manual_seed(0)
     attn = torch.softmax(torch.randn(4, 3, 50, 50) * 2, dim=-1)
