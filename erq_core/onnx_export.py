@@ -16,8 +16,9 @@ a marker node; the markers are then rewritten with standard operators only:
   made fractional (RepQ-ViT's fold keeps the mean of the channels' zero points) is quantized on
   INT16 with zero point 0 and clipped to the two ends -Z s and (2^b - 1 - Z) s: exactly the
   2^b + 1 values the fake-quantized model takes.
-- the log-sqrt2 post-softmax quantizer: code q = clamp(round(-2 (log2 x - log2 s)), 0, 2^b), and
-  a Gather from the table 2^(-q/2) s (q < 2^b) plus a 0 for the codes past the last level.
+- the log-sqrt2 post-softmax quantizer: code q = clamp(round(-n (log2 x - log2 s)), 0, 2^b) with
+  n = log_steps(b) codes per octave (2 up to 6 bits), and a Gather from the table 2^(-q/n) s
+  (q < 2^b) plus a 0 for the codes past the last level.
 
 The fake-quantized model and the ONNX model compute the same codes except where a value lies on
 a rounding boundary to the last bit (see README: ONNX export, fidelity). With precision "float64"
