@@ -112,9 +112,10 @@ class QuantRecipe:
                                                                "draws more)",
                                      flags=("--reconstruct-images",), ge=1, le=MAX_CALIB_SIZE)
     max_drop: Optional[float] = _field(
-        None, help="accuracy budget, in points of top-1: keep the fewest layers at 8 bits (weights and their input "
-                   "activations) that bring the model within this many points of FP on held-out train/ images "
-                   "(not the calibration draw, never val/); see docs/accuracy.md",
+        None, help="accuracy budget, in points of top-1: put the most sensitive layers at 8 bits (weights and their "
+                   "input activations), as few as bring the model within this many points of FP, with a margin of "
+                   "one standard error, on held-out train/ images (not the calibration draw, never val/); see "
+                   "docs/accuracy.md",
         flags=("--max-drop",), ge=0, le=100)
 
     def __post_init__(self) -> None:
