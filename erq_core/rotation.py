@@ -254,12 +254,16 @@ def rotate_model(model: nn.Module, seed: int, plan: RotationPlan = RotationPlan(
 
 
 def install_online_hadamard(block: nn.Module) -> None:
-    """The structural part of --rotate: the Hadamard module before fc2 (also rebuilt at load)."""
     block.mlp.norm = OnlineHadamard(block.mlp.fc2.in_features)
 
 
-def install_structure(model: nn.Module, online: bool = True) -> None:
-    """Give a freshly built architecture the modules a rotated model has, before its state is loaded."""
-    if online:
-        for block in model.blocks:
-            install_online_hadamard(block)
+def online_hadamards(model: nn.Module) -> dict[str, int]:
+    """Where a rotated model holds OnlineHadamard modules, and their orders (saved in checkpoints)."""
+    return {name: module.features for name, module in model.named_modules() if isinstance(module, OnlineHadamard)}
+
+
+def install_online_hadamards(model: nn.Module, layout: dict[str, int]) -> None:
+    """Rebuild the OnlineHadamard modules of `layout` in a fresh architecture, before its state is loaded."""
+    for name, features in layout.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, OnlineHadamard(features))
