@@ -39,7 +39,7 @@ class RotationPlan:
 
     residual: bool = True
     heads: bool = True  # v / proj per head
-    qk: bool = False  # q and k per head by the same matrix (q @ k^T unchanged)
+    qk: bool = True  # q and k per head by the same matrix (q @ k^T unchanged; not under qk_norm)
     online: bool = True  # the Hadamard before fc2
     repq_fold: bool = True  # RepQ-ViT's per-channel fold into the (rotated) LayerNorms
     random_orthogonal: bool = False  # Q0 from QR of a Gaussian instead of a randomized Hadamard
@@ -85,8 +85,7 @@ def residual_rotation(d: int, seed: int, random: bool = False) -> Tensor:
     if h is None:
         q0 = random_orthogonal(d, generator)
     else:
-        signs = torch.randint(0, 2, (d,), generator=generator).double() * 2 - 1
-        q0 = signs[:, None] * h
+        q0 = random_signs(d, generator)[:, None] * h
     ones = torch.ones(d, dtype=torch.float64)
     u = ones - q0.T @ ones  # the reflection R maps 1 to Q0^T 1, so (Q0 R) 1 = Q0 Q0^T 1 = 1
     if u.norm() < 1e-12:
@@ -95,24 +94,36 @@ def residual_rotation(d: int, seed: int, random: bool = False) -> Tensor:
 
 
 def head_rotation(head_dim: int, seed: int) -> Tensor:
+    """Random signs then a Hadamard matrix (a random orthogonal matrix where none exists)."""
+    generator = torch.Generator().manual_seed(seed + 1)
     h = hadamard(head_dim)
-    return h if h is not None else random_orthogonal(head_dim, torch.Generator().manual_seed(seed + 1))
+    return random_signs(head_dim, generator)[:, None] * h if h is not None else random_orthogonal(head_dim, generator)
+
+
+def random_signs(n: int, generator: torch.Generator) -> Tensor:
+    return torch.randint(0, 2, (n,), generator=generator).double() * 2 - 1
 
 
 class OnlineHadamard(nn.Module):
-    """x -> x H for a fixed orthonormal Hadamard matrix H, rebuilt from its order (not saved) and
-    kept in float64, so that a float64 evaluation multiplies by the exact matrix."""
+    """x -> x D H: random signs D (saved, as a buffer) then an orthonormal Hadamard matrix H
+    (rebuilt from its order, in float64, so that a float64 evaluation multiplies by the exact
+    matrix). The signs matter: post-GELU activations have a large common mean, which H alone
+    would gather into one channel (H's first column is constant); D spreads it over all of them."""
 
-    def __init__(self, features: int):
+    def __init__(self, features: int, seed: int = 0):
         super().__init__()
         matrix = hadamard(features)
         if matrix is None:
             raise RotationError(f"no Hadamard matrix of order {features} (needs 2^k or 12 * 2^k)")
         self.features = features
-        self.matrix64 = matrix
+        self.hadamard64 = matrix
+        self.register_buffer("signs", random_signs(features, torch.Generator().manual_seed(seed)).float())
+
+    def matrix(self, dtype: torch.dtype = torch.float64) -> Tensor:
+        return (self.signs.double()[:, None] * self.hadamard64.to(self.signs.device)).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x @ self.matrix64.to(dtype=x.dtype, device=x.device)
+        return x @ self.matrix(x.dtype)
 
     def extra_repr(self) -> str:
         return f"features={self.features}"
@@ -243,18 +254,14 @@ def rotate_model(model: nn.Module, seed: int, plan: RotationPlan = RotationPlan(
         for head in _heads(model):
             _read_rotated(head, q)
 
-    for block in model.blocks:
+    for index, block in enumerate(model.blocks):
         attention = block.attn
         if plan.heads:
             plain_qk = isinstance(attention.q_norm, nn.Identity) and isinstance(attention.k_norm, nn.Identity)
-            _rotate_heads(attention, head_rotation(attention.head_dim, seed), plan.qk and plain_qk)
+            _rotate_heads(attention, head_rotation(attention.head_dim, seed + index), plan.qk and plain_qk)
         if plan.online:
-            install_online_hadamard(block)
-            block.mlp.fc2.weight.copy_(block.mlp.fc2.weight.double() @ block.mlp.norm.matrix64)
-
-
-def install_online_hadamard(block: nn.Module) -> None:
-    block.mlp.norm = OnlineHadamard(block.mlp.fc2.in_features)
+            block.mlp.norm = OnlineHadamard(block.mlp.fc2.in_features, seed + index)
+            block.mlp.fc2.weight.copy_(block.mlp.fc2.weight.double() @ block.mlp.norm.matrix())
 
 
 def online_hadamards(model: nn.Module) -> dict[str, int]:
@@ -263,7 +270,8 @@ def online_hadamards(model: nn.Module) -> dict[str, int]:
 
 
 def install_online_hadamards(model: nn.Module, layout: dict[str, int]) -> None:
-    """Rebuild the OnlineHadamard modules of `layout` in a fresh architecture, before its state is loaded."""
+    """Rebuild the OnlineHadamard modules of `layout` in a fresh architecture, before its state (and
+    their signs) is loaded."""
     for name, features in layout.items():
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, OnlineHadamard(features))
