@@ -56,9 +56,9 @@ def _paley_12() -> Tensor:
     return s + torch.eye(q + 1, dtype=torch.float64)
 
 
-def hadamard(n: int) -> Optional[Tensor]:
-    """An orthonormal Hadamard matrix (entries +-1/sqrt(n), float64) of order 2^k or 12 * 2^k,
-    None for other orders."""
+def hadamard_factors(n: int) -> Optional[tuple[Tensor, Tensor]]:
+    """Orthonormal Hadamard matrices A (order 1 or 12) and B (Sylvester, order 2^k) with
+    kron(A, B) of order n = 2^k or 12 * 2^k, float64; None for other orders."""
     base = torch.ones(1, 1, dtype=torch.float64)
     if n % 12 == 0 and (n // 12) & (n // 12 - 1) == 0:
         base, n = _paley_12(), n // 12
@@ -67,8 +67,14 @@ def hadamard(n: int) -> Optional[Tensor]:
     sylvester = torch.ones(1, 1, dtype=torch.float64)
     while sylvester.shape[0] < n:
         sylvester = torch.cat([torch.cat([sylvester, sylvester], 1), torch.cat([sylvester, -sylvester], 1)])
-    matrix = torch.kron(base, sylvester)
-    return matrix / math.sqrt(matrix.shape[0])
+    return base / math.sqrt(base.shape[0]), sylvester / math.sqrt(n)
+
+
+def hadamard(n: int) -> Optional[Tensor]:
+    """An orthonormal Hadamard matrix (entries +-1/sqrt(n), float64) of order 2^k or 12 * 2^k,
+    None for other orders."""
+    factors = hadamard_factors(n)
+    return None if factors is None else torch.kron(*factors)
 
 
 def random_orthogonal(n: int, generator: torch.Generator) -> Tensor:
@@ -112,18 +118,24 @@ class OnlineHadamard(nn.Module):
 
     def __init__(self, features: int, seed: int = 0):
         super().__init__()
-        matrix = hadamard(features)
-        if matrix is None:
+        factors = hadamard_factors(features)
+        if factors is None:
             raise RotationError(f"no Hadamard matrix of order {features} (needs 2^k or 12 * 2^k)")
         self.features = features
-        self.hadamard64 = matrix
+        self.factors64 = factors
         self.register_buffer("signs", random_signs(features, torch.Generator().manual_seed(seed)).float())
 
     def matrix(self, dtype: torch.dtype = torch.float64) -> Tensor:
-        return (self.signs.double()[:, None] * self.hadamard64.to(self.signs.device)).to(dtype)
+        """D kron(A, B), the matrix forward multiplies by."""
+        return (self.signs.double()[:, None] * torch.kron(*self.factors64).to(self.signs.device)).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x @ self.matrix(x.dtype)
+        # x D kron(A, B) as A^T X B on x reshaped to (..., |A|, |B|): (|A| + |B|) multiply-adds per
+        # value instead of |A| |B| (140 instead of 1536 for ViT-S's fc2), in plain MatMuls
+        a, b = (f.to(dtype=x.dtype, device=x.device) for f in self.factors64)
+        shape = x.shape
+        x = (x * self.signs.to(x.dtype)).reshape(*shape[:-1], a.shape[0], b.shape[0])
+        return (a.T @ (x @ b)).reshape(shape)
 
     def extra_repr(self) -> str:
         return f"features={self.features}"
