@@ -141,7 +141,8 @@ class OnlineHadamard(nn.Module):
         return f"features={self.features}"
 
 
-def _check_vit(model: nn.Module) -> None:
+def check_rotatable(model: nn.Module) -> None:
+    """Raise RotationError (a ModelLoadError) unless rotate_model can rotate `model` exactly."""
     from timm.models.vision_transformer import VisionTransformer
 
     if not isinstance(model, VisionTransformer):
@@ -241,7 +242,7 @@ def _rotate_heads(attention: nn.Module, h: Tensor, qk: bool) -> None:
 @torch.no_grad()
 def rotate_model(model: nn.Module, seed: int, plan: RotationPlan = RotationPlan()) -> None:
     """Rotate an FP timm VisionTransformer in place (its output unchanged up to rounding)."""
-    _check_vit(model)
+    check_rotatable(model)
     d = model.embed_dim
     for block in model.blocks:
         _fold_norm(block.norm1, [block.attn.qkv])

@@ -148,3 +148,17 @@ def test_rotate_is_a_cli_flag_a_rest_field_and_a_config_json_key():
     assert ErqConfig(model="deit_small", dataset="/data").rotate is False
     with pytest.raises(ConfigError, match="rotate"):
         ErqConfig(model="deit_small", dataset="/data", rotate="yes").validate()
+
+
+def test_erq_quantize_refuses_swin_with_rotate_before_evaluating_anything(tmp_path):
+    import subprocess
+
+    from tests.fixture_paths import FIXTURE_DATASET
+    from tests.test_cli import ERQ
+
+    result = subprocess.run([ERQ, "quantize", "--model", "swin_tiny_patch4_window7_224", "--random-init",
+                             "--dataset", str(FIXTURE_DATASET), "--method", "erq+", "--rotate", "--device", "cpu",
+                             "--quiet", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    assert "Swin" in result.stderr and "without --rotate" in result.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
