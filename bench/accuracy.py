@@ -45,7 +45,8 @@ RUNS = RESULTS / "accuracy-runs.jsonl"
 # erq+ with --rotate, and its ablations: which rotations (erq_core.rotation.RotationPlan) are applied
 ROTATIONS = {"erq+rot": {}, "erq+rot-noheads": {"heads": False}, "erq+rot-noonline": {"online": False},
              "erq+rot-nofold": {"repq_fold": False}, "erq+rot-noqk": {"qk": False},
-             "erq+rot-random": {"random_orthogonal": True}, "erq+rot-noresid": {"residual": False}}
+             "erq+rot-random": {"random_orthogonal": True}, "erq+rot-noresid": {"residual": False},
+             "erq+rot-nonorm": {"residual": False, "fold_norms": False}}
 METHODS = ["rtn", "repq", "erq", "erq+", "erq+R", *ROTATIONS]
 
 

@@ -43,6 +43,7 @@ class RotationPlan:
     online: bool = True  # the Hadamard before fc2
     repq_fold: bool = True  # RepQ-ViT's per-channel fold into the (rotated) LayerNorms
     random_orthogonal: bool = False  # Q0 from QR of a Gaussian instead of a randomized Hadamard
+    fold_norms: bool = True  # LayerNorm/LayerScale affine into the weights (needed by, and forced with, residual)
 
 
 def _paley_12() -> Tensor:
@@ -244,13 +245,14 @@ def rotate_model(model: nn.Module, seed: int, plan: RotationPlan = RotationPlan(
     """Rotate an FP timm VisionTransformer in place (its output unchanged up to rounding)."""
     check_rotatable(model)
     d = model.embed_dim
-    for block in model.blocks:
+    for block in model.blocks if plan.residual or plan.fold_norms else ():
         _fold_norm(block.norm1, [block.attn.qkv])
         _fold_norm(block.norm2, [block.mlp.fc1])
         _fold_layer_scale(block.ls1, block.attn.proj)
         _fold_layer_scale(block.ls2, block.mlp.fc2)
-    final_norm = model.norm if isinstance(model.norm, nn.LayerNorm) else model.fc_norm
-    _fold_norm(final_norm, _heads(model))
+    if plan.residual or plan.fold_norms:
+        final_norm = model.norm if isinstance(model.norm, nn.LayerNorm) else model.fc_norm
+        _fold_norm(final_norm, _heads(model))
 
     if plan.residual:
         q = residual_rotation(d, seed, plan.random_orthogonal)
