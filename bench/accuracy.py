@@ -4,7 +4,8 @@
                                        [--methods rtn repq erq erq+ erq+R] [--seeds 0 1 2]
                                        [--val-limit N] [--device cpu]
 
-`erq+R` is erq+ with --reconstruct. The realistic fixture (bench/realistic_fixture.py: a real
+`erq+R` is erq+ with --reconstruct; `erq+rot` is erq+ with --rotate, `erq+rot-*` its ablations
+(ROTATIONS). The realistic fixture (bench/realistic_fixture.py: a real
 pretrained ViT-S with a 10-class head) is built on first use. Each run's result is appended to
 bench/results/accuracy-runs.jsonl (or --runs FILE), and a run already there is not repeated, so
 an interrupted benchmark resumes. The table (per fixture, bits, method and calibration size: mean,
@@ -37,10 +38,16 @@ from erq_core.data import build_transform, calibration_loader, validation_loader
 from erq_core.evaluate import accuracy  # noqa: E402
 from erq_core.models import load_model  # noqa: E402
 from erq_core.pipeline import quantize  # noqa: E402
+from erq_core.rotation import RotationPlan  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 RUNS = RESULTS / "accuracy-runs.jsonl"
-METHODS = ["rtn", "repq", "erq", "erq+", "erq+R"]
+# erq+ with --rotate, and its ablations: which rotations (erq_core.rotation.RotationPlan) are applied
+ROTATIONS = {"erq+rot": {}, "erq+rot-noheads": {"heads": False}, "erq+rot-noonline": {"online": False},
+             "erq+rot-nofold": {"repq_fold": False}, "erq+rot-noqk": {"qk": False},
+             "erq+rot-random": {"random_orthogonal": True}, "erq+rot-noresid": {"residual": False},
+             "erq+rot-nonorm": {"residual": False, "fold_norms": False}}
+METHODS = ["rtn", "repq", "erq", "erq+", "erq+R", *ROTATIONS]
 
 
 def fixture(name: str) -> tuple[str, str, str]:
@@ -61,6 +68,9 @@ def config_for(method: str, model: str, dataset: str, w_bits: int, a_bits: int, 
     if method == "erq+R":
         return ErqConfig(model=model, dataset=dataset, w_bits=w_bits, a_bits=a_bits, seed=seed, method="erq+",
                          calib_size=calib_size, reconstruct=True)
+    if method in ROTATIONS:
+        return ErqConfig(model=model, dataset=dataset, w_bits=w_bits, a_bits=a_bits, seed=seed, method="erq+",
+                         calib_size=calib_size, rotate=True)
     return ErqConfig(model=model, dataset=dataset, w_bits=w_bits, a_bits=a_bits, seed=seed, method=method,
                      calib_size=calib_size)
 
@@ -120,7 +130,8 @@ def main() -> None:
                         torch.manual_seed(seed)
                         calibration = calibration_loader(dataset, transform, config.images_needed, config.batch_size, seed)
                         start, cpu_start = time.perf_counter(), time.process_time()
-                        quantized = quantize(model, calibration, config)
+                        plan = RotationPlan(**ROTATIONS[method]) if method in ROTATIONS else None
+                        quantized = quantize(model, calibration, config, rotation_plan=plan)
                         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
                         result = accuracy(quantized.model, validation, args.device)
                         runs[key] = log.record(key, result["top1"], result["top5"], seconds, cpu_seconds)

@@ -23,6 +23,7 @@ from erq_core.errors import CheckpointError
 from erq_core.files import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE
 from erq_core.precision import apply_precision, model_precision
 from erq_core.qmodules import activation_quantizers, convert_model, set_quant_state, weight_layers
+from erq_core.rotation import install_online_hadamards, online_hadamards
 
 FORMAT = "erq-quantized/1"
 CODES_SUFFIX = ".weight_codes"
@@ -107,6 +108,8 @@ def save_quantized(quantized, out_dir: str | Path, source: dict, pretrained_cfg:
             "layers": layout,
             # every layer's bit widths: a --max-drop run keeps some at 8 bits
             "precision": model_precision(quantized.model),
+            # --rotate's online Hadamard modules (the rest of the rotation is in the saved weights)
+            "online_hadamard": online_hadamards(quantized.model),
         },
         "versions": package_versions(),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -139,6 +142,7 @@ def load_quantized(folder: str | Path, device: Optional[str | torch.device] = No
     config = read_config(folder)
     q = config["quantization"]
     model = build_architecture(config["model_source"])
+    install_online_hadamards(model, q.get("online_hadamard", {}))
     convert_model(model, q["a_bits"], q["w_bits"], set(), set(q["two_part_layers"]), q["log_sqrt2_softmax"])
     apply_precision(model, q.get("precision", []))  # older folders hold one bit width for all
     try:

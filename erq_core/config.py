@@ -111,6 +111,10 @@ class QuantRecipe:
                                                                "(drawn like the others; more than calib-size "
                                                                "draws more)",
                                      flags=("--reconstruct-images",), ge=1, le=MAX_CALIB_SIZE)
+    rotate: bool = _field(False, help="first rotate the FP model by orthogonal matrices that leave its output "
+                                      "unchanged (residual stream, per-head values, a Hadamard before fc2) so "
+                                      "that outliers spread over channels; ViT/DeiT only (see docs/algorithm.md)",
+                          flags=("--rotate",))
     max_drop: Optional[float] = _field(
         None, help="accuracy budget, in points of top-1: put the most sensitive layers at 8 bits (weights and their "
                    "input activations), as few as bring the model within this many points of FP, with a margin of "

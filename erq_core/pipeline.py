@@ -7,6 +7,7 @@ the RepQ-ViT reparameterization. After that:
 - erq (the paper, docs/algorithm.md): FP statistics of every layer streamed over the calibration
   set, then per layer Aqer, weight-quantizer calibration on the updated weights, Wqer;
 - erq+: block by block on the partly quantized model (erq_core/erq_plus.py).
+With rotate, the FP model is first rotated (erq_core/rotation.py), which leaves its output unchanged.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from erq_core.config import QuantRecipe
 from erq_core.layer import LayerPlan, solve_layer
 from erq_core.qmodules import QuantConv2d, QuantLinear, convert_model, set_quant_state, weight_layers
 from erq_core.reparam import find_norm_linear_pairs, reparameterize
+from erq_core.rotation import RotationPlan, rotate_model
 from erq_core.stats import LayerStats
 from erq_core.timing import timed
 
@@ -70,28 +72,36 @@ def quantize(
     calibration: Iterable,
     config: QuantRecipe,
     progress: Optional[Progress] = None,
+    rotation_plan: Optional[RotationPlan] = None,
 ) -> QuantizedModel:
     """Quantize `model` in place. `calibration` yields image batches (or (images, labels)) and
-    must be iterable more than once; it is streamed, never held in memory."""
+    must be iterable more than once; it is streamed, never held in memory. With config.rotate the
+    FP model is rotated first (erq_core/rotation.py; `rotation_plan` picks the rotations, for
+    ablations)."""
     progress = progress or _no_progress
     seconds: dict[str, float] = {}
     device = next(model.parameters()).device
     model.eval()
     method = config.method_spec
     repq = method.reparameterized
+    if config.rotate:
+        rotation_plan = rotation_plan or RotationPlan()
+        with timed(seconds, "rotate"):
+            rotate_model(model, config.seed, rotation_plan)
+    fold = repq and (rotation_plan is None or rotation_plan.repq_fold)
 
     with timed(seconds, "calibrate_activations"):
         progress("calibrate_activations", 0, 1)
         init_images = first_images(calibration, ACTIVATION_CALIBRATION_IMAGES, device)
         pairs = find_norm_linear_pairs(model, init_images[:1])
-        convert_model(model, config.a_bits, config.w_bits, set(pairs) if repq else set(), set(pairs), repq)
+        convert_model(model, config.a_bits, config.w_bits, set(pairs) if fold else set(), set(pairs), repq)
         model.to(device)
         set_quant_state(model, activations=True, weights=False)
         model(init_images)
         del init_images
         progress("calibrate_activations", 1, 1)
 
-    if repq:
+    if fold:
         with timed(seconds, "reparameterize"):
             # the papers' code keeps the fractional mean zero point; erq+ keeps true b-bit quantizers
             reparameterize(model, pairs, integer_zero_point=method.integer_zero_point)

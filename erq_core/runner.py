@@ -61,6 +61,10 @@ def run(config: ErqConfig, out_dir: str | Path, *, device: Optional[str] = None,
     progress("load_model", 1, 1)
     seconds["load_model"] = round(time.perf_counter() - start, 3)
     log.info("model %s (%s) on %s", config.model, loaded.source["architecture"], device)
+    if config.rotate:  # refuse a model --rotate cannot rotate now, not after evaluating FP
+        from erq_core.rotation import check_rotatable
+
+        check_rotatable(loaded.model)
 
     transform = build_transform(loaded.pretrained_cfg)
     workers = _loader_workers(device) if loader_workers is None else loader_workers
