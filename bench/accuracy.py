@@ -4,7 +4,8 @@
                                        [--methods rtn repq erq erq+ erq+R] [--seeds 0 1 2]
                                        [--val-limit N] [--device cpu]
 
-`erq+R` is erq+ with --reconstruct. The realistic fixture (bench/realistic_fixture.py: a real
+`erq+R` is erq+ with --reconstruct; `erqtok` and `erq+tok` are erq and erq+ with
+--act-granularity token (dynamic per-token activation ranges, reported apart). The realistic fixture (bench/realistic_fixture.py: a real
 pretrained ViT-S with a 10-class head) is built on first use. Each run's result is appended to
 bench/results/accuracy-runs.jsonl (or --runs FILE), and a run already there is not repeated, so
 an interrupted benchmark resumes. The table (per fixture, bits, method and calibration size: mean,
@@ -40,7 +41,8 @@ from erq_core.pipeline import quantize  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 RUNS = RESULTS / "accuracy-runs.jsonl"
-METHODS = ["rtn", "repq", "erq", "erq+", "erq+R"]
+METHODS = ["rtn", "repq", "erq", "erq+", "erq+R", "erqtok", "erq+tok"]
+TOKEN_LABELS = {"erqtok": "erq", "erq+tok": "erq+"}  # the method with --act-granularity token
 
 
 def fixture(name: str) -> tuple[str, str, str]:
@@ -61,6 +63,9 @@ def config_for(method: str, model: str, dataset: str, w_bits: int, a_bits: int, 
     if method == "erq+R":
         return ErqConfig(model=model, dataset=dataset, w_bits=w_bits, a_bits=a_bits, seed=seed, method="erq+",
                          calib_size=calib_size, reconstruct=True)
+    if method in TOKEN_LABELS:
+        return ErqConfig(model=model, dataset=dataset, w_bits=w_bits, a_bits=a_bits, seed=seed,
+                         method=TOKEN_LABELS[method], calib_size=calib_size, act_granularity="token")
     return ErqConfig(model=model, dataset=dataset, w_bits=w_bits, a_bits=a_bits, seed=seed, method=method,
                      calib_size=calib_size)
 
