@@ -5,7 +5,8 @@
                                        [--val-limit N] [--device cpu]
 
 `erq+R` is erq+ with --reconstruct; `erq+rot` is erq+ with --rotate, `erq+rot-*` its ablations
-(ROTATIONS). The realistic fixture (bench/realistic_fixture.py: a real
+(ROTATIONS); `erqtok` and `erq+tok` are erq and erq+ with --act-granularity token (dynamic
+per-token activation ranges, reported apart). The realistic fixture (bench/realistic_fixture.py: a real
 pretrained ViT-S with a 10-class head) is built on first use. Each run's result is appended to
 bench/results/accuracy-runs.jsonl (or --runs FILE), and a run already there is not repeated, so
 an interrupted benchmark resumes. The table (per fixture, bits, method and calibration size: mean,
@@ -47,7 +48,8 @@ ROTATIONS = {"erq+rot": {}, "erq+rot-noheads": {"heads": False}, "erq+rot-noonli
              "erq+rot-nofold": {"repq_fold": False}, "erq+rot-noqk": {"qk": False},
              "erq+rot-random": {"random_orthogonal": True}, "erq+rot-noresid": {"residual": False},
              "erq+rot-nonorm": {"residual": False, "fold_norms": False}}
-METHODS = ["rtn", "repq", "erq", "erq+", "erq+R", *ROTATIONS]
+METHODS = ["rtn", "repq", "erq", "erq+", "erq+R", "erqtok", "erq+tok", *ROTATIONS]
+TOKEN_LABELS = {"erqtok": "erq", "erq+tok": "erq+"}  # the method with --act-granularity token
 
 
 def fixture(name: str) -> tuple[str, str, str]:
@@ -71,6 +73,9 @@ def config_for(method: str, model: str, dataset: str, w_bits: int, a_bits: int, 
     if method in ROTATIONS:
         return ErqConfig(model=model, dataset=dataset, w_bits=w_bits, a_bits=a_bits, seed=seed, method="erq+",
                          calib_size=calib_size, rotate=True)
+    if method in TOKEN_LABELS:
+        return ErqConfig(model=model, dataset=dataset, w_bits=w_bits, a_bits=a_bits, seed=seed,
+                         method=TOKEN_LABELS[method], calib_size=calib_size, act_granularity="token")
     return ErqConfig(model=model, dataset=dataset, w_bits=w_bits, a_bits=a_bits, seed=seed, method=method,
                      calib_size=calib_size)
 

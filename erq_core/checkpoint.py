@@ -103,6 +103,7 @@ def save_quantized(quantized, out_dir: str | Path, source: dict, pretrained_cfg:
             "a_bits": config.a_bits,
             "method": config.method,
             "log_sqrt2_softmax": config.method_spec.reparameterized,
+            "act_granularity": config.act_granularity,
             "norm_linear_pairs": quantized.norm_linear_pairs,
             "two_part_layers": quantized.two_part_layers,
             "layers": layout,
@@ -143,7 +144,8 @@ def load_quantized(folder: str | Path, device: Optional[str | torch.device] = No
     q = config["quantization"]
     model = build_architecture(config["model_source"])
     install_online_hadamards(model, q.get("online_hadamard", {}))
-    convert_model(model, q["a_bits"], q["w_bits"], set(), set(q["two_part_layers"]), q["log_sqrt2_softmax"])
+    convert_model(model, q["a_bits"], q["w_bits"], set(), set(q["two_part_layers"]), q["log_sqrt2_softmax"],
+                  q.get("act_granularity", "tensor"))  # older folders: per-tensor
     apply_precision(model, q.get("precision", []))  # older folders hold one bit width for all
     try:
         state = load_file(str(Path(folder) / WEIGHTS_FILE))

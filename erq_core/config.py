@@ -47,6 +47,7 @@ EXPORT_FORMATS = ("onnx", "onnx-float64", "onnx-int8", "onnx-w4")
 # onnx-int8's 8-bit weights (`erq export --int8-weights`; erq_core.onnx_integer): "exact" keeps them on
 # the u8u8 kernel wherever u8s8 could saturate; "signed" puts them all on u8s8 (exact only with VNNI)
 INT8_WEIGHTS = ("exact", "signed")
+ACT_GRANULARITIES = ("tensor", "token")  # static per-tensor ranges (the paper's), or dynamic per-token ones
 PRECISIONS = ("float32", "float64")  # what a saved model is evaluated in (erq_core.float64)
 MIN_BITS, MAX_BITS = 2, 8
 MAX_CALIB_SIZE = 100_000
@@ -90,6 +91,11 @@ class QuantRecipe:
                          ge=MIN_BITS, le=MAX_BITS)
     a_bits: int = _field(4, help="activation bits", flags=("--a-bits", "--a_bits", "--a_bit", "--a-bit"),
                          ge=MIN_BITS, le=MAX_BITS)
+    act_granularity: str = _field(
+        "tensor", help="activation ranges: tensor (static per-tensor ranges calibrated once, as in the paper) or "
+                       "token (each token's own range read at run time, as deployable runtimes do: linear inputs, "
+                       "q and k per token, v per channel; see docs/algorithm.md); every method takes either",
+        flags=("--act-granularity",), choices=ACT_GRANULARITIES)
     coe: float = _field(10000.0, help="the ridge lambda knob: Aqer uses 0.1*coe (0.1 for the head), Wqer 0.1*coe",
                         flags=("--coe",), gt=0, le=MAX_COE)
     calib_size: Optional[int] = _field(
@@ -131,6 +137,9 @@ class QuantRecipe:
             check_value(spec, getattr(self, spec.name))
         if self.reconstruct and not self.method_spec.reconstructs:
             raise ConfigError(f"reconstruct starts from the erq+ solution: use method erq+ (got {self.method!r})")
+        if self.reconstruct and self.act_granularity == "token":
+            raise ConfigError("reconstruct learns static activation scales, which act_granularity token does not "
+                              "have: use act_granularity tensor with reconstruct")
 
     @property
     def method_spec(self) -> MethodSpec:
@@ -201,6 +210,10 @@ class ErqConfig(QuantRecipe):
             if self.a_bits != 8:
                 raise ConfigError(f"export onnx-int8 runs integer kernels on 8-bit activations: it needs a_bits 8, "
                                   f"got {self.a_bits} (onnx-w4 runs 4-bit weights with float activations)")
+            if self.act_granularity == "token":
+                raise ConfigError("export onnx-int8 runs integer kernels on static per-tensor activation ranges; "
+                                  "act_granularity token computes them per token at run time: export onnx, "
+                                  "onnx-float64 or onnx-w4, or quantize with act_granularity tensor")
             if self.method not in INTEGER_ZERO_POINT_METHODS:
                 raise ConfigError(f"export onnx-int8 needs integer activation zero points, which method "
                                   f"{self.method!r} does not keep (the RepQ-ViT fold makes them fractional): use "

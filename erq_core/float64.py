@@ -10,6 +10,7 @@ What is float64 and what is not, on both sides (torch here, onnxruntime in the f
 - a uniform activation quantizer casts its input to float32 and quantizes there exactly as
   QuantizeLinear -> DequantizeLinear does (onnx_fake_quantize, below), then back to float64;
 - the log-sqrt2 quantizer computes its code in float64 (log_sqrt2_quantize_float64, below);
+- a per-token quantizer (TokenQuantizer) casts to float32 and computes token_quantize there;
 - weights are the float32 dequantized codes, as DequantizeLinear gives them, cast to float64.
 Images go in and logits come out as float32, like the float32 model. to_float64 sets each
 quantizer's `export_quantize` to the one of those two ways that fits it (quantize_as_exported).
@@ -23,7 +24,8 @@ from torch import Tensor, nn
 
 from erq_core.config import PRECISIONS
 from erq_core.qmodules import activation_quantizers, weight_layers
-from erq_core.quantizers import ActivationQuantizer, LogSqrt2Quantizer, integer_in, log_sqrt2_levels, log_steps
+from erq_core.quantizers import (ActivationQuantizer, LogSqrt2Quantizer, TokenQuantizer, integer_in, log_sqrt2_levels,
+                                 log_steps, token_quantize)
 
 
 def onnx_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
@@ -55,9 +57,17 @@ def _log_sqrt2_as_exported(quantizer: ActivationQuantizer, x: Tensor) -> Tensor:
     return log_sqrt2_quantize_float64(x.double(), quantizer.scale, quantizer.bits).to(x.dtype)
 
 
+def _token_as_exported(quantizer: ActivationQuantizer, x: Tensor) -> Tensor:
+    """Per token in float32, as the export's ReduceMin/ReduceMax ... Round ... Mul do it."""
+    return token_quantize(x.float(), quantizer.bits, quantizer.clip.float(), quantizer.dim).to(x.dtype)
+
+
 def quantize_as_exported(quantizer: ActivationQuantizer) -> None:
     """From now on `quantizer` quantizes exactly as the float64 ONNX export does (its input comes
     back in its own dtype)."""
+    if isinstance(quantizer, TokenQuantizer):
+        quantizer.export_quantize = _token_as_exported
+        return
     quantizer.export_quantize = _log_sqrt2_as_exported if isinstance(quantizer, LogSqrt2Quantizer) \
         else _uniform_as_exported
 

@@ -16,6 +16,8 @@ a marker node; the markers are then rewritten with standard operators only:
   made fractional (RepQ-ViT's fold keeps the mean of the channels' zero points) is quantized on
   INT16 with zero point 0 and clipped to the two ends -Z s and (2^b - 1 - Z) s: exactly the
   2^b + 1 values the fake-quantized model takes.
+- per-token activation quantizers (--act-granularity token): each row's range from ReduceMin and
+  ReduceMax at run time, then the fake-quantization formula with Div, Round, Clip (_token_activation).
 - the log-sqrt2 post-softmax quantizer: code q = clamp(round(-n (log2 x - log2 s)), 0, 2^b) with
   n = log_steps(b) codes per octave (2 up to 6 bits), and a Gather from the table 2^(-q/n) s
   (q < 2^b) plus a 0 for the codes past the last level.
@@ -49,7 +51,8 @@ from erq_core.config import PRECISIONS
 from erq_core.files import EXPORT_FILE_NAMES
 from erq_core.float64 import Float64Model
 from erq_core.qmodules import QuantConv2d, QuantLinear, weight_layers
-from erq_core.quantizers import ActivationQuantizer, LogSqrt2Quantizer, UniformQuantizer, log_sqrt2_levels, log_steps
+from erq_core.quantizers import (_MIN_SCALE, ActivationQuantizer, LogSqrt2Quantizer, TokenQuantizer, UniformQuantizer,
+                                 log_sqrt2_levels, log_steps)
 
 if TYPE_CHECKING:
     import onnx
@@ -122,7 +125,7 @@ class _LinearMarker(torch.autograd.Function):
 
 def _marked_activation_forward(index: int):
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float64 and isinstance(self, UniformQuantizer):  # quantized in float32
+        if x.dtype == torch.float64 and isinstance(self, (UniformQuantizer, TokenQuantizer)):  # quantized in float32
             return _mark(x.float(), "Act", index).double()
         return _mark(x, "Act", index)
     return forward
@@ -238,9 +241,10 @@ def _prepare_float64(model: nn.Module) -> Float64Model:
 def _check_supported(model: nn.Module) -> None:
     """Refuse what the rewrite would not reproduce exactly."""
     for name, module in model.named_modules():
-        if isinstance(module, ActivationQuantizer) and not isinstance(module, (UniformQuantizer, LogSqrt2Quantizer)):
+        if isinstance(module, ActivationQuantizer) and not isinstance(
+                module, (UniformQuantizer, LogSqrt2Quantizer, TokenQuantizer)):
             raise OnnxExportError(f"{name}: activation quantizer {type(module).__name__} has no ONNX form; "
-                                  "supported: uniform and log-sqrt2 quantizers")
+                                  "supported: uniform, per-token and log-sqrt2 quantizers")
         if isinstance(module, ActivationQuantizer) and not bool(module.calibrated):
             raise OnnxExportError(f"{name}: activation quantizer is not calibrated; export a finished run")
         if isinstance(module, (QuantLinear, QuantConv2d)) and module.weight_quantizer.groups > 2:
@@ -376,6 +380,28 @@ def _uniform_activation(g: _Graph, x: str, out: str, stem: str, q: UniformQuanti
     g.node("Clip", [deq, g.constant(f"{stem}.lo", _f32(lo)), g.constant(f"{stem}.hi", _f32(hi))], out, stem=stem)
 
 
+def _token_activation(g: _Graph, x: str, out: str, stem: str, q: TokenQuantizer) -> None:
+    """quantizers.token_quantize in float32, operator for operator: each row's range from ReduceMin
+    and ReduceMax along q.dim (with 0, times the clipping ratio), its scale and zero point, then the
+    fake-quantization formula (Div, Round, Add, Clip, Sub, Mul) with those per-row tensors."""
+    def constant(tag: str, value) -> str:
+        return g.constant(f"{stem}.{tag}", _f32(value))
+
+    top = 2**q.bits - 1
+    axes = g.constant(f"{stem}.axes", np.asarray([q.dim], dtype=np.int64))
+    clip = constant("clip", q.clip.detach().float().cpu().numpy())
+    zero_f = constant("zero", 0)
+    low = g.node("Min", [g.node("ReduceMin", [x, axes], stem=stem, keepdims=1), zero_f], stem=stem)
+    high = g.node("Max", [g.node("ReduceMax", [x, axes], stem=stem, keepdims=1), zero_f], stem=stem)
+    low, high = g.node("Mul", [low, clip], stem=stem), g.node("Mul", [high, clip], stem=stem)
+    scale = g.node("Div", [g.node("Sub", [high, low], stem=stem), constant("levels", top)], stem=stem)
+    scale = g.node("Max", [scale, constant("min_scale", _MIN_SCALE)], stem=stem)
+    zero = g.node("Round", [g.node("Div", [g.node("Neg", [low], stem=stem), scale], stem=stem)], stem=stem)
+    codes = g.node("Round", [g.node("Div", [x, scale], stem=stem)], stem=stem)
+    codes = g.node("Clip", [g.node("Add", [codes, zero], stem=stem), zero_f, constant("top", top)], stem=stem)
+    g.node("Mul", [g.node("Sub", [codes, zero], stem=stem), scale], out, stem=stem)
+
+
 def _log_sqrt2_activation(g: _Graph, x: str, out: str, stem: str, q: LogSqrt2Quantizer,
                           dtype: type = np.float32) -> None:
     """In float32, or in float64 as float64.log_sqrt2_quantize_float64 computes it."""
@@ -479,6 +505,8 @@ def _rewrite(model_proto, activations, weights, float_type: type = np.float32, k
             name, quantizer = activations[index]
             if isinstance(quantizer, LogSqrt2Quantizer):
                 _log_sqrt2_activation(g, node.input[0], node.output[0], name, quantizer, float_type)
+            elif isinstance(quantizer, TokenQuantizer):
+                _token_activation(g, node.input[0], node.output[0], name, quantizer)
             else:
                 _uniform_activation(g, node.input[0], node.output[0], name, quantizer)
         elif node.op_type == "Linear":

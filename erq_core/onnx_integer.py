@@ -34,7 +34,7 @@ from torch import nn
 from erq_core.config import INT8_WEIGHTS
 from erq_core.errors import ErqError
 from erq_core.qmodules import QuantLinear
-from erq_core.quantizers import UniformQuantizer
+from erq_core.quantizers import TokenQuantizer, UniformQuantizer
 
 CONTRIB_DOMAIN = "com.microsoft"
 W4_BLOCK = 32
@@ -70,6 +70,10 @@ def check_integer_export(model: nn.Module, kernels: str, run_w_bits: int) -> Non
 
 def _int8_input(name: str, quantizer: nn.Module) -> tuple[np.float32, np.uint8]:
     """The per-tensor scale and UINT8 zero point of an 8-bit uniform input quantizer."""
+    if isinstance(quantizer, TokenQuantizer):
+        raise IntegerExportError(f"{name}: onnx-int8 runs its integer kernels on static per-tensor input ranges; "
+                                 "this run quantizes activations per token at run time (act_granularity token): "
+                                 "export it with --format onnx, onnx-float64 or onnx-w4")
     if not isinstance(quantizer, UniformQuantizer) or quantizer.bits != 8:
         bits = getattr(quantizer, "bits", "?")
         raise IntegerExportError(f"{name}: onnx-int8 needs 8-bit uniform activations, this layer's input has "

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from erq_core.config import QuantRecipe
 from erq_core.layer import LayerPlan, solve_layer
-from erq_core.qmodules import QuantConv2d, QuantLinear, convert_model, set_quant_state, weight_layers
+from erq_core.qmodules import (QuantConv2d, QuantLinear, convert_model, dynamic_inputs, set_quant_state,
+                               weight_layers)
 from erq_core.reparam import find_norm_linear_pairs, reparameterize
 from erq_core.rotation import RotationPlan, rotate_model
 from erq_core.stats import LayerStats
@@ -30,6 +31,9 @@ log = logging.getLogger("erq")
 Progress = Callable[[str, int, int], None]
 ACTIVATION_CALIBRATION_IMAGES = 32
 HEAD_AQER_LAMBDA = 0.1
+# with act_granularity token, fold RepQ-ViT's per-channel scales of post-LayerNorm activations into
+# the weights before those inputs go per token (measured: docs/algorithm.md, "Per-token activations")
+TOKEN_FOLD = True
 
 
 @dataclass
@@ -88,17 +92,18 @@ def quantize(
         rotation_plan = rotation_plan or RotationPlan()
         with timed(seconds, "rotate"):
             rotate_model(model, config.seed, rotation_plan)
-    fold = repq and (rotation_plan is None or rotation_plan.repq_fold)
+    token = config.act_granularity == "token"
+    fold = repq and (rotation_plan is None or rotation_plan.repq_fold) and (TOKEN_FOLD or not token)
 
     with timed(seconds, "calibrate_activations"):
         progress("calibrate_activations", 0, 1)
         init_images = first_images(calibration, ACTIVATION_CALIBRATION_IMAGES, device)
         pairs = find_norm_linear_pairs(model, init_images[:1])
-        convert_model(model, config.a_bits, config.w_bits, set(pairs) if fold else set(), set(pairs), repq)
+        convert_model(model, config.a_bits, config.w_bits, set(pairs) if fold else set(), set(pairs), repq,
+                      config.act_granularity)
         model.to(device)
         set_quant_state(model, activations=True, weights=False)
         model(init_images)
-        del init_images
         progress("calibrate_activations", 1, 1)
 
     if fold:
@@ -106,6 +111,11 @@ def quantize(
             # the papers' code keeps the fractional mean zero point; erq+ keeps true b-bit quantizers
             reparameterize(model, pairs, integer_zero_point=method.integer_zero_point)
             log.info("reparameterized %d LayerNorm -> linear pairs", len(pairs))
+        if token:  # the folded inputs go per token too, their clipping calibrated on the same images
+            with timed(seconds, "calibrate_activations"):
+                dynamic_inputs(model, set(pairs))
+                model(init_images)
+    del init_images
 
     if method.solver == "sequential":
         from erq_core.erq_plus import quantize_plus

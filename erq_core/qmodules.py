@@ -13,18 +13,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from erq_core.errors import ModelLoadError
-from erq_core.quantizers import ActivationQuantizer, LogSqrt2Quantizer, UniformQuantizer, WeightQuantizer
+from erq_core.quantizers import ActivationQuantizer, LogSqrt2Quantizer, TokenQuantizer, UniformQuantizer, WeightQuantizer
 
 
 class QuantLinear(nn.Module):
     """y = Q_a(x) Q_w(W)^T + b. The weight stays a float tensor; quantizers are switched on by flags."""
 
-    def __init__(self, linear: nn.Linear, a_bits: int, w_bits: int, per_channel_input: bool, two_part: bool):
+    def __init__(self, linear: nn.Linear, a_bits: int, w_bits: int, per_channel_input: bool, two_part: bool,
+                 token_input: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.input_quantizer = UniformQuantizer(a_bits, self.in_features if per_channel_input else None)
+        self.input_quantizer: ActivationQuantizer = (
+            TokenQuantizer(a_bits) if token_input and not per_channel_input
+            else UniformQuantizer(a_bits, self.in_features if per_channel_input else None))
         self.weight_quantizer = WeightQuantizer(w_bits, self.out_features, self.in_features, 2 if two_part else 1)
         self.quantize_weight = False
         self._cache: Optional[tuple[tuple, Tensor]] = None
@@ -155,11 +158,15 @@ def convert_model(
     per_channel_inputs: set[str],
     two_part_weights: set[str],
     log_sqrt2_softmax: bool,
+    act_granularity: str = "tensor",
 ) -> None:
     """Swap every quantizable module of `model` in place for its quantized stand-in.
 
     `per_channel_inputs` names the linear layers whose input quantizer starts per channel (to be
     folded by the reparameterization), `two_part_weights` those with two-part weight quantizers.
+    `act_granularity` "token": dynamic per-token quantizers (TokenQuantizer) for the linear inputs
+    (a per-channel one becomes one after the fold: dynamic_inputs) and for q and k; v per channel;
+    the post-softmax quantizer stays static.
     """
     attentions = [(name, module, _attention_forward_for(module)) for name, module in model.named_modules()]
     unsupported = [(name, module) for name, module, forward in attentions
@@ -175,8 +182,12 @@ def convert_model(
     for name, module, forward in attentions:
         if forward is not None:
             attn_quantizer = LogSqrt2Quantizer(a_bits) if log_sqrt2_softmax else UniformQuantizer(a_bits)
-            module.matmul_qk = QuantMatMul(UniformQuantizer(a_bits), UniformQuantizer(a_bits))
-            module.matmul_av = QuantMatMul(attn_quantizer, UniformQuantizer(a_bits))
+            if act_granularity == "token":  # q's rows and k^T's columns: their scales factor out of q @ k^T
+                module.matmul_qk = QuantMatMul(TokenQuantizer(a_bits), TokenQuantizer(a_bits, dim=-2))
+                module.matmul_av = QuantMatMul(attn_quantizer, value_quantizer(a_bits))
+            else:
+                module.matmul_qk = QuantMatMul(UniformQuantizer(a_bits), UniformQuantizer(a_bits))
+                module.matmul_av = QuantMatMul(attn_quantizer, UniformQuantizer(a_bits))
             module.fused_attn = False
             module.forward = types.MethodType(forward, module)
     for name, module in list(model.named_modules()):
@@ -184,9 +195,30 @@ def convert_model(
             full = f"{name}.{child_name}" if name else child_name
             if isinstance(child, nn.Linear):
                 setattr(module, child_name, QuantLinear(
-                    child, a_bits, w_bits, full in per_channel_inputs, full in two_part_weights))
+                    child, a_bits, w_bits, full in per_channel_inputs, full in two_part_weights,
+                    token_input=act_granularity == "token"))
             elif isinstance(child, nn.Conv2d):  # ViT and Swin convolve only in the patch embedding
                 setattr(module, child_name, QuantConv2d(child, w_bits))
+
+
+# v of attn @ v with per-token activations: "channel" (dynamic, one range per head channel over the
+# tokens: its scales factor out of attn @ v) or "tensor" (static); chosen by measurement (docs/algorithm.md)
+VALUE_GRANULARITY = "channel"
+
+
+def value_quantizer(a_bits: int) -> ActivationQuantizer:
+    return TokenQuantizer(a_bits, dim=-2) if VALUE_GRANULARITY == "channel" else UniformQuantizer(a_bits)
+
+
+def dynamic_inputs(model: nn.Module, names: set[str]) -> None:
+    """Give the linear layers `names` (their per-channel input folded to per-tensor by the
+    reparameterization) a dynamic per-token input quantizer, calibrated on its next input."""
+    modules = dict(model.named_modules())
+    for name in names:
+        layer = modules[name]
+        old = layer.input_quantizer
+        layer.input_quantizer = TokenQuantizer(old.bits).to(old.scale.device)
+        layer.input_quantizer.enabled = old.enabled
 
 
 def weight_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -273,6 +273,61 @@ def log_steps(bits: int) -> int:
     return max(2, 2**bits // LOG_OCTAVES)
 
 
+TOKEN_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # the clipping ratios a TokenQuantizer searches
+TOKEN_SEARCH_ROWS = 8192  # rows its calibration searches on: enough to rank a handful of ratios
+
+
+def token_quantize(x: Tensor, bits: int, clip: Tensor, dim: int = -1) -> Tensor:
+    """Dynamic asymmetric b-bit quantization with one range per row along `dim` (per token).
+
+    Each row's range is its own [min(x, 0), max(x, 0)] times `clip`, as a deployed runtime
+    computes it when the row arrives (ONNX's DynamicQuantizeLinear range, which holds 0):
+    s = max((hi - lo) / (2^b - 1), 1e-8), z = round(-lo / s), x_hat = (clamp(round(x / s) + z, 0, 2^b - 1) - z) s.
+    Each step is one IEEE float operation, so erq_core.onnx_export writes the same arithmetic with
+    ReduceMin/ReduceMax, Div, Round, Clip and gets the same bits."""
+    top = 2**bits - 1
+    clip = clip.to(x)
+    lower = torch.amin(x, dim=dim, keepdim=True).clamp(max=0) * clip
+    upper = torch.amax(x, dim=dim, keepdim=True).clamp(min=0) * clip
+    scale = ((upper - lower) / top).clamp(min=_MIN_SCALE)
+    zero = torch.round(-lower / scale)
+    return (torch.clamp(torch.round(x / scale) + zero, 0, top) - zero) * scale
+
+
+class TokenQuantizer(ActivationQuantizer):
+    """Per-token dynamic activation quantizer (`--act-granularity token`): the range of each row
+    along `dim` (the last dimension: a token's features; -2 for k^T's columns and v's channels) is
+    read from the row itself at run time (token_quantize). Calibration only chooses `clip`, one
+    clipping ratio for all rows, by least squared error on the calibration input."""
+
+    def __init__(self, bits: int, dim: int = -1):
+        super().__init__(bits)
+        self.dim = dim
+        self.register_buffer("clip", torch.ones(1))
+
+    def rows(self, x: Tensor) -> Tensor:
+        """x as (rows, features) with each quantization row one row, at most TOKEN_SEARCH_ROWS of them."""
+        flat = x.detach().float().movedim(self.dim, -1)
+        flat = flat.reshape(-1, flat.shape[-1])
+        return flat[:: max(1, -(-flat.shape[0] // TOKEN_SEARCH_ROWS))]
+
+    @torch.no_grad()
+    def calibrate(self, x: Tensor) -> None:
+        rows = self.rows(x)
+        errors = [(token_quantize(rows, self.bits, torch.tensor([ratio])) - rows).pow_(2).sum()
+                  for ratio in TOKEN_CLIP_RATIOS]
+        self.clip = torch.tensor([TOKEN_CLIP_RATIOS[int(torch.stack(errors).argmin())]]).to(self.clip)
+        self.calibrated.fill_(True)
+
+    def quantize(self, x: Tensor) -> Tensor:
+        if self.export_quantize is not None:
+            return self.export_quantize(self, x)
+        return token_quantize(x, self.bits, self.clip, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, dim={self.dim}"
+
+
 def log_sqrt2_quantize(x: Tensor, scale: Tensor, bits: int, log2_x: Optional[Tensor] = None,
                        out: Optional[Tensor] = None, underflow: Optional[Tensor] = None) -> Tensor:
     """RepQ-ViT's post-softmax quantizer: powers of sqrt(2) below the scale; deep codes become 0.

@@ -230,7 +230,7 @@ def render_report(metrics: dict, config: dict[str, Any]) -> str:
     q = config.get("quantization", {})
     erq_config = config.get("erq_config", {})
     title = (f"{erq_config.get('model', '?')}: {q.get('method', '?')} W{q.get('w_bits', '?')}/"
-             f"A{q.get('a_bits', '?')}")
+             f"A{q.get('a_bits', '?')}" + (" (per-token activations)" if q.get("act_granularity") == "token" else ""))
     settings = ", ".join(f"{k}={v}" for k, v in erq_config.items() if k not in ("model", "dataset", "checkpoint"))
     created = config.get("created_at") or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     body = "".join([

@@ -103,7 +103,8 @@ def run(config: ErqConfig, out_dir: str | Path, *, device: Optional[str] = None,
     start = time.perf_counter()
     progress("save", 0, 1)
     metrics = {"fp": fp, "quantized": quant, "n_val": n_val, "seconds": seconds, **peak_memory_bytes(device),
-               "device": device, "layers": quantized.layers, "precision": model_precision(quantized.model)}
+               "device": device, "layers": quantized.layers, "precision": model_precision(quantized.model),
+               "act_granularity": config.act_granularity}
     if quantized.budget is not None:
         metrics["budget"] = quantized.budget
     save_quantized(quantized, out_dir, loaded.source, loaded.pretrained_cfg)
