@@ -9,8 +9,9 @@ init: speed and size only), in one run on one machine, onnxruntime's CPU provide
 - the peers, on the same FP32 ONNX: onnxruntime.quantization.quantize_static (QDQ, per-channel INT8
   weights, UINT8 activations, MinMax and Percentile calibration on erq+'s own 192 calibration
   images), onnxruntime's MatMulNBits 4-bit weight-only quantizer (block 32, asymmetric, accuracy
-  level 4: the settings of erq's onnx-w4) and, when `nncf` and `openvino` import (a bench-only
-  optional peer, not a dependency of erq: `pip install nncf openvino`), NNCF's INT8 post-training
+  level 4: the settings of erq's onnx-w4; and at its own defaults: block 128, float compute; both
+  need `pip install -e '.[bench]'`) and, when `nncf` and `openvino` import (a bench-only optional
+  peer, not a dependency of erq: `pip install nncf openvino`), NNCF's INT8 post-training
   quantization (transformer preset) run by OpenVINO's CPU plugin.
 Per row: top-1 on the 1,000 val images (every seed found in --work for erq's rows), latency at batch
 1 and 32 (median of --repeats runs after a warm-up; the models take turns run by run, so a load on
@@ -47,6 +48,7 @@ ERQ_ROWS = (("erq+ W8/A8 onnx-int8", 8, 8, "onnx-int8"),
             ("erq+ W4/A8 onnx-int8", 4, 8, "onnx-int8"),
             ("erq+ W4/A8 onnx-w4", 4, 8, "onnx-w4"), ("erq+ W4/A4 onnx-w4", 4, 4, "onnx-w4"))
 # the signed row: `erq export --format onnx-int8 --int8-weights signed` (exact only on CPUs with VNNI)
+NBITS_DEFAULTS_ROW = "MatMulNBits 4-bit weight-only (its defaults: block 128, float compute)"
 FILES = {"onnx-int8": "model-int8.onnx", "onnx-int8-signed": "model-int8-signed.onnx", "onnx-w4": "model-w4.onnx"}
 
 
@@ -102,15 +104,17 @@ def quantize_static_peer(fp32: Path, out: Path, images: np.ndarray, method: str)
     return out
 
 
-def nbits_peer(fp32: Path, out: Path) -> Path:
+def nbits_peer(fp32: Path, out: Path, own_defaults: bool = False) -> Path:
+    """onnxruntime's 4-bit weight-only model: at erq's onnx-w4 settings, or at the quantizer's own
+    defaults (blocks of 128, float compute) with `own_defaults`."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from erq_core.onnx_integer import W4_ACCURACY_LEVEL, W4_BLOCK
 
     if not out.exists():
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), block_size=W4_BLOCK, is_symmetric=False,
-                                         accuracy_level=W4_ACCURACY_LEVEL)
+        settings = {} if own_defaults else {"block_size": W4_BLOCK, "accuracy_level": W4_ACCURACY_LEVEL}
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), is_symmetric=False, **settings)
         quantizer.process()
         quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
     return out
@@ -216,6 +220,9 @@ def bench_case(case: str, model: str, dataset: Path, random_init: bool, work: Pa
     if wanted("MatMulNBits 4-bit weight-only"):
         rows["MatMulNBits 4-bit weight-only"] = {"path": nbits_peer(fp32, work / f"{case}_nbits.onnx"),
                                                  "runtime": "onnxruntime"}
+    if wanted(NBITS_DEFAULTS_ROW):
+        rows[NBITS_DEFAULTS_ROW] = {"path": nbits_peer(fp32, work / f"{case}_nbits_defaults.onnx", own_defaults=True),
+                                    "runtime": "onnxruntime"}
     nncf_path = nncf_peer(fp32, work / f"{case}_nncf_int8.onnx", images) if wanted("NNCF INT8 (OpenVINO)") else None
     if nncf_path is not None:
         rows["NNCF INT8 (OpenVINO)"] = {"path": nncf_path, "runtime": "openvino"}
