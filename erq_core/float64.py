@@ -39,7 +39,6 @@ def onnx_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) 
     return (torch.clamp(torch.round(x / scale) + zero_point, 0, top) - zero_point) * scale
 
 
-
 def log_sqrt2_quantize_float64(x: Tensor, scale: Tensor, bits: int) -> Tensor:
     """log_sqrt2_quantize of a float64 x, exactly as the float64 ONNX export computes it:
     code clamp(round(-n (ln x / ln 2 - log2 s)), 0, 2^b) in float64 (n = log_steps(b)), looked up in

@@ -16,9 +16,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from erq_core.quantizers import (TOKEN_CLIP_RATIOS, LogSqrt2Quantizer, TokenQuantizer, UniformQuantizer,
-                                 fake_quantize, log_sqrt2_quantize, percentile_bounds, range_to_scale,
-                                 token_quantize)
+from erq_core.quantizers import (LogSqrt2Quantizer, TokenQuantizer, UniformQuantizer, fake_quantize,
+                                 log_sqrt2_quantize, percentile_bounds, range_to_scale, token_quantize)
 
 FINE_PERCENTILES = (0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99995, 0.99999, 1.0)
 LOG_SCALE_STEPS = tuple(2 ** (k / 4) for k in range(-4, 5))
@@ -97,13 +96,7 @@ def search_log_sqrt2(quantizer: LogSqrt2Quantizer, x: Tensor, loss: Loss) -> Non
 def search_token_clip(quantizer: TokenQuantizer, loss: Loss) -> None:
     """The clipping ratio of a dynamic per-token quantizer with least `loss` (its ranges are each
     token's own at run time: only the ratio applied to them is searched)."""
-    def evaluate(ratio: float) -> float:
-        clip = torch.tensor([ratio])
-        return float(loss(lambda t: token_quantize(t, quantizer.bits, clip, quantizer.dim)))
-
-    errors = [evaluate(ratio) for ratio in TOKEN_CLIP_RATIOS]
-    quantizer.clip = torch.tensor([TOKEN_CLIP_RATIOS[errors.index(min(errors))]]).to(quantizer.clip)
-    quantizer.calibrated.fill_(True)
+    quantizer.choose_clip(lambda clip: float(loss(lambda t: token_quantize(t, quantizer.bits, clip, quantizer.dim))))
 
 
 def search_range(quantizer: nn.Module, x: Tensor, loss: Loss) -> None:

@@ -31,9 +31,6 @@ log = logging.getLogger("erq")
 Progress = Callable[[str, int, int], None]
 ACTIVATION_CALIBRATION_IMAGES = 32
 HEAD_AQER_LAMBDA = 0.1
-# with act_granularity token, fold RepQ-ViT's per-channel scales of post-LayerNorm activations into
-# the weights before those inputs go per token (measured: docs/algorithm.md, "Per-token activations")
-TOKEN_FOLD = True
 
 
 @dataclass
@@ -93,7 +90,9 @@ def quantize(
         with timed(seconds, "rotate"):
             rotate_model(model, config.seed, rotation_plan)
     token = config.act_granularity == "token"
-    fold = repq and (rotation_plan is None or rotation_plan.repq_fold) and (TOKEN_FOLD or not token)
+    # with act_granularity token the fold still comes first, then those inputs go per token
+    # (measured: docs/algorithm.md, "Per-token activations")
+    fold = repq and (rotation_plan is None or rotation_plan.repq_fold)
 
     with timed(seconds, "calibrate_activations"):
         progress("calibrate_activations", 0, 1)

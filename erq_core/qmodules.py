@@ -184,7 +184,9 @@ def convert_model(
             attn_quantizer = LogSqrt2Quantizer(a_bits) if log_sqrt2_softmax else UniformQuantizer(a_bits)
             if act_granularity == "token":  # q's rows and k^T's columns: their scales factor out of q @ k^T
                 module.matmul_qk = QuantMatMul(TokenQuantizer(a_bits), TokenQuantizer(a_bits, dim=-2))
-                module.matmul_av = QuantMatMul(attn_quantizer, value_quantizer(a_bits))
+                # v dynamic per channel (one range per head channel over the tokens: its scales factor out
+                # of attn @ v); static per tensor measured alike (docs/accuracy.md)
+                module.matmul_av = QuantMatMul(attn_quantizer, TokenQuantizer(a_bits, dim=-2))
             else:
                 module.matmul_qk = QuantMatMul(UniformQuantizer(a_bits), UniformQuantizer(a_bits))
                 module.matmul_av = QuantMatMul(attn_quantizer, UniformQuantizer(a_bits))
@@ -199,15 +201,6 @@ def convert_model(
                     token_input=act_granularity == "token"))
             elif isinstance(child, nn.Conv2d):  # ViT and Swin convolve only in the patch embedding
                 setattr(module, child_name, QuantConv2d(child, w_bits))
-
-
-# v of attn @ v with per-token activations: "channel" (dynamic, one range per head channel over the
-# tokens: its scales factor out of attn @ v) or "tensor" (static); chosen by measurement (docs/algorithm.md)
-VALUE_GRANULARITY = "channel"
-
-
-def value_quantizer(a_bits: int) -> ActivationQuantizer:
-    return TokenQuantizer(a_bits, dim=-2) if VALUE_GRANULARITY == "channel" else UniformQuantizer(a_bits)
 
 
 def dynamic_inputs(model: nn.Module, names: set[str]) -> None:

@@ -311,13 +311,16 @@ class TokenQuantizer(ActivationQuantizer):
         flat = flat.reshape(-1, flat.shape[-1])
         return flat[:: max(1, -(-flat.shape[0] // TOKEN_SEARCH_ROWS))]
 
+    def choose_clip(self, error: Callable[[Tensor], float]) -> None:
+        """Keep the ratio of TOKEN_CLIP_RATIOS whose clip tensor has the least `error` (the first on a tie)."""
+        errors = [error(torch.tensor([ratio])) for ratio in TOKEN_CLIP_RATIOS]
+        self.clip = torch.tensor([TOKEN_CLIP_RATIOS[errors.index(min(errors))]]).to(self.clip)
+        self.calibrated.fill_(True)
+
     @torch.no_grad()
     def calibrate(self, x: Tensor) -> None:
         rows = self.rows(x)
-        errors = [(token_quantize(rows, self.bits, torch.tensor([ratio])) - rows).pow_(2).sum()
-                  for ratio in TOKEN_CLIP_RATIOS]
-        self.clip = torch.tensor([TOKEN_CLIP_RATIOS[int(torch.stack(errors).argmin())]]).to(self.clip)
-        self.calibrated.fill_(True)
+        self.choose_clip(lambda clip: float((token_quantize(rows, self.bits, clip) - rows).pow_(2).sum()))
 
     def quantize(self, x: Tensor) -> Tensor:
         if self.export_quantize is not None:
