@@ -162,3 +162,51 @@ def test_erq_quantize_refuses_swin_with_rotate_before_evaluating_anything(tmp_pa
     assert result.returncode == 2
     assert "Swin" in result.stderr and "without --rotate" in result.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_a_rotated_model_runs_the_integer_formats_on_integer_kernels_with_its_logits(w_bits, tmp_path):
+    """onnx-int8 (and onnx-w4 at 4 bits) of a rotated run: every linear layer on onnxruntime's
+    integer / 4-bit kernels, the only float products reading a constant being the online Hadamards'
+    factor matrices, and the logits those formats promise (tests/test_onnx_integer.py's bounds)."""
+    from collections import Counter
+
+    import onnx
+    from onnx import numpy_helper
+
+    from erq_core.onnx_export import export_format as export
+    from erq_core.qmodules import QuantLinear, set_quant_state
+    from tests.test_onnx_integer import (FLOAT_PRODUCTS, INT8_LOGIT_BOUND, W4_LOGIT_BOUND, onnxruntime_logits,
+                                         optimised_graph)
+
+    kind = "vit_layerscale_qknorm_registers"
+    saved_quantized(kind, tmp_path, method="erq+", rotate=True, w_bits=w_bits, a_bits=8)
+    model = load_quantized(tmp_path, "cpu")
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    hadamards = sum(isinstance(m, OnlineHadamard) for m in model.modules())
+    blocks = SMALL_MODELS[kind][1]["depth"]
+    assert hadamards == blocks
+    x = images(kind, 16, seed=3)
+    with torch.no_grad():
+        expected = model(x).numpy()
+        set_quant_state(model, activations=False, weights=True)
+        weights_only = model(x).numpy()
+    formats = {"onnx-int8": ("MatMulIntegerToFloat", sum(m.weight_quantizer.groups for m in linears) + blocks,
+                             expected, INT8_LOGIT_BOUND)}
+    if w_bits == 4:
+        formats["onnx-w4"] = ("MatMulNBits", len(linears), weights_only, W4_LOGIT_BOUND)
+    for fmt, (kernel, kernels, reference, bound) in formats.items():
+        path = export(tmp_path, fmt).path
+        graph = optimised_graph(path, tmp_path)
+        operators = Counter(n.op_type for n in graph.node)
+        assert operators[kernel] == kernels, (fmt, operators)
+        constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        read = [constants[i] for n in graph.node if n.op_type in FLOAT_PRODUCTS for i in n.input if i in constants]
+        assert len(read) == 2 * hadamards, fmt  # each online Hadamard: two Kronecker factors
+        for factor in read:  # an orthonormal matrix of entries of one magnitude, not a layer's weight
+            n = factor.shape[0]
+            assert factor.shape == (n, n) and np.allclose(np.abs(factor), 1 / math.sqrt(n), atol=1e-6)
+        got = onnxruntime_logits(path, x)
+        assert np.abs(got - reference).max() <= bound * np.abs(reference).max(), fmt
+        np.testing.assert_array_equal(got.argmax(1), reference.argmax(1))
+    assert "MatMul" in {n.op_type for n in onnx.load(str(tmp_path / "model-int8.onnx")).graph.node}
