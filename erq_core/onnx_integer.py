@@ -19,8 +19,8 @@ each marker as the operators onnxruntime's CPU provider turns into integer kerne
   quantizers are left out: 4-bit weights, float activations, at the kernel's W4_ACCURACY_LEVEL):
   4-bit codes packed two a byte in blocks of W4_BLOCK input columns, each block with its channel's
   scale and zero point repeated, which expresses erq's per-output-channel grid exactly. A two-part
-  weight's input columns are gathered group by group, each group padded to whole blocks with
-  columns whose code is the zero point (they add exactly 0). Layers of 5 to 8 bits (mixed
+  weight's input columns are gathered (GatherElements) group by group, each group padded to whole
+  blocks with columns whose code is the zero point (they add exactly 0). Layers of 5 to 8 bits (mixed
   precision) use the kernel's 8-bit form.
 
 Nothing is re-quantized: the codes written are erq's (WeightQuantizer.codes of the saved weights),
@@ -276,7 +276,7 @@ def _w4_linear(g, x: str, out: str, stem: str, layer: QuantLinear) -> None:
         inputs_x = x
     else:
         kernel_codes = codes[:, order]
-        inputs_x = g.node("Gather", [x, g.constant(f"{stem}.column_order", order)], stem=stem, axis=-1)
+        inputs_x = _gather_columns(g, x, order, f"{stem}.column_order", stem)
     # padding columns hold the zero point: (code - zero) * scale = 0 whatever the input there
     kernel_codes = np.where(padding[None, :], np.repeat(block_zero, W4_BLOCK, axis=1), kernel_codes)
     kernel_codes = kernel_codes.reshape(d_out, blocks, W4_BLOCK)
@@ -294,8 +294,8 @@ def _w4_linear(g, x: str, out: str, stem: str, layer: QuantLinear) -> None:
     if corrected:  # each column group's input sum times its rows' -(z - c) s (see _zero_point_in_type)
         total = product
         for group in range(layer.weight_quantizer.groups):
-            part_x = x if layer.weight_quantizer.groups == 1 else g.node("Gather", [x, g.constant(
-                f"{stem}.columns{group}", np.flatnonzero(column_group == group).astype(np.int64))], stem=stem, axis=-1)
+            part_x = x if layer.weight_quantizer.groups == 1 else _gather_columns(
+                g, x, np.flatnonzero(column_group == group), f"{stem}.columns{group}", stem)
             x_sum = g.node("ReduceSum", [part_x, g.constant(f"{stem}.last_axis", np.asarray([-1], dtype=np.int64))],
                            stem=stem, keepdims=1)
             correction = g.constant(f"{stem}.zero_point_correction{group}",

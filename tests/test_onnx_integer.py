@@ -175,11 +175,11 @@ def w4_codes_in_file(path: Path, layer_name: str, layer: QuantLinear) -> tuple[n
     packed = stored[node.input[1]]  # (N, blocks, 16)
     nibbles = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(packed.shape[0], -1).astype(np.int64)
     scales = stored[node.input[2]].reshape(packed.shape[0], -1)
-    producer = next((n for n in model.graph.node if node.input[0] in n.output and n.op_type == "Gather"
-                     and n.name.startswith(f"{layer_name}/")), None)
-    if producer is None:  # the layer's own column order
-        return nibbles[:, :layer.in_features], scales
-    order = stored[producer.input[1]]
+    producers = {out: n for n in model.graph.node for out in n.output}
+    producer = producers.get(node.input[0])
+    if producer is None or producer.op_type != "GatherElements" or not producer.name.startswith(f"{layer_name}/"):
+        return nibbles[:, :layer.in_features], scales  # the layer's own column order
+    order = stored[producers[producer.input[1]].input[0]]  # the column order, Expanded over the leading axes
     codes = np.full((layer.out_features, layer.in_features), -1, dtype=np.int64)
     first = {}
     for position, column in enumerate(order):  # padding repeats a column: its first place holds the code
