@@ -50,6 +50,44 @@ SENSITIVITY_IMAGES = 16
 BUDGET_STAGE = "budget_search"
 
 
+class BudgetProgress:
+    """The budget's work as one BUDGET_STAGE that only moves forward: the 8-bit pass (its stages
+    mapped as they count in a run: calibration through the layer solves), then the layer
+    sensitivities, then the held-out evaluations, in PHASES shares. The bisection's counts go up
+    and down; the number of evaluations done, against its bound, does not."""
+
+    PHASES = {"high": (0.0, 0.45), "sensitivity": (0.45, 0.6), "search": (0.6, 1.0)}
+    STEPS = 1000
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.reached = 0.0
+
+    def report(self, phase: str, done: int, total: int) -> None:
+        start, end = self.PHASES[phase]
+        fraction = start + (end - start) * (min(done, total) / total if total else 0.0)
+        self.reached = max(self.reached, fraction)
+        self.progress(BUDGET_STAGE, round(self.STEPS * self.reached), self.STEPS)
+
+    def high_pass(self, stage: str, done: int, total: int) -> None:
+        """A callback for the 8-bit pass: its own stages would move the run's progress back."""
+        from erq_core.progress import RECONSTRUCT_STAGE, run_fraction
+
+        if stage == RECONSTRUCT_STAGE:  # within a block of the layer walk: the fraction reached stands
+            self.report("high", 0, 1)
+            return
+        first, last = run_fraction("calibrate_activations", 0, 1), run_fraction("wqer", 1, 1)
+        self.report("high", round(self.STEPS * (run_fraction(stage, done, total) - first)),
+                    round(self.STEPS * (last - first)))
+
+
+def evaluations_bound(count: int) -> int:
+    """The most held-out evaluations search() makes for `count` layers: all at 8 bits, then
+    fewest_passing's doubling (0, 1, 2, 4, ..., count: at most 2 + ceil(log2 count)) and bisection."""
+    steps = math.ceil(math.log2(count)) if count > 1 else 0
+    return 1 + (2 + steps if count > 0 else 1) + steps
+
+
 def heldout_samples(root: str | Path, calibration_images: int, seed: int,
                     limit: int = HELDOUT_IMAGES) -> list[tuple[str, int]]:
     """Every train/ image (up to `limit`) that the calibration draw of `calibration_images` with `seed`
@@ -108,13 +146,16 @@ def mixed(base: nn.Module, donor: nn.Module, layers: Iterable[str], swaps: dict[
 
 @torch.no_grad()
 def sensitivities(low: nn.Module, high: nn.Module, fp: nn.Module, images: Tensor,
-                  swaps: dict[str, Swap]) -> dict[str, float]:
+                  swaps: dict[str, Swap], progress: Optional[Progress] = None) -> dict[str, float]:
     """Per layer: the logits' squared error to FP when that layer alone is at low bits in the high
-    model, minus the high model's own (how much that layer's low precision costs)."""
+    model, minus the high model's own (how much that layer's low precision costs).
+    `progress(done, total)` after each layer."""
     reference = fp(images)
     base = float((high(images) - reference).pow(2).sum())
     result = {}
-    for layer, swap in swaps.items():
+    for done, (layer, swap) in enumerate(swaps.items(), start=1):
+        if progress is not None:
+            progress(done, len(swaps))
         originals = [_replace(high, name, low.get_submodule(name)) for name in swap.names]
         try:
             result[layer] = float((high(images) - reference).pow(2).sum()) - base
@@ -213,10 +254,10 @@ class Search:
 @torch.no_grad()
 def search(fp: nn.Module, low: QuantizedModel, high: QuantizedModel, calibration: Iterable,
            heldout: list[tuple[Tensor, Tensor]], max_drop: float,
-           progress: Optional[Progress] = None) -> Search:
+           progress: Optional[BudgetProgress] = None) -> Search:
     """The fewest layers of `low` to take from `high` for a held-out drop within `max_drop` points
     with a margin of MARGIN_STDERRS standard errors (the paired count's)."""
-    progress = progress or (lambda stage, done, total: None)
+    progress = progress or BudgetProgress(lambda stage, done, total: None)
     device = next(fp.parameters()).device
     images = sum(len(labels) for _, labels in heldout)
     fp_rights = fp_right(fp, heldout, device)
@@ -236,7 +277,7 @@ def search(fp: nn.Module, low: QuantizedModel, high: QuantizedModel, calibration
         passed = complete and paired.judged() <= allowed
         measured[k] = {"drop": round(100.0 * (paired.lost - paired.gained) / images, 4) if complete else None,
                        "lost": paired.lost, "gained": paired.gained, "images_seen": seen, "passed": passed}
-        progress(BUDGET_STAGE, k, count)
+        progress.report("search", len(measured), evaluations_bound(count))
         log.info("budget: %d of %d layers at 8 bits -> %d lost, %d gained of %d held-out images (judged %.1f, at "
                  "most %.1f allowed)", k, count, paired.lost, paired.gained, seen, paired.judged(), allowed)
         return passed
@@ -244,12 +285,13 @@ def search(fp: nn.Module, low: QuantizedModel, high: QuantizedModel, calibration
     met = passes(count)
     if met:
         scores = sensitivities(low.model, high.model, fp, first_images(calibration, SENSITIVITY_IMAGES, device),
-                               swaps)
+                               swaps, lambda done, total: progress.report("sensitivity", done, total))
         ranking = sorted(scores, key=lambda name: -scores[name])
         k = fewest_passing(passes, count)
     else:
         log.warning("budget: even with every layer at 8 bits the held-out drop is not within %s points", max_drop)
         ranking, k = list(swaps), count
+    progress.report("search", 1, 1)
     fp_top1 = round(100.0 * sum(int(right.sum()) for right in fp_rights) / images, 4)
     return Search(k, met, ranking, measured, fp_top1, images)
 
@@ -264,10 +306,10 @@ def quantize_with_budget(model: nn.Module, calibration: Iterable, heldout: list[
     fp = copy.deepcopy(model).eval()
     high_model = copy.deepcopy(model)
     low = quantize(model, calibration, config, progress)
-    # the 8-bit pass reports as the budget's stage: its own stages again would move the run's progress back
+    budget_progress = BudgetProgress(progress)
     high = quantize(high_model, calibration, dataclasses.replace(config, w_bits=HIGH_BITS, a_bits=HIGH_BITS),
-                    lambda stage, done, total: progress(BUDGET_STAGE, 0, 1))
-    found = search(fp, low, high, calibration, heldout, config.max_drop, progress)
+                    budget_progress.high_pass)
+    found = search(fp, low, high, calibration, heldout, config.max_drop, budget_progress)
     return with_budget(low, high, found, config.max_drop,
                        seconds_high=sum(high.seconds.values()), seconds_total=time.perf_counter() - start)
 

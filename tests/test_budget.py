@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from erq_core import ErqConfig, load_quantized, save_quantized
-from erq_core.budget import (fewest_passing, heldout_batches, heldout_samples, layer_swaps, mixed,
+from erq_core.budget import (evaluations_bound, fewest_passing, heldout_batches, heldout_samples, layer_swaps, mixed,
                              quantize_with_budget)
 from erq_core.data import build_transform, calibration_loader, list_split
 from erq_core.float64 import to_float64
@@ -242,10 +242,31 @@ def test_the_float32_export_of_a_mixed_run_holds_each_layers_own_codes_and_agree
     assert (per_image < 1e-4).mean() >= 0.95 and per_image.max() < 0.1 * np.abs(expected).max(), per_image
 
 
-def test_the_budget_search_never_moves_the_runs_progress_back(budget_run):
-    """The 8-bit pass and the search report as the budget's stage, after the low-bit pass's own stages."""
+@pytest.mark.unit
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 5, 8, 13, 74, 75])
+def test_the_search_never_makes_more_evaluations_than_its_progress_counts_on(count):
+    """BudgetProgress counts the search's evaluations against evaluations_bound: every outcome of
+    the held-out judge (it is not monotone in the count), 400 random ones and every threshold."""
+    generator = np.random.default_rng(count)
+    patterns = [generator.random(count + 1) < 0.5 for _ in range(400)]
+    patterns += [np.arange(count + 1) >= threshold for threshold in range(count + 1)]
+    for pattern in patterns:
+        pattern[count] = True  # search() only bisects once every layer at 8 bits passes
+        judged = {count}
+        fewest_passing(lambda k: judged.add(k) or bool(pattern[k]), count)
+        assert len(judged) <= evaluations_bound(count)
+
+
+def test_the_budget_search_moves_the_runs_progress_forward_and_never_back(budget_run):
+    """The 8-bit pass, the sensitivities and the held-out evaluations report as the budget's stage,
+    after the low-bit pass's own stages: the run's progress climbs through that stage to its end
+    (it stood still there before) and never falls back, though the bisection's counts go up and down."""
     from erq_core.progress import run_fraction
 
     fractions = [run_fraction(*call) for call in PROGRESS_CALLS]
     assert fractions and fractions == sorted(fractions)
     assert PROGRESS_CALLS[-1][0] == "budget_search"
+    budget = [f for call, f in zip(PROGRESS_CALLS, fractions) if call[0] == "budget_search"]
+    assert budget[0] < run_fraction("budget_search", 1, 4) < run_fraction("budget_search", 3, 4) < budget[-1]
+    assert budget[-1] == pytest.approx(run_fraction("budget_search", 1, 1))
+    assert len(set(budget)) >= 10  # it moves in many steps, not in one jump at the end

@@ -16,9 +16,10 @@ def test_the_stages_shares_add_up_to_a_whole_run():
 
 def test_a_stage_counts_from_the_end_of_the_stages_before_it():
     assert run_fraction("load_model", 0, 1) == 0.0
-    assert run_fraction("evaluate_fp", 3, 4) == pytest.approx(0.05 + 0.15 * 3 / 4)
-    assert run_fraction("collect_statistics", 1, 2) == pytest.approx(0.05 + 0.15 + 0.05 + 0.2 / 2)
-    assert run_fraction("wqer", 1, 1) == pytest.approx(0.05 + 0.15 + 0.05 + 0.2 + 0.05 + 0.05 + 0.2)
+    assert run_fraction("evaluate_fp", 3, 4) == pytest.approx(0.05 + 0.1 * 3 / 4)
+    assert run_fraction("collect_statistics", 1, 2) == pytest.approx(0.05 + 0.1 + 0.05 + 0.15 / 2)
+    assert run_fraction("wqer", 1, 1) == pytest.approx(0.05 + 0.1 + 0.05 + 0.15 + 0.05 + 0.05 + 0.15)
+    assert run_fraction("budget_search", 1, 2) == pytest.approx(run_fraction("wqer", 1, 1) + 0.2 / 2)
     assert run_fraction("save", 1, 1) == pytest.approx(1.0)
 
 
@@ -37,5 +38,5 @@ def test_erqs_layer_stages_taken_in_turn_per_layer_never_move_progress_back():
     assert fractions == sorted(fractions)
     start = run_fraction("collect_statistics", 1, 1)
     span = sum(STAGE_WEIGHTS[name] for name in INTERLEAVED_STAGES)
-    assert fractions[-1] == pytest.approx(start + span) == pytest.approx(run_fraction("evaluate", 0, 1))
+    assert fractions[-1] == pytest.approx(start + span) == pytest.approx(run_fraction("budget_search", 0, 1))
     assert fractions[0] == pytest.approx(start + span / layers)
