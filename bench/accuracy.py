@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.realistic_fixture import build as build_realistic  # noqa: E402
-from bench.realistic_fixture import DIGITS_OUT, fixture_paths  # noqa: E402
+from bench.realistic_fixture import TASK_OUT, fixture_paths  # noqa: E402
 from erq_core import ErqConfig  # noqa: E402
 from erq_core.data import build_transform, calibration_loader, validation_loader  # noqa: E402
 from erq_core.evaluate import accuracy  # noqa: E402
@@ -60,7 +60,7 @@ def fixture(name: str) -> tuple[str, str, str]:
         return (f"local-dir:{folder / 'fmnist_vit'}", str(folder / "fmnist16"),
                 "bundled ViT (width 128, depth 4) on 16x16 Fashion-MNIST")
     task = "digits" if name == "digits" else "fashion"
-    model_dir, data_dir = fixture_paths(DIGITS_OUT) if task == "digits" else fixture_paths()
+    model_dir, data_dir = fixture_paths(TASK_OUT[task])
     if not (model_dir / "model.safetensors").exists():
         build_realistic(model_dir.parent, Path.home() / ".cache" / "erq" / "wheels", task)
     images = "scikit-learn's 8x8 digits" if task == "digits" else "Fashion-MNIST"

