@@ -4,7 +4,7 @@ For the realistic fixture (a real DINOv2 ViT-S/14 at 112 px, Fashion-MNIST) and 
 init: speed and size only), in one run on one machine, onnxruntime's CPU provider:
 - FP32: the full-precision model as torch.onnx.export writes it;
 - erq: `erq export --format onnx-int8` of erq+ W8/A8 and W4/A8 runs (the W8/A8 one also with
-  `--int8-weights signed`: exact only on CPUs with VNNI), `--format onnx-w4` of erq+ W4/A8 and W4/A4
+  `--int8-weights exact`: 8-bit weights on the u8u8 kernel), `--format onnx-w4` of erq+ W4/A8 and W4/A4
   runs (the runs are made by `erq quantize` into --work if they are not there);
 - the peers, on the same FP32 ONNX: onnxruntime.quantization.quantize_static (QDQ, per-channel INT8
   weights, UINT8 activations, MinMax and Percentile calibration on erq+'s own 192 calibration
@@ -44,12 +44,12 @@ from bench.export import fp32_onnx  # noqa: E402
 ERQ = Path(sys.executable).parent / "erq"
 CALIB_SEED = 0
 ERQ_ROWS = (("erq+ W8/A8 onnx-int8", 8, 8, "onnx-int8"),
-            ("erq+ W8/A8 onnx-int8 --int8-weights signed", 8, 8, "onnx-int8-signed"),
+            ("erq+ W8/A8 onnx-int8 --int8-weights exact", 8, 8, "onnx-int8-exact"),
             ("erq+ W4/A8 onnx-int8", 4, 8, "onnx-int8"),
             ("erq+ W4/A8 onnx-w4", 4, 8, "onnx-w4"), ("erq+ W4/A4 onnx-w4", 4, 4, "onnx-w4"))
-# the signed row: `erq export --format onnx-int8 --int8-weights signed` (exact only on CPUs with VNNI)
+# the exact row: `erq export --format onnx-int8 --int8-weights exact` (8-bit weights UINT8, the u8u8 kernel)
 NBITS_DEFAULTS_ROW = "MatMulNBits 4-bit weight-only (its defaults: block 128, float compute)"
-FILES = {"onnx-int8": "model-int8.onnx", "onnx-int8-signed": "model-int8-signed.onnx", "onnx-w4": "model-w4.onnx"}
+FILES = {"onnx-int8": "model-int8.onnx", "onnx-int8-exact": "model-int8-exact.onnx", "onnx-w4": "model-w4.onnx"}
 
 
 # ---------------------------------------------------------------- the models
@@ -73,8 +73,8 @@ def erq_file(folder: Path, fmt: str) -> Path:
 
     path = folder / FILES[fmt]
     if not path.exists():
-        signed = fmt == "onnx-int8-signed"
-        export_format(folder, "onnx-int8" if signed else fmt, path, int8_weights="signed" if signed else "exact")
+        exact = fmt == "onnx-int8-exact"
+        export_format(folder, "onnx-int8" if exact else fmt, path, int8_weights="exact" if exact else "signed")
     return path
 
 
@@ -140,12 +140,13 @@ def nncf_peer(fp32: Path, out: Path, images: np.ndarray) -> Optional[Path]:
 
 
 def onnxruntime_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Every file in erq's session: full optimisation, and exact int8 products on x86 CPUs without VNNI
+    (the peers' INT8 weights too: on such a CPU every row's products are exact, at the u8u8 kernel's speed)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from erq_core.onnx_session import session_options
+
+    session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
     return lambda x: session.run(None, {"images": x})[0]
 
 
@@ -291,8 +292,12 @@ def main() -> None:
     results.sort(key=lambda r: r["case"] != "realistic")
     import onnxruntime
 
-    report = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, shared by other jobs; "
-                         f"{args.threads} threads per runtime", "onnxruntime": onnxruntime.__version__,
+    from erq_core.onnx_session import EXACT_INT8_ENTRY, VNNI_FLAGS, cpu_flags, needs_exact_int8_entry
+
+    vnni = sorted((cpu_flags() or frozenset()) & VNNI_FLAGS) or ["no VNNI"]
+    report = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'} ({', '.join(vnni)}), shared by "
+                         f"other jobs; {args.threads} threads per runtime", "onnxruntime": onnxruntime.__version__,
+              "session_entries": {EXACT_INT8_ENTRY: "1"} if needs_exact_int8_entry() else {},
               "results": results}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(table(results))

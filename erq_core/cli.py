@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import NoReturn, Optional
 
-from erq_core.config import EXPORT_FORMATS, INT8_WEIGHTS, PRECISIONS, ErqConfig
+from erq_core.config import DEFAULT_INT8_WEIGHTS, EXPORT_FORMATS, INT8_WEIGHTS, PRECISIONS, ErqConfig
 from erq_core.config import fields as config_fields
 from erq_core.errors import ErqError
 from erq_core.options import add_config_options
@@ -65,10 +65,11 @@ def export_parser() -> argparse.ArgumentParser:
                         "gives what erq evaluate --precision float64 gives, image for image; onnx-int8: integer "
                         "kernels (8-bit activations); onnx-w4: 4-bit weight kernels, float activations")
     p.add_argument("--opset", type=int, default=21, help="ONNX opset (21 or later: 4-bit tensors); default 21")
-    p.add_argument("--int8-weights", choices=INT8_WEIGHTS, default="exact",
-                   help="onnx-int8's 8-bit weights: exact (default) keeps them on the u8u8 kernel, exact on every "
-                        "CPU; signed puts them on the u8s8 kernel, about twice as fast but exact only on CPUs "
-                        "with VNNI (AVX512-VNNI, AVX-VNNI): elsewhere its 16-bit pair sums saturate")
+    p.add_argument("--int8-weights", choices=INT8_WEIGHTS, default=DEFAULT_INT8_WEIGHTS,
+                   help="onnx-int8's 8-bit weights: signed (default) puts them on onnxruntime's u8s8 kernel, exact "
+                        "on CPUs with VNNI and on ARM, and on other x86 CPUs when the session sets "
+                        "session.x64quantprecision=1 (erq's own sessions do); exact keeps them on the u8u8 "
+                        "kernel, exact on every CPU without that entry and about half as fast")
     p.add_argument("--out", default=None,
                    help="the file to write (default FOLDER/model.onnx, FOLDER/model-float64.onnx, "
                         "FOLDER/model-int8.onnx, FOLDER/model-w4.onnx)")

@@ -44,9 +44,11 @@ REPARAMETERIZED = tuple(name for name, spec in METHOD_SPECS.items() if spec.repa
 DEFAULT_CALIB_SIZE = {name: spec.default_calib_size for name, spec in METHOD_SPECS.items()}
 INTEGER_ZERO_POINT_METHODS = tuple(name for name, spec in METHOD_SPECS.items() if spec.integer_zero_point)
 EXPORT_FORMATS = ("onnx", "onnx-float64", "onnx-int8", "onnx-w4")
-# onnx-int8's 8-bit weights (`erq export --int8-weights`; erq_core.onnx_integer): "exact" keeps them on
-# the u8u8 kernel wherever u8s8 could saturate; "signed" puts them all on u8s8 (exact only with VNNI)
+# onnx-int8's 8-bit weights (`erq export --int8-weights`; erq_core.onnx_integer): "signed" puts them all on
+# onnxruntime's u8s8 kernel (exact with VNNI or on ARM; on other x86 CPUs with the session entry that
+# erq_core.onnx_session sets), "exact" keeps them on the u8u8 kernel wherever u8s8 could saturate
 INT8_WEIGHTS = ("exact", "signed")
+DEFAULT_INT8_WEIGHTS = "signed"
 ACT_GRANULARITIES = ("tensor", "token")  # static per-tensor ranges (the paper's), or dynamic per-token ones
 PRECISIONS = ("float32", "float64")  # what a saved model is evaluated in (erq_core.float64)
 MIN_BITS, MAX_BITS = 2, 8

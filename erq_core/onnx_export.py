@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from erq_core.errors import ErqError
 from erq_core.checkpoint import read_config, write_atomic
-from erq_core.config import PRECISIONS
+from erq_core.config import DEFAULT_INT8_WEIGHTS, PRECISIONS
 from erq_core.files import EXPORT_FILE_NAMES
 from erq_core.float64 import Float64Model
 from erq_core.qmodules import QuantConv2d, QuantLinear, weight_layers
@@ -487,7 +487,7 @@ def _weight(g: _Graph, out: str, stem: str, layer: nn.Module, transposed: bool) 
 
 
 def _rewrite(model_proto, activations, weights, float_type: type = np.float32, kernels: str = "qdq",
-             int8_weights: str = "exact"):
+             int8_weights: str = DEFAULT_INT8_WEIGHTS):
     """Every marker node replaced by its standard-operator form; the float weights they read removed.
     `float_type`: what the log-sqrt2 quantizers compute in (uniform ones are always float32);
     `kernels`: how Linear markers are written (erq_core.onnx_integer)."""
@@ -553,7 +553,7 @@ def _set_opset(model_proto, opset: int):
 
 
 def export_format(folder: str | Path, export_format: str, out: Optional[str | Path] = None,
-                  opset: int = DEFAULT_OPSET, int8_weights: str = "exact") -> ExportResult:
+                  opset: int = DEFAULT_OPSET, int8_weights: str = DEFAULT_INT8_WEIGHTS) -> ExportResult:
     """Write the run in `folder` in one of EXPORT_FILES' formats (default: its file in the folder);
     `int8_weights`: onnx-int8's 8-bit weight kernel (erq_core.config.INT8_WEIGHTS)."""
     if export_format not in EXPORT_FILES:
@@ -565,7 +565,7 @@ def export_format(folder: str | Path, export_format: str, out: Optional[str | Pa
 
 def export_onnx(folder: str | Path, out: str | Path, opset: int = DEFAULT_OPSET,
                 batch_size: int = 1, precision: str = "float32", kernels: str = "qdq",
-                int8_weights: str = "exact") -> ExportResult:
+                int8_weights: str = DEFAULT_INT8_WEIGHTS) -> ExportResult:
     """Write the quantized model saved in `folder` (erq quantize --out) as an ONNX file.
 
     precision "float64": every operator between quantizers in float64, as `erq evaluate

@@ -7,11 +7,12 @@ each marker as the operators onnxruntime's CPU provider turns into integer kerne
   to UINT8 codes, and per column group a com.microsoft MatMulIntegerToFloat of those codes with the
   weight's integer codes and their per-output-channel scale and zero point (uint8 activations times
   int8 or uint8 weights, int32 sums, one float scale per output channel); the layer's bias is
-  folded into its first product (finish_integer_graph). Codes of 2 to 7 bits are held in INT8
-  shifted by 2^(b-1) (|code| <= 64: onnxruntime's u8s8 kernel cannot saturate its int16 pair sums
-  even on CPUs without VNNI); 8-bit codes go INT8 (code - 128) only where no pair can saturate
-  (_u8s8_exact), else stay UINT8 (the u8u8 kernel, exact on every CPU, about half as fast), unless
-  `int8_weights="signed"` asks for INT8 everywhere (exact on CPUs with VNNI only). A two-part
+  folded into its first product (finish_integer_graph). Codes are held in INT8 shifted by 2^(b-1),
+  for onnxruntime's u8s8 kernel. Codes of 2 to 7 bits (|code| <= 64) cannot saturate its int16 pair
+  sums even on x86 CPUs without VNNI; 8-bit codes can there, unless the session sets the entry
+  erq_core.onnx_session describes (the file says so in its metadata). `int8_weights="exact"` keeps
+  8-bit codes UINT8 (the u8u8 kernel, exact on every CPU without that entry, about half as fast)
+  wherever a pair could saturate (_u8s8_exact). A two-part
   weight (outlier input columns with their own scales) is two such products, added: the ordinary
   part over the whole input with the outlier columns' codes at the zero point, the outlier part
   over a Gather of its few columns' UINT8 codes.
@@ -31,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from erq_core.config import INT8_WEIGHTS
+from erq_core.config import DEFAULT_INT8_WEIGHTS, INT8_WEIGHTS
 from erq_core.errors import ErqError
 from erq_core.qmodules import QuantLinear
 from erq_core.quantizers import TokenQuantizer, UniformQuantizer
@@ -42,6 +43,10 @@ W4_BLOCK = 32
 # than float compute on this project's CPUs: bench/deploy.py); 0 computes in float32
 W4_ACCURACY_LEVEL = 4
 _UINT8, _INT8 = 2, 3  # onnx.TensorProto element types
+# what a file with 8-bit INT8 weights asks of the session that runs it (metadata_props)
+RUNTIME_NOTE_KEY = "onnxruntime_session_config"
+RUNTIME_NOTE = ("session.x64quantprecision=1 on x86 CPUs without VNNI (AVX2, or AVX-512 without VNNI): else "
+                "onnxruntime's u8s8 kernel saturates the 8-bit weights' 16-bit pair sums; not needed with VNNI or on ARM")
 
 
 class IntegerExportError(ErqError):
@@ -166,7 +171,7 @@ def _nbits(name: str, layer: QuantLinear) -> int:
 
 
 def write_linear(g, x: str, out: str, stem: str, layer: QuantLinear, kernels: str,
-                 int8_weights: str = "exact") -> None:
+                 int8_weights: str = DEFAULT_INT8_WEIGHTS) -> None:
     """The Linear marker x -> Q_a(x) Q_w(W)^T (no bias) written on `g` (onnx_export._Graph)."""
     if int8_weights not in INT8_WEIGHTS:
         raise IntegerExportError(f"int8 weights must be one of {', '.join(INT8_WEIGHTS)}, got {int8_weights!r}")
@@ -316,6 +321,18 @@ def finish_integer_graph(proto) -> None:
     if any(n.domain == CONTRIB_DOMAIN for n in proto.graph.node) and \
             not any(e.domain == CONTRIB_DOMAIN for e in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
+    if saturating_weights(proto.graph):
+        proto.metadata_props.add(key=RUNTIME_NOTE_KEY, value=RUNTIME_NOTE)
+
+
+def saturating_weights(graph) -> bool:
+    """Whether some integer product's INT8 weights (stored d_in x d_out) are ones onnxruntime's u8s8
+    kernel can saturate on x86 CPUs without VNNI (erq_core.onnx_session)."""
+    from onnx import numpy_helper
+
+    weights = {node.input[1] for node in graph.node if node.op_type == "MatMulIntegerToFloat"}
+    return any(not _u8s8_exact(numpy_helper.to_array(t).T.astype(np.int64))
+               for t in graph.initializer if t.name in weights and t.data_type == _INT8)
 
 
 def _consumers(graph) -> dict[str, int]:

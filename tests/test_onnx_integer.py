@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -20,7 +21,8 @@ from erq_core import ErqConfig, load_quantized
 from erq_core.errors import ConfigError
 from erq_core.checkpoint import CODES_SUFFIX, read_config, unpack_codes
 from erq_core.onnx_export import EXPORT_FILES, export_format
-from erq_core.onnx_integer import IntegerExportError, _u8s8_exact
+from erq_core.onnx_integer import RUNTIME_NOTE, RUNTIME_NOTE_KEY, IntegerExportError, _u8s8_exact
+from erq_core.onnx_session import needs_exact_int8_entry, session_options
 from erq_core.qmodules import QuantLinear, set_quant_state
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL
 from tests.small_models import images, saved_quantized
@@ -31,21 +33,22 @@ FAMILIES = ["vit_layerscale_qknorm_registers", "deit_distilled", "swin"]
 VAL_LIMIT = 200
 
 
-def optimised_graph(path: Path, work: Path) -> onnx.GraphProto:
-    """The graph onnxruntime's CPU provider runs after ORT_ENABLE_ALL, as it saves it."""
+def optimised_graph(path: Path, work: Path, exact_int8: Optional[bool] = None) -> onnx.GraphProto:
+    """The graph onnxruntime's CPU provider runs after ORT_ENABLE_ALL, as it saves it (in erq's session:
+    with the exact-int8 entry where this CPU needs it, or as `exact_int8` says)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options = session_options(exact_int8=exact_int8)
     options.optimized_model_filepath = str(work / f"{path.stem}.optimised.onnx")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return onnx.load(options.optimized_model_filepath).graph
 
 
-def onnxruntime_logits(path: Path, x: torch.Tensor) -> np.ndarray:
+def onnxruntime_logits(path: Path, x: torch.Tensor, exact_int8: Optional[bool] = None) -> np.ndarray:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), session_options(exact_int8=exact_int8),
+                                   providers=["CPUExecutionProvider"])
     return session.run(None, {"images": x.numpy()})[0]
 
 
@@ -126,18 +129,19 @@ def test_w4_runs_every_linear_layer_on_matmulnbits(fixture_runs, tmp_path):
 # ---------------------------------------------------------------- the codes are erq's
 
 
-def int8_codes_in_file(path: Path, layer_name: str, layer: QuantLinear, exact: bool = True) -> np.ndarray:
-    """The layer's codes (d_out, d_in) read back from its INT8/UINT8 initializers, offset undone;
-    `exact`: INT8 8-bit codes must be safe from the u8s8 kernel's saturation (the default export)."""
+def int8_codes_in_file(path: Path, layer_name: str, layer: QuantLinear, int8_weights: str = "signed") -> np.ndarray:
+    """The layer's codes (d_out, d_in) read back from its INT8/UINT8 initializers, offset undone.
+    `int8_weights` "signed" (the default export): every code INT8; "exact": 8-bit codes INT8 only
+    where the u8s8 kernel cannot saturate them, else UINT8."""
     stored = {t.name.split("__")[0]: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
     bits = layer.weight_quantizer.bits
     codes = np.zeros((layer.out_features, layer.in_features), dtype=np.int64)
     column_group = layer.weight_quantizer.column_group.numpy()
     for group in range(layer.weight_quantizer.groups):
         held = stored[f"{layer_name}.codes{group}"]
-        # INT8 shifted by 2^(b-1) where the u8s8 kernel is exact, else 8-bit codes as they are in UINT8
-        assert held.dtype == np.int8 if bits < 8 else held.dtype in (np.int8, np.uint8)
-        if held.dtype == np.int8 and exact:
+        # INT8 shifted by 2^(b-1); with "exact", 8-bit codes the u8s8 kernel could saturate as they are in UINT8
+        assert held.dtype == np.int8 if bits < 8 or int8_weights == "signed" else held.dtype in (np.int8, np.uint8)
+        if held.dtype == np.int8 and int8_weights == "exact":
             assert not saturating_pairs(held.T.astype(np.int64)), layer_name
         offset = 2 ** (bits - 1) if held.dtype == np.int8 else 0
         part = held.T.astype(np.int64) + offset
@@ -220,25 +224,53 @@ def has_vnni() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
-def test_signed_int8_weights_put_every_8_bit_layer_on_the_u8s8_kernel_with_erqs_codes(tmp_path):
-    """`erq export --int8-weights signed`: every 8-bit layer's codes in INT8 (code - 128), still erq's;
-    on a CPU with VNNI the u8s8 kernel is exact, so the logits keep the default export's bound."""
+def weight_types(graph: onnx.GraphProto) -> list[int]:
+    """The element type of each linear layer part's weight, in graph order (q @ k^T has none)."""
+    initializers = {t.name: t.data_type for t in graph.initializer}
+    return [initializers[n.input[1]] for n in graph.node
+            if n.op_type == "MatMulIntegerToFloat" and n.input[1] in initializers]
+
+
+def test_8_bit_weights_are_signed_and_exact_where_erqs_sessions_run_them(tmp_path):
+    """The default onnx-int8 file holds every 8-bit layer's codes in INT8 (code - 128), still erq's,
+    for onnxruntime's fast u8s8 kernel, and says in its metadata which session entry keeps that kernel
+    exact on x86 CPUs without VNNI. With the entry onnxruntime rewrites those weights as UINT8 at load
+    (what it does on such CPUs, forced here on any x86 CPU), and the logits are bit for bit those of
+    `--int8-weights exact`, whose file needs no entry: every integer sum is exact either way."""
     saved_quantized("vit", tmp_path, method="erq+", w_bits=8, a_bits=8)
-    result = erq("export", str(tmp_path), "--format", "onnx-int8", "--int8-weights", "signed")
+    result = erq("export", str(tmp_path), "--format", "onnx-int8")
     assert result.returncode == 0, result.stderr
     parts = sum(layer.weight_quantizer.groups for layer in linear_layers(tmp_path).values())
     assert json.loads(result.stdout)["weight_code_types"]["INT8"] == parts  # the patch embedding: UINT8, float
     path = tmp_path / "model-int8.onnx"
     expected = checkpoint_codes(tmp_path)
     for name, layer in linear_layers(tmp_path).items():
-        np.testing.assert_array_equal(int8_codes_in_file(path, name, layer, exact=False), expected[name])
+        np.testing.assert_array_equal(int8_codes_in_file(path, name, layer), expected[name])
+    assert {p.key: p.value for p in onnx.load(str(path)).metadata_props} == {RUNTIME_NOTE_KEY: RUNTIME_NOTE}
     assert_int8_kernels(tmp_path, tmp_path)
-    if has_vnni():
-        x = images("vit", 16, seed=3)
-        with torch.no_grad():
-            reference = load_quantized(tmp_path, "cpu")(x).numpy()
-        got = onnxruntime_logits(path, x)
-        assert np.abs(got - reference).max() <= INT8_LOGIT_BOUND * np.abs(reference).max()
+    stored = onnx.load(str(path)).graph
+    assert any(not _u8s8_exact(numpy_helper.to_array(t).T.astype(np.int64)) for t in stored.initializer
+               if t.data_type == onnx.TensorProto.INT8 and t.name.split("__")[0].endswith(".codes0"))
+    rewritten = weight_types(optimised_graph(path, tmp_path, exact_int8=True))
+    assert rewritten and set(rewritten) == {onnx.TensorProto.UINT8}, rewritten
+
+    exact_path = tmp_path / "exact.onnx"
+    result = erq("export", str(tmp_path), "--format", "onnx-int8", "--int8-weights", "exact", "--out", str(exact_path))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["weight_code_types"]["UINT8"] > 1  # the patch embedding and saturating layers
+    for name, layer in linear_layers(tmp_path).items():
+        np.testing.assert_array_equal(int8_codes_in_file(exact_path, name, layer, "exact"), expected[name])
+    assert not onnx.load(str(exact_path)).metadata_props
+    x = images("vit", 16, seed=3)
+    exact = onnxruntime_logits(exact_path, x, exact_int8=False)
+    np.testing.assert_array_equal(onnxruntime_logits(path, x, exact_int8=True), exact)
+    np.testing.assert_array_equal(onnxruntime_logits(path, x), exact)  # the entry where this CPU needs it
+    if has_vnni():  # VNNI sums the u8s8 products in 32 bits: exact without the entry
+        assert not needs_exact_int8_entry()
+        np.testing.assert_array_equal(onnxruntime_logits(path, x, exact_int8=False), exact)
+    with torch.no_grad():
+        reference = load_quantized(tmp_path, "cpu")(x).numpy()
+    assert np.abs(exact - reference).max() <= INT8_LOGIT_BOUND * np.abs(reference).max()
     assert_one_line_error(erq("export", str(tmp_path), "--format", "onnx-int8", "--int8-weights", "fast"),
                           "invalid choice")
 
