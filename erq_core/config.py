@@ -193,7 +193,12 @@ class ErqConfig(QuantRecipe):
                                               "activations, for weights of 4 bits or fewer); every ONNX file is "
                                               "also scored with onnxruntime; repeat the flag for several",
                                      flags=("--export",), choices=EXPORT_FORMATS)
-
+    int8_weights: str = _field(DEFAULT_INT8_WEIGHTS,
+                               help="onnx-int8's 8-bit weights: signed (INT8 for onnxruntime's u8s8 kernel: exact "
+                                    "with VNNI and on ARM, and on x86 CPUs without VNNI when the session sets "
+                                    "session.x64quantprecision=1, as erq's own scores do) or exact (UINT8 wherever "
+                                    "u8s8 could saturate: exact on every CPU with no entry, about half as fast)",
+                               flags=("--int8-weights",), choices=INT8_WEIGHTS)
 
     def validate(self) -> "ErqConfig":
         """Raise ConfigError with a message that says what to fix; return self when fine."""

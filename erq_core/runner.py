@@ -117,7 +117,7 @@ def run(config: ErqConfig, out_dir: str | Path, *, device: Optional[str] = None,
     for export_format in config.export:
         start = time.perf_counter()
         progress("export", 0, 1)
-        path = _export(out_dir, export_format)
+        path = _export(out_dir, export_format, config.int8_weights)
         seconds[f"export_{export_format.replace('-', '_')}"] = round(time.perf_counter() - start, 3)
         progress("export", 1, 1)
         if validation is not None:
@@ -138,10 +138,10 @@ def _evaluate_float64(out_dir: str | Path, validation, device: str, progress: Pr
     return {"top1": result["top1"], "top5": result["top5"]}
 
 
-def _export(out_dir: str | Path, export_format: str) -> Path:
+def _export(out_dir: str | Path, export_format: str, int8_weights: str) -> Path:
     from erq_core.onnx_export import export_format as write
 
-    return write(out_dir, export_format).path
+    return write(out_dir, export_format, int8_weights=int8_weights).path
 
 
 def _evaluate_onnx(path: Path, validation, progress: Progress) -> dict:

@@ -72,14 +72,17 @@ def attention_blocks(folder: Path) -> int:
 
 @pytest.fixture(scope="module")
 def fixture_runs(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
-    """erq+ W8/A8 (exported as onnx-int8) and W4/A8 (as both) on the bundled fixture, through `run`."""
+    """erq+ W8/A8 (exported as onnx-int8) and W4/A8 (as both) on the bundled fixture, through `run`; and
+    the W8/A8 run again with `int8_weights="exact"` (the job field)."""
     from erq_core import run
 
     runs = {}
-    for tag, w_bits, export in (("W8A8", 8, ("onnx-int8",)), ("W4A8", 4, ("onnx-int8", "onnx-w4"))):
+    for tag, w_bits, export, int8_weights in (("W8A8", 8, ("onnx-int8",), "signed"),
+                                               ("W4A8", 4, ("onnx-int8", "onnx-w4"), "signed"),
+                                               ("W8A8-exact", 8, ("onnx-int8",), "exact")):
         out = tmp_path_factory.mktemp(tag)
         config = ErqConfig(model=FIXTURE_MODEL, dataset=str(FIXTURE_DATASET), method="erq+", w_bits=w_bits,
-                           a_bits=8, calib_size=32, val_limit=VAL_LIMIT, export=export)
+                           a_bits=8, calib_size=32, val_limit=VAL_LIMIT, export=export, int8_weights=int8_weights)
         runs[tag] = (out, run(config, out, device="cpu"))
     return runs
 
@@ -196,8 +199,10 @@ def w4_codes_in_file(path: Path, layer_name: str, layer: QuantLinear) -> tuple[n
 def test_the_integer_codes_in_both_files_are_the_checkpoints(fixture_runs):
     for tag, (folder, _) in fixture_runs.items():
         expected = checkpoint_codes(folder)
+        int8_weights = read_config(folder)["erq_config"]["int8_weights"]
+        assert int8_weights == ("exact" if tag.endswith("exact") else "signed")
         for name, layer in linear_layers(folder).items():
-            np.testing.assert_array_equal(int8_codes_in_file(folder / "model-int8.onnx", name, layer),
+            np.testing.assert_array_equal(int8_codes_in_file(folder / "model-int8.onnx", name, layer, int8_weights),
                                           expected[name], err_msg=f"{tag} {name}")
     folder = fixture_runs["W4A8"][0]
     expected = checkpoint_codes(folder)
@@ -287,6 +292,10 @@ def test_the_job_scores_each_exported_file_in_onnxruntime(fixture_runs):
         int8 = metrics["onnxruntime"]["onnx-int8"]["top1"]
         assert abs(int8 - metrics["quantized"]["top1"]) <= 1.0, (tag, metrics)
         assert 'data-metric="onnxruntime.onnx-int8.top1"' in (folder / "report.html").read_text()
+    # the same run with the other 8-bit weight storage: both files sum exactly, so they score alike
+    assert fixture_runs["W8A8-exact"][1]["onnxruntime"] == fixture_runs["W8A8"][1]["onnxruntime"]
+    exact_types = weight_types(onnx.load(str(fixture_runs["W8A8-exact"][0] / "model-int8.onnx")).graph)
+    assert onnx.TensorProto.UINT8 in exact_types
     w4a8 = fixture_runs["W4A8"][1]
     assert w4a8["onnxruntime"]["onnx-w4"]["top1"] >= w4a8["quantized"]["top1"] - 1.5
     assert w4a8["seconds"]["evaluate_onnx_w4"] > 0

@@ -21,7 +21,9 @@ def folded(x, xq, y) -> FoldedStats:
 
 
 def direct_held_out_error(weight, x, xq, y, train_images, test_images, lam) -> float:
-    rows = lambda images: (images[:, None] * TOKENS + torch.arange(TOKENS)).reshape(-1)
+    def rows(images):
+        return (images[:, None] * TOKENS + torch.arange(TOKENS)).reshape(-1)
+
     train, test = rows(train_images), rows(test_images)
     xqa = ones_column(xq.double())
     delta = ridge_lstsq(xqa[train], y[train].double() - xqa[train] @ weight.T, lam)

@@ -22,3 +22,15 @@ def test_a_job_may_ask_for_both_integer_formats_when_its_run_fits_them(client, a
     answer = submit(client, alice, export=["onnx-int8", "onnx-w4"], w_bits=4, a_bits=8, method="erq+")
     assert answer.status_code in (201, 202), answer.text
     assert answer.json()["params"]["export"] == ["onnx-int8", "onnx-w4"]
+
+
+def test_a_job_chooses_how_onnx_int8_holds_8_bit_weights(client, alice):
+    refused = submit(client, alice, export=["onnx-int8"], w_bits=8, a_bits=8, method="erq+", int8_weights="fast")
+    assert refused.status_code == 422
+    assert "int8_weights" in refused.text and "exact" in refused.text and "signed" in refused.text
+    default = submit(client, alice, export=["onnx-int8"], w_bits=8, a_bits=8, method="erq+")
+    assert default.status_code in (201, 202), default.text
+    assert default.json()["params"]["int8_weights"] == "signed"
+    exact = submit(client, alice, export=["onnx-int8"], w_bits=8, a_bits=8, method="erq+", int8_weights="exact")
+    assert exact.status_code in (201, 202), exact.text
+    assert exact.json()["params"]["int8_weights"] == "exact"
