@@ -5,7 +5,7 @@
                                        [--val-limit N] [--device cpu]
 
 `erq+R` is erq+ with --reconstruct; `erq+rot` is erq+ with --rotate, `erq+rot-*` its ablations
-(ROTATIONS); `erqtok` and `erq+tok` are erq and erq+ with --act-granularity token (dynamic
+(ROTATIONS), `repqrot` and `repqrot-*` the same for RepQ-ViT alone; `erqtok` and `erq+tok` are erq and erq+ with --act-granularity token (dynamic
 per-token activation ranges, reported apart). The realistic fixture (bench/realistic_fixture.py: a real
 pretrained ViT-S with a 10-class head) is built on first use, and so is `digits`, the second task
 (the same backbone on scikit-learn's handwritten digits, which no method was tuned on). Each run's result is appended to
@@ -44,11 +44,15 @@ from erq_core.rotation import RotationPlan  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 RUNS = RESULTS / "accuracy-runs.jsonl"
-# erq+ with --rotate, and its ablations: which rotations (erq_core.rotation.RotationPlan) are applied
+# erq+ (and repq) with --rotate, and their ablations: which rotations (erq_core.rotation.RotationPlan) apply
 ROTATIONS = {"erq+rot": {}, "erq+rot-noheads": {"heads": False}, "erq+rot-noonline": {"online": False},
              "erq+rot-nofold": {"repq_fold": False}, "erq+rot-noqk": {"qk": False},
              "erq+rot-random": {"random_orthogonal": True}, "erq+rot-noresid": {"residual": False},
-             "erq+rot-nonorm": {"residual": False, "fold_norms": False}}
+             "erq+rot-nonorm": {"residual": False, "fold_norms": False},
+             "repqrot": {}, "repqrot-resid": {"heads": False, "qk": False, "online": False},
+             "repqrot-noqk": {"qk": False}, "repqrot-noqk-noonline": {"qk": False, "online": False},
+             "repqrot-noqk-noheads": {"qk": False, "heads": False},
+             "repqrot-noqk-nofold": {"qk": False, "repq_fold": False}}
 METHODS = ["rtn", "repq", "erq", "erq+", "erq+R", "erqtok", "erq+tok", *ROTATIONS]
 TOKEN_LABELS = {"erqtok": "erq", "erq+tok": "erq+"}  # the method with --act-granularity token
 
@@ -74,8 +78,8 @@ def config_for(method: str, model: str, dataset: str, w_bits: int, a_bits: int, 
         return ErqConfig(model=model, dataset=dataset, w_bits=w_bits, a_bits=a_bits, seed=seed, method="erq+",
                          calib_size=calib_size, reconstruct=True)
     if method in ROTATIONS:
-        return ErqConfig(model=model, dataset=dataset, w_bits=w_bits, a_bits=a_bits, seed=seed, method="erq+",
-                         calib_size=calib_size, rotate=True)
+        return ErqConfig(model=model, dataset=dataset, w_bits=w_bits, a_bits=a_bits, seed=seed,
+                         method=method.partition("rot")[0], calib_size=calib_size, rotate=True)
     if method in TOKEN_LABELS:
         return ErqConfig(model=model, dataset=dataset, w_bits=w_bits, a_bits=a_bits, seed=seed,
                          method=TOKEN_LABELS[method], calib_size=calib_size, act_granularity="token")
