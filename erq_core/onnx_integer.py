@@ -15,7 +15,7 @@ each marker as the operators onnxruntime's CPU provider turns into integer kerne
   wherever a pair could saturate (_u8s8_exact). A two-part
   weight (outlier input columns with their own scales) is two such products, added: the ordinary
   part over the whole input with the outlier columns' codes at the zero point, the outlier part
-  over a Gather of its few columns' UINT8 codes.
+  over a GatherElements of its few columns' UINT8 codes.
 - onnx-w4: every linear layer is one com.microsoft MatMulNBits on the float input (activation
   quantizers are left out: 4-bit weights, float activations, at the kernel's W4_ACCURACY_LEVEL):
   4-bit codes packed two a byte in blocks of W4_BLOCK input columns, each block with its channel's

@@ -19,12 +19,13 @@ VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
 X86_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
 
 
-def u8s8_saturates(machine: str, cpu_flags: Optional[frozenset[str]]) -> bool:
-    """Whether onnxruntime's u8s8 kernel can saturate on this CPU: x86 without VNNI. `cpu_flags`
-    None (unknown, not Linux) counts as without VNNI: the exact choice, at the u8u8 kernel's speed."""
+def u8s8_saturates(machine: str, flags: Optional[frozenset[str]]) -> bool:
+    """Whether onnxruntime's u8s8 kernel can saturate on a CPU (platform.machine(), its feature
+    flags): x86 without VNNI. `flags` None (unknown: not Linux) counts as without VNNI, the exact
+    choice, at the u8u8 kernel's speed."""
     if machine.lower() not in X86_MACHINES:
         return False
-    return cpu_flags is None or not (cpu_flags & VNNI_FLAGS)
+    return flags is None or not (flags & VNNI_FLAGS)
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> Optional[frozenset[str]]:
