@@ -25,4 +25,9 @@ def accuracy(model: nn.Module, loader: Iterable, device: torch.device | str,
             progress(stage, done, total)
     if seen == 0:
         return {"top1": None, "top5": None, "n": 0}
-    return {"top1": round(100.0 * correct1 / seen, 4), "top5": round(100.0 * correct5 / seen, 4), "n": seen}
+    return {"top1": percent(correct1, seen), "top5": percent(correct5, seen), "n": seen}
+
+
+def percent(correct: int, seen: int) -> float:
+    """An accuracy as erq reports it: the share of `seen` images in percent, to 4 decimals."""
+    return round(100.0 * correct / seen, 4)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from erq_core import load_quantized
+from erq_core.evaluate import percent
 from erq_core.float64 import quantize_as_exported, to_float64
 from erq_core.onnx_export import _Graph, _log_sqrt2_activation, _uniform_activation, erf_float64, export_onnx
 from erq_core.quantizers import LogSqrt2Quantizer, UniformQuantizer, fake_quantize
@@ -141,8 +142,8 @@ def test_onnxruntime_alone_gives_the_float64_evaluation_image_for_image(float64_
         expected = to_float64(load_quantized(folder, "cpu"))(images).numpy()
     assert np.abs(logits - expected).max() <= 1e-5 * np.abs(expected).max()
     assert np.array_equal(logits.argmax(1), expected.argmax(1))
-    # the same image count, as erq_core.evaluate rounds it (100 * 422 / 500 is 84.39999999999999 unrounded)
-    top1 = round(100.0 * int((logits.argmax(1) == labels).sum()) / len(labels), 4)
+    # the same image count, rounded as erq reports it (100 * 422 / 500 is 84.39999999999999 unrounded)
+    top1 = percent(int((logits.argmax(1) == labels).sum()), len(labels))
     assert top1 == metrics["quantized_float64"]["top1"]
     evaluated = subprocess.run([ERQ, "evaluate", str(folder), "--dataset", str(FIXTURE_DATASET),
                                 "--val-limit", str(FIXTURE_VAL_LIMIT), "--precision", "float64", "--device", "cpu"],

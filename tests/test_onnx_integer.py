@@ -22,7 +22,7 @@ from erq_core.errors import ConfigError
 from erq_core.checkpoint import CODES_SUFFIX, read_config, unpack_codes
 from erq_core.onnx_export import EXPORT_FILES, export_format
 from erq_core.onnx_integer import RUNTIME_NOTE, RUNTIME_NOTE_KEY, IntegerExportError, _u8s8_exact
-from erq_core.onnx_session import needs_exact_int8_entry, session_options
+from erq_core.onnx_session import VNNI_FLAGS, cpu_flags, needs_exact_int8_entry, session_options
 from erq_core.qmodules import QuantLinear, set_quant_state
 from tests.fixture_paths import FIXTURE_DATASET, FIXTURE_MODEL
 from tests.small_models import images, saved_quantized
@@ -225,8 +225,7 @@ def test_8_bit_weights_take_the_u8s8_kernel_only_where_no_pair_can_saturate():
 
 
 def has_vnni() -> bool:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    return bool((cpu_flags() or frozenset()) & VNNI_FLAGS)
 
 
 def weight_types(graph: onnx.GraphProto) -> list[int]:

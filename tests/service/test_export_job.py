@@ -64,7 +64,7 @@ def test_a_job_with_onnx_export_gives_a_model_onnxruntime_scores_as_the_job_did(
     assert abs(top1 - job["metrics"]["quantized"]["top1"]) <= 0.2, (top1, job["metrics"]["quantized"])
     (tmp_path / "float64").mkdir()
     logits = run_onnxruntime_alone(tmp_path / "model-float64.onnx", images, tmp_path / "float64")
-    # the same image count, as erq_core.evaluate rounds it
-    assert round(100.0 * int((logits.argmax(1) == labels).sum()) / len(labels), 4) \
-        == job["metrics"]["quantized_float64"]["top1"]
+    from erq_core.evaluate import percent  # the same image count, rounded as erq reports it
+
+    assert percent(int((logits.argmax(1) == labels).sum()), len(labels)) == job["metrics"]["quantized_float64"]["top1"]
     assert f'data-value="{job["metrics"]["quantized"]["top1"]}"' in report.text
