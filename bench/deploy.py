@@ -48,7 +48,13 @@ ERQ_ROWS = (("erq+ W8/A8 onnx-int8", 8, 8, "onnx-int8"),
             ("erq+ W4/A8 onnx-int8", 4, 8, "onnx-int8"),
             ("erq+ W4/A8 onnx-w4", 4, 8, "onnx-w4"), ("erq+ W4/A4 onnx-w4", 4, 4, "onnx-w4"))
 # the exact row: `erq export --format onnx-int8 --int8-weights exact` (8-bit weights UINT8, the u8u8 kernel)
-NBITS_DEFAULTS_ROW = "MatMulNBits 4-bit weight-only (its defaults: block 128, float compute)"
+# onnxruntime's 4-bit weight-only quantizer (its RTN grid per block): row name -> its settings
+NBITS_ROWS = {
+    "MatMulNBits 4-bit weight-only": {"block_size": 32, "accuracy_level": 4},  # its most accurate common block
+    "MatMulNBits 4-bit weight-only (block 128, int8 compute: onnx-w4's kernel)": {"block_size": 128,
+                                                                                 "accuracy_level": 4},
+    "MatMulNBits 4-bit weight-only (its defaults: block 128, float compute)": {},
+}
 FILES = {"onnx-int8": "model-int8.onnx", "onnx-int8-exact": "model-int8-exact.onnx", "onnx-w4": "model-w4.onnx"}
 
 
@@ -104,16 +110,12 @@ def quantize_static_peer(fp32: Path, out: Path, images: np.ndarray, method: str)
     return out
 
 
-def nbits_peer(fp32: Path, out: Path, own_defaults: bool = False) -> Path:
-    """onnxruntime's 4-bit weight-only model: at erq's onnx-w4 settings, or at the quantizer's own
-    defaults (blocks of 128, float compute) with `own_defaults`."""
+def nbits_peer(fp32: Path, out: Path, settings: dict) -> Path:
+    """onnxruntime's 4-bit weight-only model of the FP32 file, at `settings` (its defaults when empty)."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from erq_core.onnx_integer import W4_ACCURACY_LEVEL, W4_BLOCK
-
     if not out.exists():
-        settings = {} if own_defaults else {"block_size": W4_BLOCK, "accuracy_level": W4_ACCURACY_LEVEL}
         quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), is_symmetric=False, **settings)
         quantizer.process()
         quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
@@ -218,12 +220,10 @@ def bench_case(case: str, model: str, dataset: Path, random_init: bool, work: Pa
             rows[f"quantize_static {method}"] = {
                 "path": quantize_static_peer(fp32, work / f"{case}_qdq_{method.lower()}.onnx", images, method),
                 "runtime": "onnxruntime"}
-    if wanted("MatMulNBits 4-bit weight-only"):
-        rows["MatMulNBits 4-bit weight-only"] = {"path": nbits_peer(fp32, work / f"{case}_nbits.onnx"),
-                                                 "runtime": "onnxruntime"}
-    if wanted(NBITS_DEFAULTS_ROW):
-        rows[NBITS_DEFAULTS_ROW] = {"path": nbits_peer(fp32, work / f"{case}_nbits_defaults.onnx", own_defaults=True),
-                                    "runtime": "onnxruntime"}
+    for name, settings in NBITS_ROWS.items():
+        if wanted(name):
+            tag = "_".join(f"{k}{v}" for k, v in settings.items()) or "defaults"
+            rows[name] = {"path": nbits_peer(fp32, work / f"{case}_nbits_{tag}.onnx", settings), "runtime": "onnxruntime"}
     nncf_path = nncf_peer(fp32, work / f"{case}_nncf_int8.onnx", images) if wanted("NNCF INT8 (OpenVINO)") else None
     if nncf_path is not None:
         rows["NNCF INT8 (OpenVINO)"] = {"path": nncf_path, "runtime": "openvino"}

@@ -18,11 +18,12 @@ each marker as the operators onnxruntime's CPU provider turns into integer kerne
   over a GatherElements of its few columns' UINT8 codes.
 - onnx-w4: every linear layer is one com.microsoft MatMulNBits on the float input (activation
   quantizers are left out: 4-bit weights, float activations, at the kernel's W4_ACCURACY_LEVEL):
-  4-bit codes packed two a byte in blocks of W4_BLOCK input columns, each block with its channel's
-  scale and zero point repeated, which expresses erq's per-output-channel grid exactly. A two-part
-  weight's input columns are gathered (GatherElements) group by group, each group padded to whole
-  blocks with columns whose code is the zero point (they add exactly 0). Layers of 5 to 8 bits (mixed
-  precision) use the kernel's 8-bit form.
+  4-bit codes packed two a byte in blocks of input columns (the longest of W4_BLOCKS that divides the
+  input width), each block with its channel's scale and zero point repeated, which expresses erq's
+  per-output-channel grid exactly. A two-part weight reads the whole input with the outlier columns'
+  codes at the ordinary zero point, then those few columns again (a GatherElements concatenated to the
+  input) in blocks of their own scale, padded with columns whose code is the zero point (they add
+  exactly 0). Layers of 5 to 8 bits (mixed precision) use the kernel's 8-bit form.
 
 Nothing is re-quantized: the codes written are erq's (WeightQuantizer.codes of the saved weights),
 and what cannot be expressed exactly is refused with a message (IntegerExportError).
@@ -38,7 +39,8 @@ from erq_core.qmodules import QuantLinear
 from erq_core.quantizers import TokenQuantizer, UniformQuantizer
 
 CONTRIB_DOMAIN = "com.microsoft"
-W4_BLOCK = 32
+W4_BLOCKS = (128, 64, 32, 16)  # MatMulNBits' block lengths, fastest first
+W4_BLOCK = 32  # for an input width none of them divides
 # MatMulNBits' compute mode: 4 quantizes the float input to int8 per block inside the kernel (faster
 # than float compute on this project's CPUs: bench/deploy.py); 0 computes in float32
 W4_ACCURACY_LEVEL = 4
@@ -244,20 +246,29 @@ def _gather_columns(g, x: str, columns: np.ndarray, tag: str, stem: str) -> str:
     return g.node("GatherElements", [x, index], stem=stem, axis=-1)
 
 
-def _w4_layout(column_group: np.ndarray, groups: int, d_in: int) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-    """(input columns in kernel order, or None when the order is the layer's own; a mask of padding
-    columns in that order; each block's column group)."""
-    if groups == 1:
-        blocks = -(-d_in // W4_BLOCK)
-        return None, np.arange(blocks * W4_BLOCK) >= d_in, np.zeros(blocks, dtype=np.int64)
-    order, padding, block_group = [], [], []
-    for group in range(groups):
+def _w4_block(d_in: int) -> int:
+    """The layer's MatMulNBits block: the longest that divides its input width (the kernel runs long
+    blocks faster, bench/deploy.py), else W4_BLOCK with the last block padded."""
+    return next((block for block in W4_BLOCKS if d_in % block == 0), W4_BLOCK)
+
+
+def _w4_layout(column_group: np.ndarray, groups: int, d_in: int, block: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The kernel reads the layer's input columns in their own order, then `extra` columns of it
+    (gathered) for each further column group, so that every block holds one group's columns:
+    (extra columns, which of the kernel's columns hold a code (the rest hold their block's zero point:
+    padding, and a column's place in the blocks of groups it is not in), each block's column group)."""
+    main_blocks = -(-d_in // block)
+    extra: list[int] = [0] * (main_blocks * block - d_in) if groups > 1 else []
+    live = list(column_group == 0) + [False] * (main_blocks * block - d_in)
+    block_group = [0] * main_blocks
+    for group in range(1, groups):
         columns = np.flatnonzero(column_group == group)
-        pad = (-len(columns)) % W4_BLOCK
-        order += list(columns) + [int(columns[0])] * pad
-        padding += [False] * len(columns) + [True] * pad
-        block_group += [group] * ((len(columns) + pad) // W4_BLOCK)
-    return np.asarray(order, dtype=np.int64), np.asarray(padding), np.asarray(block_group, dtype=np.int64)
+        pad = (-len(columns)) % block
+        extra += list(columns) + [int(columns[0])] * pad
+        live += [True] * len(columns) + [False] * pad
+        block_group += [group] * ((len(columns) + pad) // block)
+    return np.asarray(extra, dtype=np.int64), np.asarray(live), np.asarray(block_group, dtype=np.int64)
 
 
 def _pack_nibbles(values: np.ndarray) -> np.ndarray:
@@ -272,19 +283,22 @@ def _w4_linear(g, x: str, out: str, stem: str, layer: QuantLinear) -> None:
     width = _nbits(stem, layer)
     codes, scale, zero, column_group = _layer_codes(layer)
     d_out, d_in = codes.shape
-    order, padding, block_group = _w4_layout(column_group, layer.weight_quantizer.groups, d_in)
+    block = _w4_block(d_in)
+    extra, live, block_group = _w4_layout(column_group, layer.weight_quantizer.groups, d_in, block)
     blocks = len(block_group)
     stored_zero, shortfall = _zero_point_in_type(zero, 0, 2**width - 1)
     block_zero = stored_zero[:, block_group]  # (d_out, blocks)
-    if order is None:
-        kernel_codes = np.concatenate([codes, np.zeros((d_out, blocks * W4_BLOCK - d_in), codes.dtype)], axis=1)
-        inputs_x = x
-    else:
-        kernel_codes = codes[:, order]
-        inputs_x = _gather_columns(g, x, order, f"{stem}.column_order", stem)
-    # padding columns hold the zero point: (code - zero) * scale = 0 whatever the input there
-    kernel_codes = np.where(padding[None, :], np.repeat(block_zero, W4_BLOCK, axis=1), kernel_codes)
-    kernel_codes = kernel_codes.reshape(d_out, blocks, W4_BLOCK)
+    columns = np.concatenate([np.arange(d_in), extra])
+    kernel_codes = np.zeros((d_out, blocks * block), codes.dtype)
+    kernel_codes[:, :len(columns)] = codes[:, columns]
+    # the other columns hold their block's zero point: (code - zero) * scale = 0 whatever the input there
+    live = np.concatenate([live, np.zeros(blocks * block - len(live), dtype=bool)])
+    kernel_codes = np.where(live[None, :], kernel_codes, np.repeat(block_zero, block, axis=1))
+    kernel_codes = kernel_codes.reshape(d_out, blocks, block)
+    inputs_x = x
+    if len(extra):  # the gather copies only these few columns; the layer's input is read as it is
+        inputs_x = g.node("Concat", [x, _gather_columns(g, x, extra, f"{stem}.extra_columns", stem)], stem=stem,
+                          axis=-1)
     if width == 4:
         packed_codes, packed_zero = _pack_nibbles(kernel_codes), _pack_nibbles(block_zero).reshape(-1)
     else:
@@ -294,8 +308,7 @@ def _w4_linear(g, x: str, out: str, stem: str, layer: QuantLinear) -> None:
     z = g.constant(f"{stem}.zero_points", np.ascontiguousarray(packed_zero))
     corrected = np.any(shortfall)
     product = g.node("MatMulNBits", [inputs_x, b, s, z], None if corrected else out, stem=stem, domain=CONTRIB_DOMAIN,
-           K=d_in if order is None else len(order),
-           N=d_out, bits=width, block_size=W4_BLOCK, accuracy_level=W4_ACCURACY_LEVEL)
+           K=len(columns), N=d_out, bits=width, block_size=block, accuracy_level=W4_ACCURACY_LEVEL)
     if corrected:  # each column group's input sum times its rows' -(z - c) s (see _zero_point_in_type)
         total = product
         for group in range(layer.weight_quantizer.groups):

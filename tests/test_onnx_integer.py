@@ -174,25 +174,38 @@ def saturating_pairs(weights: np.ndarray) -> int:
 
 
 def w4_codes_in_file(path: Path, layer_name: str, layer: QuantLinear) -> tuple[np.ndarray, np.ndarray]:
-    """The layer's codes (d_out, d_in) unpacked from MatMulNBits' blocks in the layer's column order,
-    and each channel's scales over its blocks (d_out, blocks)."""
+    """The layer's codes (d_out, d_in) unpacked from MatMulNBits' blocks, and each channel's scales over
+    its blocks (d_out, blocks). The kernel reads the layer's input, then (two-part weights) columns of
+    it gathered and concatenated: a column's code sits in a block of its own group's scales (found by
+    the scales), and every other place of it, and every padding place, holds its block's zero point."""
     model = onnx.load(str(path))
     stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     node = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.name.startswith(f"{layer_name}/"))
-    packed = stored[node.input[1]]  # (N, blocks, 16)
-    nibbles = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(packed.shape[0], -1).astype(np.int64)
-    scales = stored[node.input[2]].reshape(packed.shape[0], -1)
+    block = next(a.i for a in node.attribute if a.name == "block_size")
+    packed = stored[node.input[1]]  # (N, blocks, block / 2)
+    d_out, blocks = packed.shape[:2]
+    nibbles = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(d_out, -1).astype(np.int64)
+    scales = stored[node.input[2]].reshape(d_out, blocks)
+    zero = np.stack([stored[node.input[3]] & 0xF, stored[node.input[3]] >> 4], axis=-1).reshape(d_out, -1)[:, :blocks]
     producers = {out: n for n in model.graph.node for out in n.output}
-    producer = producers.get(node.input[0])
-    if producer is None or producer.op_type != "GatherElements" or not producer.name.startswith(f"{layer_name}/"):
-        return nibbles[:, :layer.in_features], scales  # the layer's own column order
-    order = stored[producers[producer.input[1]].input[0]]  # the column order, Expanded over the leading axes
+    order = np.arange(layer.in_features)
+    concat = producers.get(node.input[0])
+    if concat is not None and concat.op_type == "Concat" and concat.name.startswith(f"{layer_name}/"):
+        gather = producers[concat.input[1]]
+        extra = stored[producers[gather.input[1]].input[0]]  # the columns, Expanded over the leading axes
+        order = np.concatenate([order, extra])
+    quantizer = layer.weight_quantizer
+    channel_scales, column_group = quantizer.scale.numpy(), quantizer.column_group.numpy()
+    block_group = [next(g for g in range(quantizer.groups) if np.array_equal(scales[:, b], channel_scales[:, g]))
+                   for b in range(blocks)]
     codes = np.full((layer.out_features, layer.in_features), -1, dtype=np.int64)
-    first = {}
-    for position, column in enumerate(order):  # padding repeats a column: its first place holds the code
-        first.setdefault(int(column), position)
-    for column, position in first.items():
-        codes[:, column] = nibbles[:, position]
+    for position in range(blocks * block):
+        b = position // block
+        column = int(order[position]) if position < len(order) else -1
+        if column >= 0 and block_group[b] == column_group[column] and codes[0, column] < 0:
+            codes[:, column] = nibbles[:, position]
+        else:  # padding, or a column's place in another group's blocks: adds exactly 0
+            np.testing.assert_array_equal(nibbles[:, position], zero[:, b], err_msg=f"{layer_name} {position}")
     return codes, scales
 
 
@@ -305,9 +318,11 @@ def test_the_job_scores_each_exported_file_in_onnxruntime(fixture_runs):
 # neighbouring code (one step: 1/255 of that quantizer's range), which travels to the logits. Measured
 # on these models: at most 1.0% of the largest logit. Bound: 2%, with the same top-1 on every image.
 INT8_LOGIT_BOUND = 0.02
-# The w4 file's MatMulNBits (accuracy level 4) rounds each block of 32 float inputs to int8 with its
-# own scale (max |x| / 127) before the 4-bit product: up to 0.4% of the block's largest input per
-# value. Measured against erq's W4 weights with float activations: at most 1.5% of the largest logit.
+# The w4 file's MatMulNBits (accuracy level 4) rounds each block of (up to 128) float inputs to int8
+# with its own scale (max |x| / 127) before the 4-bit product: up to 0.4% of the block's largest input
+# per value. Measured against erq's W4 weights with float activations: at most 1.7% of the largest
+# logit. That rounding is not a tie: an image whose two best logits lie closer than it (these random
+# models have margins of 0.5% of the largest logit) may change its top-1, so only int8 is held to it.
 W4_LOGIT_BOUND = 0.03
 
 
@@ -330,7 +345,8 @@ def test_every_family_exports_both_formats_with_erqs_logits_within_the_bound(kin
             assert path.name == EXPORT_FILES[fmt][0]
             got = onnxruntime_logits(path, x)
             assert np.abs(got - reference).max() <= bound * np.abs(reference).max(), (fmt, w_bits)
-            np.testing.assert_array_equal(got.argmax(1), reference.argmax(1))
+            if fmt == "onnx-int8":
+                np.testing.assert_array_equal(got.argmax(1), reference.argmax(1))
         assert_int8_kernels(folder, tmp_path)
         if w_bits == 4:
             assert_w4_kernels(folder, tmp_path)
