@@ -16,8 +16,9 @@ each marker as the operators onnxruntime's CPU provider turns into integer kerne
   weight (outlier input columns with their own scales) is two such products, added: the ordinary
   part over the whole input with the outlier columns' codes at the zero point, the outlier part
   over a GatherElements of its few columns' UINT8 codes.
-- onnx-w4: every linear layer is one com.microsoft MatMulNBits on the float input (activation
-  quantizers are left out: 4-bit weights, float activations, at the kernel's W4_ACCURACY_LEVEL):
+- onnx-w4: every linear layer is one com.microsoft MatMulNBits on its float input (an 8-bit input
+  quantized first as erq quantizes it, onnx_export; the other activations float), at the kernel's
+  W4_ACCURACY_LEVEL:
   4-bit codes packed two a byte in blocks of input columns (the longest of W4_BLOCKS that divides the
   input width), each block with its channel's scale and zero point repeated, which expresses erq's
   per-output-channel grid exactly. A two-part weight reads the whole input with the outlier columns'
@@ -84,7 +85,7 @@ def _int8_input(name: str, quantizer: nn.Module) -> tuple[np.float32, np.uint8]:
     if not isinstance(quantizer, UniformQuantizer) or quantizer.bits != 8:
         bits = getattr(quantizer, "bits", "?")
         raise IntegerExportError(f"{name}: onnx-int8 needs 8-bit uniform activations, this layer's input has "
-                                 f"{bits} bits; use --export onnx-w4 (float activations) or onnx")
+                                 f"{bits} bits; use --export onnx-w4 (activations below 8 bits in float) or onnx")
     if quantizer.per_channel:
         raise IntegerExportError(f"{name}: a per-channel input quantizer has no integer-kernel form; "
                                  "export with --format onnx")
