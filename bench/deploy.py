@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -295,8 +296,8 @@ def main() -> None:
     from erq_core.onnx_session import EXACT_INT8_ENTRY, VNNI_FLAGS, cpu_flags, needs_exact_int8_entry
 
     vnni = sorted((cpu_flags() or frozenset()) & VNNI_FLAGS) or ["no VNNI"]
-    report = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'} ({', '.join(vnni)}), shared by "
-                         f"other jobs; {args.threads} threads per runtime", "onnxruntime": onnxruntime.__version__,
+    report = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'} ({', '.join(vnni)}), "
+                         f"{os.cpu_count()} cores; {args.threads} threads per runtime", "onnxruntime": onnxruntime.__version__,
               "session_entries": {EXACT_INT8_ENTRY: "1"} if needs_exact_int8_entry() else {},
               "results": results}
     args.out.write_text(json.dumps(report, indent=2) + "\n")

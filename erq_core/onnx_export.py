@@ -263,7 +263,7 @@ def _install_markers(model: nn.Module, kernels: str = "qdq"
     """Swap the forwards of quantizers and weight layers for marked ones; return both lists in index order.
 
     kernels "int8", "w4": each linear layer is one Linear marker (its input quantizer included); "w4"
-    also leaves every activation in float (the activation quantizers pass their input through)."""
+    also leaves every other activation in float (those quantizers pass their input through)."""
     activations = [(name, m) for name, m in model.named_modules() if isinstance(m, ActivationQuantizer)]
     weights = list(weight_layers(model))
     for index, (_, quantizer) in enumerate(activations):
