@@ -224,7 +224,8 @@ def bench_case(case: str, model: str, dataset: Path, random_init: bool, work: Pa
     for name, settings in NBITS_ROWS.items():
         if wanted(name):
             tag = "_".join(f"{k}{v}" for k, v in settings.items()) or "defaults"
-            rows[name] = {"path": nbits_peer(fp32, work / f"{case}_nbits_{tag}.onnx", settings), "runtime": "onnxruntime"}
+            path = nbits_peer(fp32, work / f"{case}_nbits_{tag}.onnx", settings)
+            rows[name] = {"path": path, "runtime": "onnxruntime"}
     nncf_path = nncf_peer(fp32, work / f"{case}_nncf_int8.onnx", images) if wanted("NNCF INT8 (OpenVINO)") else None
     if nncf_path is not None:
         rows["NNCF INT8 (OpenVINO)"] = {"path": nncf_path, "runtime": "openvino"}
@@ -296,8 +297,9 @@ def main() -> None:
     from erq_core.onnx_session import EXACT_INT8_ENTRY, VNNI_FLAGS, cpu_flags, needs_exact_int8_entry
 
     vnni = sorted((cpu_flags() or frozenset()) & VNNI_FLAGS) or ["no VNNI"]
-    report = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'} ({', '.join(vnni)}), "
-                         f"{os.cpu_count()} cores; {args.threads} threads per runtime", "onnxruntime": onnxruntime.__version__,
+    machine = (f"{platform.machine()}, {platform.processor() or 'cpu'} ({', '.join(vnni)}), {os.cpu_count()} cores; "
+               f"{args.threads} threads per runtime")
+    report = {"machine": machine, "onnxruntime": onnxruntime.__version__,
               "session_entries": {EXACT_INT8_ENTRY: "1"} if needs_exact_int8_entry() else {},
               "results": results}
     args.out.write_text(json.dumps(report, indent=2) + "\n")

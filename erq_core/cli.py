@@ -63,8 +63,8 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS,
                    help="onnx: a model onnxruntime runs; onnx-float64: the same computed in float64, which "
                         "gives what erq evaluate --precision float64 gives, image for image; onnx-int8: integer "
-                        "kernels (8-bit activations); onnx-w4: 4-bit weight kernels (8-bit linear inputs quantized as erq does, "
-                        "other activations float)")
+                        "kernels (8-bit activations); onnx-w4: 4-bit weight kernels (8-bit linear inputs "
+                        "quantized as erq does, other activations float)")
     p.add_argument("--opset", type=int, default=21, help="ONNX opset (21 or later: 4-bit tensors); default 21")
     p.add_argument("--int8-weights", choices=INT8_WEIGHTS, default=DEFAULT_INT8_WEIGHTS,
                    help="onnx-int8's 8-bit weights: signed (default) puts them on onnxruntime's u8s8 kernel, exact "

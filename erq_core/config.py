@@ -216,7 +216,8 @@ class ErqConfig(QuantRecipe):
         if "onnx-int8" in self.export:
             if self.a_bits != 8:
                 raise ConfigError(f"export onnx-int8 runs integer kernels on 8-bit activations: it needs a_bits 8, "
-                                  f"got {self.a_bits} (onnx-w4 runs 4-bit weights with activations below 8 bits in float)")
+                                  f"got {self.a_bits} (onnx-w4 runs 4-bit weights with activations below 8 bits "
+                                  "in float)")
             if self.act_granularity == "token":
                 raise ConfigError("export onnx-int8 runs integer kernels on static per-tensor activation ranges; "
                                   "act_granularity token computes them per token at run time: export onnx, "
