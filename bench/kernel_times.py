@@ -1,7 +1,8 @@
 """onnxruntime's own account of where an ONNX model's time goes: the sum of its kernel times per run
 (the session profiler), at batch 1 and 32, for several files side by side, with each file's ratio
-to the first. Steadier than wall-clock latency on a small shared virtual machine, where thread
-wake-ups and other jobs move batch-1 medians by tens of percent from minute to minute.
+to the first. It leaves out what wall-clock latency adds between kernels (dispatch, thread
+hand-offs), which on a small virtual machine moves batch-1 medians by tens of percent from minute
+to minute; kernel times themselves still move 10-20% between runs (docs/export.md).
 
     .venv/bin/python bench/kernel_times.py FP32.onnx erq.onnx peer.onnx [--threads 2] [--runs 10]
         [--out bench/results/kernel-times.json]

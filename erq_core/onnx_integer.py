@@ -257,8 +257,9 @@ def _w4_layout(column_group: np.ndarray, groups: int, d_in: int, block: int
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The kernel reads the layer's input columns in their own order, then `extra` columns of it
     (gathered) for each further column group, so that every block holds one group's columns:
-    (extra columns, which of the kernel's columns hold a code (the rest hold their block's zero point:
-    padding, and a column's place in the blocks of groups it is not in), each block's column group)."""
+    (extra columns; which of the kernel's columns, all blocks * block of them, hold a code (the rest
+    hold their block's zero point: padding, and a column's place in the blocks of groups it is not
+    in); each block's column group)."""
     main_blocks = -(-d_in // block)
     extra: list[int] = [0] * (main_blocks * block - d_in) if groups > 1 else []
     live = list(column_group == 0) + [False] * (main_blocks * block - d_in)
@@ -293,7 +294,6 @@ def _w4_linear(g, x: str, out: str, stem: str, layer: QuantLinear) -> None:
     kernel_codes = np.zeros((d_out, blocks * block), codes.dtype)
     kernel_codes[:, :len(columns)] = codes[:, columns]
     # the other columns hold their block's zero point: (code - zero) * scale = 0 whatever the input there
-    live = np.concatenate([live, np.zeros(blocks * block - len(live), dtype=bool)])
     kernel_codes = np.where(live[None, :], kernel_codes, np.repeat(block_zero, block, axis=1))
     kernel_codes = kernel_codes.reshape(d_out, blocks, block)
     inputs_x = x

@@ -339,6 +339,18 @@ def at_float_compute(path: Path, out: Path) -> Path:
     return out
 
 
+def assert_logits_within(path: Path, x: torch.Tensor, reference: np.ndarray, bound: float, work: Path) -> None:
+    """The file's logits within `bound` of the largest reference logit; a w4 file's graph also at float
+    compute, where it must give erq's function up to rounding ties (INT8_LOGIT_BOUND); and erq's top-1
+    on every image, from the int8 file or the float-compute w4 one."""
+    got = onnxruntime_logits(path, x)
+    assert np.abs(got - reference).max() <= bound * np.abs(reference).max(), path.name
+    if path.name == EXPORT_FILES["onnx-w4"][0]:
+        got = onnxruntime_logits(at_float_compute(path, work / "model-w4-level0.onnx"), x)
+        assert np.abs(got - reference).max() <= INT8_LOGIT_BOUND * np.abs(reference).max(), path.name
+    np.testing.assert_array_equal(got.argmax(1), reference.argmax(1))
+
+
 def w4_reference(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     """What onnx-w4 computes: erq's quantized weights, each linear layer's 8-bit input quantized as erq
     quantizes it, every other activation (attention's, and inputs of fewer bits) in float."""
@@ -385,12 +397,7 @@ def test_every_family_exports_both_formats_with_erqs_logits_within_the_bound(kin
         for fmt, reference, bound in formats:
             path = export_format(folder, fmt).path
             assert path.name == EXPORT_FILES[fmt][0]
-            got = onnxruntime_logits(path, x)
-            assert np.abs(got - reference).max() <= bound * np.abs(reference).max(), (fmt, w_bits)
-            if fmt == "onnx-w4":  # the same graph with float products: erq's function, up to rounding ties
-                got = onnxruntime_logits(at_float_compute(path, tmp_path / "model-w4-level0.onnx"), x)
-                assert np.abs(got - reference).max() <= INT8_LOGIT_BOUND * np.abs(reference).max(), w_bits
-            np.testing.assert_array_equal(got.argmax(1), reference.argmax(1))
+            assert_logits_within(path, x, reference, bound, tmp_path)
         assert_int8_kernels(folder, tmp_path)
         if w_bits == 4:
             assert_w4_kernels(folder, tmp_path)
