@@ -41,9 +41,10 @@ def private_sqlite_file(url: str) -> None:
         return  # the engine's own error says so, naming the setting
     private_file(path)
     for suffix in SQLITE_COMPANIONS:
-        companion = Path(f"{path}{suffix}")
-        if companion.exists():
-            _tighten(companion, FILE_MODE)
+        try:
+            _tighten(Path(f"{path}{suffix}"), FILE_MODE)
+        except FileNotFoundError:
+            pass  # absent, or removed by another process's SQLite as its transaction ended
 
 
 def write_private_file(path: Path, text: str) -> bool:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import threading
 from contextlib import contextmanager
 
 import pytest
 
 from service.cli import ensure_local_key
 from storage.migrate import upgrade
+from storage.private_files import private_sqlite_file
 from storage.settings import Settings
 from tests.service.conftest import run_erq, service_env
 
@@ -70,3 +72,32 @@ def test_an_older_installs_readable_files_are_tightened_at_start(tmp_path):
     assert started.returncode == 0, started.stderr
     assert mode(home) == 0o700
     assert {path.name: mode(path) for path in loose} == {path.name: 0o600 for path in loose}
+
+
+def test_tightening_the_database_while_another_process_writes_to_it(tmp_path):
+    """SQLite creates and removes the `-journal` file around every transaction of a writer in the
+    API or the worker: the other process's start must not fail on one that vanishes as it looks."""
+    database = tmp_path / "erq.sqlite"
+    url = f"sqlite:///{database}"
+    with sqlite3.connect(database) as connection:
+        connection.execute("CREATE TABLE t (x INTEGER)")
+    stop = threading.Event()
+
+    def write() -> None:
+        with sqlite3.connect(database, isolation_level=None) as connection:
+            connection.execute("PRAGMA journal_mode=DELETE")
+            while not stop.is_set():
+                connection.execute("INSERT INTO t VALUES (1)")
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        while not (tmp_path / "erq.sqlite-journal").exists():
+            pass
+        for _ in range(5000):
+            private_sqlite_file(url)
+    finally:
+        stop.set()
+        writer.join()
+    assert mode(database) == 0o600
+    assert sqlite3.connect(database).execute("SELECT COUNT(*) FROM t").fetchone()[0] > 0
