@@ -31,11 +31,17 @@ class MethodSpec:
     # quantizer; the paper methods keep the fractional mean there, which onnx-int8's kernels cannot take)
     solver: Optional[str]  # "paper": ERQ's per-layer Aqer/Wqer; "sequential": erq+; None: no error reduction
     reconstructs: bool = False  # --reconstruct may refine its solution
+    # the TPAMI two-part weights (the folded layers' outlier input columns on a grid of their own) below
+    # this many weight bits; above, one grid per output channel
+    two_part_below_bits: int = 33
 
 
 METHOD_SPECS = {spec.name: spec for spec in (
     MethodSpec("erq", 32, reparameterized=True, integer_zero_point=False, solver="paper"),
-    MethodSpec("erq+", 192, reparameterized=True, integer_zero_point=True, solver="sequential", reconstructs=True),
+    # erq+ at 8 bits: a second grid gains nothing there and costs onnx-int8 a second product per folded
+    # layer (docs/export.md, "Two-part weights at 8 bits")
+    MethodSpec("erq+", 192, reparameterized=True, integer_zero_point=True, solver="sequential", reconstructs=True,
+               two_part_below_bits=8),
     MethodSpec("repq", 32, reparameterized=True, integer_zero_point=False, solver=None),
     MethodSpec("rtn", 32, reparameterized=False, integer_zero_point=True, solver=None),
 )}

@@ -98,7 +98,8 @@ def quantize(
         progress("calibrate_activations", 0, 1)
         init_images = first_images(calibration, ACTIVATION_CALIBRATION_IMAGES, device)
         pairs = find_norm_linear_pairs(model, init_images[:1])
-        convert_model(model, config.a_bits, config.w_bits, set(pairs) if fold else set(), set(pairs), repq,
+        two_part = set(pairs) if config.w_bits < method.two_part_below_bits else set()
+        convert_model(model, config.a_bits, config.w_bits, set(pairs) if fold else set(), two_part, repq,
                       config.act_granularity)
         model.to(device)
         set_quant_state(model, activations=True, weights=False)
@@ -121,7 +122,7 @@ def quantize(
 
         layers = quantize_plus(model, calibration, config, seconds, progress)
         set_quant_state(model, activations=True, weights=True)
-        return QuantizedModel(model, config, pairs, sorted(pairs), layers, seconds)
+        return QuantizedModel(model, config, pairs, sorted(two_part), layers, seconds)
 
     with timed(seconds, "collect_statistics"):
         stats = collect_statistics(model, calibration, progress)
@@ -137,7 +138,7 @@ def quantize(
         for stage in ("aqer", "calibrate_weights", "wqer"):
             progress(stage, index + 1, len(named))
     set_quant_state(model, activations=True, weights=True)
-    return QuantizedModel(model, config, pairs, sorted(pairs), layers, seconds)
+    return QuantizedModel(model, config, pairs, sorted(two_part), layers, seconds)
 
 
 def collect_statistics(model: nn.Module, calibration: Iterable, progress: Progress) -> dict[str, LayerStats]:

@@ -129,6 +129,28 @@ def test_w4_runs_every_linear_layer_on_matmulnbits(fixture_runs, tmp_path):
     assert_w4_kernels(fixture_runs["W4A8"][0], tmp_path)
 
 
+def test_erq_plus_keeps_two_part_weights_below_8_bits_only(fixture_runs, tmp_path):
+    """erq+ at W8/A8 gives every layer one grid per output channel, so its onnx-int8 file runs one
+    product per linear layer and gathers no input columns; at W4/A8 the folded layers keep their
+    outlier columns' own grid, as the paper's erq does at every width."""
+    w8, w4 = fixture_runs["W8A8"][0], fixture_runs["W4A8"][0]
+    assert read_config(w8)["quantization"]["two_part_layers"] == []
+    assert {layer.weight_quantizer.groups for layer in linear_layers(w8).values()} == {1}
+    folded = sorted(read_config(w4)["quantization"]["norm_linear_pairs"])
+    assert folded and read_config(w4)["quantization"]["two_part_layers"] == folded
+    assert {name for name, layer in linear_layers(w4).items() if layer.weight_quantizer.groups == 2} == set(folded)
+    graph = optimised_graph(w8 / "model-int8.onnx", tmp_path)
+    operators = Counter(n.op_type for n in graph.node)
+    blocks = attention_blocks(w8)
+    assert operators["MatMulIntegerToFloat"] == len(linear_layers(w8)) + blocks, operators
+    assert operators["GatherElements"] == blocks, operators  # the post-softmax levels tables only
+    assert not [t.name for t in graph.initializer if ".columns" in t.name]  # no column index to gather by
+    paper = tmp_path / "erq_w8a8"
+    saved_quantized("vit", paper, method="erq", w_bits=8, a_bits=8)
+    two_part = read_config(paper)["quantization"]["two_part_layers"]
+    assert two_part and two_part == sorted(read_config(paper)["quantization"]["norm_linear_pairs"])
+
+
 # ---------------------------------------------------------------- the codes are erq's
 
 
@@ -410,8 +432,9 @@ def test_every_family_exports_both_formats_with_erqs_logits_within_the_bound(kin
 def test_weight_zero_points_outside_the_stored_type_are_corrected_exactly(tmp_path):
     """A row all of one sign: its zero point lies outside the codes' type. The file stores the
     clipped zero point and adds the difference times the sum of the layer's inputs: the product is
-    erq's, and the codes are still the checkpoint's."""
-    saved_quantized("deit_distilled", tmp_path, method="erq+", w_bits=8, a_bits=8)
+    erq's, and the codes are still the checkpoint's. (rtn: its 8-bit weights keep the two-part grid,
+    whose few outlier columns make such rows likely; erq+'s one grid per channel at 8 bits rarely has one.)"""
+    saved_quantized("deit_distilled", tmp_path, method="rtn", w_bits=8, a_bits=8)
     layers = linear_layers(tmp_path)
     outside = [name for name, layer in layers.items() if float(layer.weight_quantizer.zero_point.min()) < 0
                or float(layer.weight_quantizer.zero_point.max()) > 255]
@@ -421,6 +444,10 @@ def test_weight_zero_points_outside_the_stored_type_are_corrected_exactly(tmp_pa
     for name in outside:
         np.testing.assert_array_equal(int8_codes_in_file(path, name, layers[name]), expected[name])
     assert any(t.name.startswith(f"{outside[0]}.zero_point_correction") for t in onnx.load(str(path)).graph.initializer)
+    x = images("deit_distilled", 16, seed=3)
+    with torch.no_grad():
+        reference = load_quantized(tmp_path, "cpu")(x).numpy()
+    assert_logits_within(path, x, reference, INT8_LOGIT_BOUND, tmp_path)
 
 
 # ---------------------------------------------------------------- refusals
