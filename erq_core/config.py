@@ -34,6 +34,9 @@ class MethodSpec:
     # the TPAMI two-part weights (the folded layers' outlier input columns on a grid of their own) below
     # this many weight bits; above, one grid per output channel
     two_part_below_bits: int = 33
+    # erq_core.balance: each attention's output channels balanced (an exact fold) below this many
+    # activation bits, unless the model is rotated
+    balance_below_a_bits: int = 0
 
 
 METHOD_SPECS = {spec.name: spec for spec in (
@@ -41,7 +44,7 @@ METHOD_SPECS = {spec.name: spec for spec in (
     # erq+ at 8 bits: a second grid gains nothing there and costs onnx-int8 a second product per folded
     # layer (docs/export.md, "Two-part weights at 8 bits")
     MethodSpec("erq+", 192, reparameterized=True, integer_zero_point=True, solver="sequential", reconstructs=True,
-               two_part_below_bits=8),
+               two_part_below_bits=8, balance_below_a_bits=5),
     MethodSpec("repq", 32, reparameterized=True, integer_zero_point=False, solver=None),
     MethodSpec("rtn", 32, reparameterized=False, integer_zero_point=True, solver=None),
 )}
