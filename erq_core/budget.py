@@ -37,8 +37,8 @@ from torch import Tensor, nn
 
 from erq_core.config import QuantRecipe
 from erq_core.errors import DatasetError
-from erq_core.pipeline import (ACTIVATION_CALIBRATION_IMAGES, Progress, QuantizedModel, balance_if_wanted,
-                               first_images, quantize)
+from erq_core.pipeline import (ACTIVATION_CALIBRATION_IMAGES, Progress, QuantizedModel, balance, first_images,
+                               quantize, wants_balance)
 from erq_core.precision import precision_layers
 from erq_core.progress import RECONSTRUCT_STAGE, run_fraction
 
@@ -306,8 +306,8 @@ def quantize_with_budget(model: nn.Module, calibration: Iterable, heldout: list[
     progress = progress or (lambda stage, done, total: None)
     start = time.perf_counter()
     # the low and the high model start from one balanced FP model, so that their layers can be swapped
-    balance_if_wanted(model, first_images(calibration, ACTIVATION_CALIBRATION_IMAGES,
-                                          next(model.parameters()).device), config)
+    if wants_balance(model, config):
+        balance(model, first_images(calibration, ACTIVATION_CALIBRATION_IMAGES, next(model.parameters()).device))
     fp = copy.deepcopy(model).eval()
     high_model = copy.deepcopy(model)
     low = quantize(model, calibration, config, progress)

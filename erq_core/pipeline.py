@@ -68,13 +68,16 @@ def first_images(calibration: Iterable, count: int, device: torch.device) -> Ten
     return torch.cat(taken).to(device)
 
 
-def balance_if_wanted(model: nn.Module, images: Tensor, config: QuantRecipe) -> None:
-    """Balance the attention outputs of the FP model (erq_core.balance) where the method asks for it
-    at these activation bits, once: a model already balanced (a --max-drop run's copies) is left."""
-    wanted = config.a_bits < config.method_spec.balance_below_a_bits and not config.rotate
-    if wanted and not getattr(model, BALANCED_FLAG, False):
-        names = balance_attention_outputs(model, images)
-        log.info("balanced the output channels of %d attentions", len(names))
+def wants_balance(model: nn.Module, config: QuantRecipe) -> bool:
+    """Whether the FP model's attention outputs are to be balanced (erq_core.balance): where the method
+    asks for it at these activation bits, once (a --max-drop run's copies come balanced)."""
+    return (config.a_bits < config.method_spec.balance_below_a_bits and not config.rotate
+            and not getattr(model, BALANCED_FLAG, False))
+
+
+def balance(model: nn.Module, images: Tensor) -> None:
+    names = balance_attention_outputs(model, images)
+    log.info("balanced the output channels of %d attentions", len(names))
 
 
 @torch.no_grad()
@@ -107,7 +110,8 @@ def quantize(
     with timed(seconds, "calibrate_activations"):
         progress("calibrate_activations", 0, 1)
         init_images = first_images(calibration, ACTIVATION_CALIBRATION_IMAGES, device)
-        balance_if_wanted(model, init_images, config)
+        if wants_balance(model, config):
+            balance(model, init_images)
         pairs = find_norm_linear_pairs(model, init_images[:1])
         two_part = set(pairs) if config.w_bits < method.two_part_below_bits else set()
         convert_model(model, config.a_bits, config.w_bits, set(pairs) if fold else set(), two_part, repq,
