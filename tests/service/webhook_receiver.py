@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import select
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -69,6 +71,7 @@ class Receiver:
             self.answer(handler, 200)
         elif answer[0] == "held":  # answers 200 once the test calls release()
             self.released.wait(answer[1])
+            raise_if_hung_up(handler)
             self.answer(handler, 200)
         elif answer[0] == "endless":
             handler.send_response(answer[1])
@@ -80,6 +83,7 @@ class Receiver:
             handler.wfile.write(b"HTTP/1.1 200 OK\r\nX-Trickle: ")
             while not self.released.wait(answer[1]):
                 handler.wfile.write(b"x")
+            raise_if_hung_up(handler)
             handler.wfile.write(b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
 
     def __enter__(self) -> "Receiver":
@@ -90,6 +94,22 @@ class Receiver:
         self.release()
         self.server.shutdown()
         self.server.server_close()
+
+
+def raise_if_hung_up(handler: BaseHTTPRequestHandler) -> None:
+    """A sender that cut its attempt has closed the connection, but the first write after that still
+    succeeds (only the second fails): without this check an answer finished right after a cut would
+    count as completed although nobody read it."""
+    connection = handler.connection
+    readable, _, _ = select.select([connection], [], [], 0)
+    if not readable:
+        return
+    try:
+        closed = connection.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        closed = True
+    if closed:
+        raise ConnectionResetError("the sender hung up")
 
 
 def verify(secret: str, request: Received, tolerance: float = 300) -> bool:
