@@ -307,7 +307,8 @@ def quantize_with_budget(model: nn.Module, calibration: Iterable, heldout: list[
     start = time.perf_counter()
     # the low and the high model start from one balanced FP model, so that their layers can be swapped
     if wants_balance(model, config):
-        balance(model, first_images(calibration, ACTIVATION_CALIBRATION_IMAGES, next(model.parameters()).device))
+        balance(model, first_images(calibration, ACTIVATION_CALIBRATION_IMAGES, next(model.parameters()).device),
+                config)
     fp = copy.deepcopy(model).eval()
     high_model = copy.deepcopy(model)
     low = quantize(model, calibration, config, progress)

@@ -37,6 +37,8 @@ class MethodSpec:
     # erq_core.balance: each attention's output channels balanced (an exact fold) below this many
     # activation bits, unless the model is rotated
     balance_below_a_bits: int = 0
+    # the same for the queries and keys (erq_core.balance)
+    balance_qk_below_a_bits: int = 0
 
 
 METHOD_SPECS = {spec.name: spec for spec in (
@@ -44,7 +46,7 @@ METHOD_SPECS = {spec.name: spec for spec in (
     # erq+ at 8 bits: a second grid gains nothing there and costs onnx-int8 a second product per folded
     # layer (docs/export.md, "Two-part weights at 8 bits")
     MethodSpec("erq+", 192, reparameterized=True, integer_zero_point=True, solver="sequential", reconstructs=True,
-               two_part_below_bits=8, balance_below_a_bits=5),
+               two_part_below_bits=8, balance_below_a_bits=5, balance_qk_below_a_bits=7),
     MethodSpec("repq", 32, reparameterized=True, integer_zero_point=False, solver=None),
     MethodSpec("rtn", 32, reparameterized=False, integer_zero_point=True, solver=None),
 )}

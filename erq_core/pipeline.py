@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from erq_core.balance import BALANCED_FLAG, balance_attention_outputs
+from erq_core.balance import BALANCED_FLAG, QK_BALANCED_FLAG, balance_attention_outputs, balance_queries_and_keys
 from erq_core.config import QuantRecipe
 from erq_core.layer import LayerPlan, solve_layer
 from erq_core.qmodules import (QuantConv2d, QuantLinear, convert_model, dynamic_inputs, set_quant_state,
@@ -68,16 +68,27 @@ def first_images(calibration: Iterable, count: int, device: torch.device) -> Ten
     return torch.cat(taken).to(device)
 
 
+def _balancings(model: nn.Module, config: QuantRecipe) -> tuple[bool, bool]:
+    """(outputs, queries and keys): which of erq_core.balance's folds the FP model is to get, where the
+    method asks for them at these activation bits and not with --rotate, once (a --max-drop run's
+    copies come balanced)."""
+    if config.rotate:
+        return False, False
+    spec = config.method_spec
+    return (config.a_bits < spec.balance_below_a_bits and not getattr(model, BALANCED_FLAG, False),
+            config.a_bits < spec.balance_qk_below_a_bits and not getattr(model, QK_BALANCED_FLAG, False))
+
+
 def wants_balance(model: nn.Module, config: QuantRecipe) -> bool:
-    """Whether the FP model's attention outputs are to be balanced (erq_core.balance): where the method
-    asks for it at these activation bits, once (a --max-drop run's copies come balanced)."""
-    return (config.a_bits < config.method_spec.balance_below_a_bits and not config.rotate
-            and not getattr(model, BALANCED_FLAG, False))
+    return any(_balancings(model, config))
 
 
-def balance(model: nn.Module, images: Tensor) -> None:
-    names = balance_attention_outputs(model, images)
-    log.info("balanced the output channels of %d attentions", len(names))
+def balance(model: nn.Module, images: Tensor, config: QuantRecipe) -> None:
+    outputs, queries_keys = _balancings(model, config)
+    if outputs:
+        log.info("balanced the output channels of %d attentions", len(balance_attention_outputs(model, images)))
+    if queries_keys:
+        log.info("balanced the queries and keys of %d attentions", len(balance_queries_and_keys(model, images)))
 
 
 @torch.no_grad()
@@ -111,7 +122,7 @@ def quantize(
         progress("calibrate_activations", 0, 1)
         init_images = first_images(calibration, ACTIVATION_CALIBRATION_IMAGES, device)
         if wants_balance(model, config):
-            balance(model, init_images)
+            balance(model, init_images, config)
         pairs = find_norm_linear_pairs(model, init_images[:1])
         two_part = set(pairs) if config.w_bits < method.two_part_below_bits else set()
         convert_model(model, config.a_bits, config.w_bits, set(pairs) if fold else set(), two_part, repq,

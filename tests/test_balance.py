@@ -1,6 +1,6 @@
-"""Balancing the attention outputs (erq_core.balance): the FP model's function is unchanged, each
-proj input channel's range becomes its old range divided by the channel's scale, and erq+ applies it
-exactly where it is meant to (4-bit activations, no rotation), once for a --max-drop run's two models."""
+"""Balancing the attention outputs and the queries and keys (erq_core.balance): the FP model's function
+is unchanged, each channel's range becomes what the fold says, computed here from the ranges measured
+before it, and erq+ applies each exactly where it is meant to, once for a --max-drop run's two models."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from erq_core import ErqConfig, quantize
-from erq_core.balance import BALANCE_ALPHA, BALANCED_FLAG, balance_attention_outputs, balanceable
+from erq_core.balance import (BALANCE_ALPHA, BALANCED_FLAG, QK_ALPHA, QK_BALANCED_FLAG, balance_attention_outputs,
+                              balance_queries_and_keys, balanceable)
 from tests.small_models import blocks, images, small_model
 
 FAMILIES = ["vit", "vit_layerscale_qknorm_registers", "deit_distilled", "swin"]
@@ -61,16 +62,73 @@ def erq_plus(**fields) -> ErqConfig:
                      random_init=True, **fields)
 
 
-@pytest.mark.parametrize("fields, expected", [
-    ({"w_bits": 4, "a_bits": 4}, True),
-    ({"w_bits": 4, "a_bits": 3}, True),
-    ({"w_bits": 4, "a_bits": 8}, False),
-    ({"w_bits": 6, "a_bits": 6}, False),
-    ({"w_bits": 4, "a_bits": 4, "rotate": True}, False),
-    ({"w_bits": 4, "a_bits": 4, "method": "erq"}, False),
+def query_key_ranges(model: torch.nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Per attention: q's and k's per-channel (low, high), read off qkv's output."""
+    seen = {}
+
+    def record(name):
+        def hook(_module, _inputs, out):
+            y = out.flatten(0, -2)
+            width = y.shape[-1] // 3
+            q, k = y[:, :width], y[:, width:2 * width]
+            seen[name] = (q.amin(0), q.amax(0), k.amin(0), k.amax(0))
+        return hook
+
+    hooks = [module.qkv.register_forward_hook(record(name)) for name, module in model.named_modules()
+             if isinstance(getattr(module, "qkv", None), torch.nn.Linear)]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_balancing_queries_and_keys_keeps_the_fp_function_and_centres_and_evens_them(kind):
+    model, x = small_model(kind), images(kind, 8, seed=2)
+    with torch.no_grad():
+        before = model(x)
+    ranges = query_key_ranges(model, x)
+    balanced = balance_queries_and_keys(model, x)
+    with torch.no_grad():
+        after = model(x)
+    assert (after - before).abs().max() <= 1e-5 * before.abs().max()
+    if kind == "vit_layerscale_qknorm_registers":  # q_norm / k_norm sit between qkv and q @ k^T
+        assert balanced == [] and query_key_ranges(model, x).keys() == ranges.keys()
+        return
+    assert len(balanced) == blocks(kind) and balanced == sorted(ranges) and getattr(model, QK_BALANCED_FLAG)
+    for name, (q_low, q_high, k_low, k_high) in query_key_ranges(model, x).items():
+        old_q_low, old_q_high, old_k_low, old_k_high = ranges[name]
+        q_extent = torch.maximum(old_q_high, -old_q_low)
+        k_extent = (old_k_high - old_k_low) / 2
+        scale = (q_extent / k_extent) ** QK_ALPHA
+        torch.testing.assert_close(torch.maximum(q_high, -q_low), q_extent / scale, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close((k_high - k_low) / 2, k_extent * scale, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(k_high + k_low, torch.zeros_like(k_high), rtol=0,
+                                   atol=1e-4 * float((k_extent * scale).max()))
+
+
+def test_balancing_queries_and_keys_in_float64_keeps_the_function_to_1e_10():
+    model, x = small_model("deit_distilled").double(), images("deit_distilled", 8, seed=2).double()
+    with torch.no_grad():
+        before = model(x)
+        balance_queries_and_keys(model, x)
+        after = model(x)
+    assert (after - before).abs().max() <= 1e-10 * before.abs().max()
+
+
+@pytest.mark.parametrize("fields, outputs, queries_keys", [
+    ({"w_bits": 4, "a_bits": 4}, True, True),
+    ({"w_bits": 4, "a_bits": 3}, True, True),
+    ({"w_bits": 6, "a_bits": 6}, False, True),
+    ({"w_bits": 4, "a_bits": 8}, False, False),
+    ({"w_bits": 8, "a_bits": 8}, False, False),
+    ({"w_bits": 4, "a_bits": 4, "rotate": True}, False, False),
+    ({"w_bits": 4, "a_bits": 4, "method": "erq"}, False, False),
 ])
-def test_erq_plus_balances_at_4_bit_activations_only(fields, expected):
+def test_erq_plus_balances_where_it_was_measured_to_pay(fields, outputs, queries_keys):
     model = small_model("vit")
     config = dataclasses.replace(erq_plus(), **fields)
     quantize(model, [images("vit", 8, seed=2)], config)
-    assert getattr(model, BALANCED_FLAG, False) is expected
+    assert getattr(model, BALANCED_FLAG, False) is outputs
+    assert getattr(model, QK_BALANCED_FLAG, False) is queries_keys
