@@ -39,7 +39,8 @@ def balanceable(module: nn.Module) -> bool:
 def balance_attention_outputs(model: nn.Module, images: Tensor, alpha: float = BALANCE_ALPHA) -> list[str]:
     """Fold a per-channel shift and scale of every balanceable attention's proj input into its qkv
     and proj (the model's function unchanged); the names of the attentions balanced."""
-    ranges = _proj_input_ranges(model, images)
+    watched = {name: module.proj for name, module in model.named_modules() if balanceable(module)}
+    ranges = _channel_ranges(model, images, watched, on_input=True)
     for name, (low, high) in ranges.items():
         width = (high - low).clamp(min=1e-6)
         _fold(model.get_submodule(name), (high + low) / 2, (width / width.median()) ** alpha)
@@ -47,20 +48,24 @@ def balance_attention_outputs(model: nn.Module, images: Tensor, alpha: float = B
     return sorted(ranges)
 
 
-def _proj_input_ranges(model: nn.Module, images: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+def _channel_ranges(model: nn.Module, images: Tensor, watched: dict[str, nn.Module], on_input: bool
+                    ) -> dict[str, tuple[Tensor, Tensor]]:
+    """Each channel's (low, high) of every watched layer's input (on_input) or output, over `images`;
+    keyed by the names given."""
     ranges: dict[str, tuple[Tensor, Tensor]] = {}
 
     def record(name: str):
-        def hook(_module, inputs):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1])
+        def hook(_module, inputs, output=None):
+            x = inputs[0] if on_input else output
+            x = x.reshape(-1, x.shape[-1])
             low, high = x.amin(0), x.amax(0)
             if name in ranges:
                 low, high = torch.minimum(low, ranges[name][0]), torch.maximum(high, ranges[name][1])
             ranges[name] = (low, high)
         return hook
 
-    hooks = [module.proj.register_forward_pre_hook(record(name))
-             for name, module in model.named_modules() if balanceable(module)]
+    hooks = [layer.register_forward_pre_hook(record(name)) if on_input else layer.register_forward_hook(record(name))
+             for name, layer in watched.items()]
     try:
         model(images)
     finally:
@@ -94,7 +99,8 @@ def qk_balanceable(module: nn.Module) -> bool:
 def balance_queries_and_keys(model: nn.Module, images: Tensor, alpha: float = QK_ALPHA) -> list[str]:
     """Centre every qk-balanceable attention's key channels and move a per-channel scale from q to k,
     folded into qkv (the model's function unchanged); the names of the attentions balanced."""
-    ranges = _qkv_output_ranges(model, images)
+    watched = {name: module.qkv for name, module in model.named_modules() if qk_balanceable(module)}
+    ranges = _channel_ranges(model, images, watched, on_input=False)
     for name, (low, high) in ranges.items():
         qkv = model.get_submodule(name).qkv
         width = qkv.out_features // 3
@@ -111,25 +117,3 @@ def balance_queries_and_keys(model: nn.Module, images: Tensor, alpha: float = QK
         qkv.weight[q_rows] /= scale[:, None]
     setattr(model, QK_BALANCED_FLAG, True)
     return sorted(ranges)
-
-
-def _qkv_output_ranges(model: nn.Module, images: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-    ranges: dict[str, tuple[Tensor, Tensor]] = {}
-
-    def record(name: str):
-        def hook(_module, _inputs, output):
-            y = output.reshape(-1, output.shape[-1])
-            low, high = y.amin(0), y.amax(0)
-            if name in ranges:
-                low, high = torch.minimum(low, ranges[name][0]), torch.maximum(high, ranges[name][1])
-            ranges[name] = (low, high)
-        return hook
-
-    hooks = [module.qkv.register_forward_hook(record(name))
-             for name, module in model.named_modules() if qk_balanceable(module)]
-    try:
-        model(images)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return ranges

@@ -16,12 +16,21 @@ from tests.small_models import blocks, images, small_model
 FAMILIES = ["vit", "vit_layerscale_qknorm_registers", "deit_distilled", "swin"]
 
 
-def proj_input_ranges(model: torch.nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def channel_ranges(model: torch.nn.Module, x: torch.Tensor, layer: str, on_input: bool
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per attention: each channel's (low, high) of its `layer`'s input or output."""
     seen = {}
-    hooks = [module.proj.register_forward_pre_hook(
-        lambda _m, inputs, name=name: seen.__setitem__(name, (inputs[0].flatten(0, -2).amin(0),
-                                                               inputs[0].flatten(0, -2).amax(0))))
-        for name, module in model.named_modules() if balanceable(module)]
+
+    def record(name):
+        def hook(_module, inputs, output=None):
+            y = (inputs[0] if on_input else output).flatten(0, -2)
+            seen[name] = (y.amin(0), y.amax(0))
+        return hook
+
+    layers = {name: getattr(module, layer) for name, module in model.named_modules()
+              if isinstance(getattr(module, layer, None), torch.nn.Linear)}
+    hooks = [module.register_forward_pre_hook(record(name)) if on_input else module.register_forward_hook(record(name))
+             for name, module in layers.items()]
     with torch.no_grad():
         model(x)
     for hook in hooks:
@@ -29,18 +38,28 @@ def proj_input_ranges(model: torch.nn.Module, x: torch.Tensor) -> dict[str, tupl
     return seen
 
 
+def proj_input_ranges(model: torch.nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {name: r for name, r in channel_ranges(model, x, "proj", on_input=True).items()
+            if balanceable(model.get_submodule(name))}
+
+
+def fold_keeping_the_function(model: torch.nn.Module, x: torch.Tensor, fold, tolerance: float = 1e-5) -> list[str]:
+    """Apply `fold` and assert the model's logits on x moved by at most tolerance (relative to their largest)."""
+    with torch.no_grad():
+        before = model(x)
+        folded = fold(model, x)
+        after = model(x)
+    assert (after - before).abs().max() <= tolerance * before.abs().max()
+    return folded
+
+
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_balancing_keeps_the_fp_function_and_evens_the_channel_ranges(kind):
     model, x = small_model(kind), images(kind, 8, seed=2)
-    with torch.no_grad():
-        before = model(x)
     ranges = proj_input_ranges(model, x)
     assert len(ranges) == blocks(kind)
-    balanced = balance_attention_outputs(model, x)
+    balanced = fold_keeping_the_function(model, x, balance_attention_outputs)
     assert balanced == sorted(ranges) and getattr(model, BALANCED_FLAG)
-    with torch.no_grad():
-        after = model(x)
-    assert (after - before).abs().max() <= 1e-5 * before.abs().max()
     for name, (low, high) in proj_input_ranges(model, x).items():
         width = ranges[name][1] - ranges[name][0]
         scale = (width / width.median()) ** BALANCE_ALPHA  # computed here from the ranges themselves
@@ -48,13 +67,10 @@ def test_balancing_keeps_the_fp_function_and_evens_the_channel_ranges(kind):
         torch.testing.assert_close(high + low, torch.zeros_like(high), rtol=0, atol=1e-4 * float(width.max()))
 
 
-def test_in_float64_the_function_is_the_same_to_1e_10():
+@pytest.mark.parametrize("fold", [balance_attention_outputs, balance_queries_and_keys])
+def test_in_float64_each_fold_keeps_the_function_to_1e_10(fold):
     model, x = small_model("deit_distilled").double(), images("deit_distilled", 8, seed=2).double()
-    with torch.no_grad():
-        before = model(x)
-        balance_attention_outputs(model, x)
-        after = model(x)
-    assert (after - before).abs().max() <= 1e-10 * before.abs().max()
+    assert fold_keeping_the_function(model, x, fold, tolerance=1e-10)
 
 
 def erq_plus(**fields) -> ErqConfig:
@@ -64,35 +80,18 @@ def erq_plus(**fields) -> ErqConfig:
 
 def query_key_ranges(model: torch.nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
     """Per attention: q's and k's per-channel (low, high), read off qkv's output."""
-    seen = {}
-
-    def record(name):
-        def hook(_module, _inputs, out):
-            y = out.flatten(0, -2)
-            width = y.shape[-1] // 3
-            q, k = y[:, :width], y[:, width:2 * width]
-            seen[name] = (q.amin(0), q.amax(0), k.amin(0), k.amax(0))
-        return hook
-
-    hooks = [module.qkv.register_forward_hook(record(name)) for name, module in model.named_modules()
-             if isinstance(getattr(module, "qkv", None), torch.nn.Linear)]
-    with torch.no_grad():
-        model(x)
-    for hook in hooks:
-        hook.remove()
-    return seen
+    ranges = {}
+    for name, (low, high) in channel_ranges(model, x, "qkv", on_input=False).items():
+        width = low.shape[0] // 3
+        ranges[name] = (low[:width], high[:width], low[width:2 * width], high[width:2 * width])
+    return ranges
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_balancing_queries_and_keys_keeps_the_fp_function_and_centres_and_evens_them(kind):
     model, x = small_model(kind), images(kind, 8, seed=2)
-    with torch.no_grad():
-        before = model(x)
     ranges = query_key_ranges(model, x)
-    balanced = balance_queries_and_keys(model, x)
-    with torch.no_grad():
-        after = model(x)
-    assert (after - before).abs().max() <= 1e-5 * before.abs().max()
+    balanced = fold_keeping_the_function(model, x, balance_queries_and_keys)
     if kind == "vit_layerscale_qknorm_registers":  # q_norm / k_norm sit between qkv and q @ k^T
         assert balanced == [] and query_key_ranges(model, x).keys() == ranges.keys()
         return
@@ -106,15 +105,6 @@ def test_balancing_queries_and_keys_keeps_the_fp_function_and_centres_and_evens_
         torch.testing.assert_close((k_high - k_low) / 2, k_extent * scale, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(k_high + k_low, torch.zeros_like(k_high), rtol=0,
                                    atol=1e-4 * float((k_extent * scale).max()))
-
-
-def test_balancing_queries_and_keys_in_float64_keeps_the_function_to_1e_10():
-    model, x = small_model("deit_distilled").double(), images("deit_distilled", 8, seed=2).double()
-    with torch.no_grad():
-        before = model(x)
-        balance_queries_and_keys(model, x)
-        after = model(x)
-    assert (after - before).abs().max() <= 1e-10 * before.abs().max()
 
 
 @pytest.mark.parametrize("fields, outputs, queries_keys", [
