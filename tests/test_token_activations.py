@@ -192,8 +192,11 @@ def test_the_onnx_export_of_a_token_run_computes_the_quantized_model(token_run, 
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
     if precision == "float64":  # the same codes everywhere: equal to float64 rounding
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
-    else:
-        assert np.array_equal(got.argmax(1), expected.argmax(1))
+    else:  # float32 sums in another order cross 4-bit rounding boundaries (docs/accuracy.md, "How much of a
+        # spread is the evaluation itself"), which moves logits by several % here: only near-ties may flip
+        top_two = np.sort(expected, 1)[:, -2:]
+        clear = top_two[:, 1] - top_two[:, 0] > 0.05 * np.abs(expected).max()
+        assert clear.sum() >= 12 and np.array_equal(got.argmax(1)[clear], expected.argmax(1)[clear])
 
 
 def test_onnx_int8_refuses_a_token_run_and_onnx_w4_takes_it(token_run, tmp_path):
